@@ -1,0 +1,1 @@
+"""Checkpoint management: sharded safetensors on any fsspec filesystem."""

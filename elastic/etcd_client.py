@@ -1,0 +1,77 @@
+"""The one module that imports the etcd client library.
+
+Everything else asks this module for a connected client, so the client library can be
+swapped (python3-etcd3 today) without touching the protocol code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import etcd3
+import etcd3.exceptions
+
+from elastic.errors import ConfigError, RendezvousConnectionError
+
+# Errors that mean "etcd is not answering right now" (worth a retry with backoff).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    etcd3.exceptions.ConnectionFailedError,
+    etcd3.exceptions.ConnectionTimeoutError,
+    etcd3.exceptions.InternalServerError,
+)
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd is and how to authenticate. Built once from flags, then passed around."""
+
+    endpoint: str  # HOST:PORT
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = None
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"rendezvous endpoint {self.endpoint!r} is not HOST:PORT (for example 10.0.0.1:2379)"
+            )
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("etcd TLS needs both a client certificate and its key (cert and key)")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("etcd auth needs both a user and a password")
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rpartition(":")[2])
+
+
+def connect(config: EtcdConfig, *, check: bool = True) -> etcd3.Etcd3Client:
+    """Return a client for `config`; with `check`, fail fast if etcd does not answer."""
+    try:
+        # With user/password the client authenticates here, so this can already fail.
+        client = etcd3.client(
+            host=config.host,
+            port=config.port,
+            ca_cert=config.ca_cert,
+            cert_cert=config.cert,
+            cert_key=config.key,
+            user=config.user,
+            password=config.password,
+            timeout=config.timeout,
+        )
+        if check:
+            client.status()
+    except TRANSIENT_ERRORS as exc:
+        raise RendezvousConnectionError(
+            f"cannot reach etcd at {config.endpoint}: check --rdzv-endpoint and that etcd runs "
+            "there (or use --standalone for a private one)"
+        ) from exc
+    return client
