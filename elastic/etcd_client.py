@@ -14,7 +14,9 @@ from dataclasses import dataclass
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import etcd3  # noqa: E402  (after the gRPC setting above)
+import etcd3.events  # noqa: E402
 import etcd3.exceptions  # noqa: E402
+import etcd3.utils  # noqa: E402
 import etcd3.watch  # noqa: E402
 
 from elastic.errors import ConfigError, RendezvousConnectionError  # noqa: E402
@@ -32,6 +34,15 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     etcd3.exceptions.InternalServerError,
     etcd3.exceptions.WatchTimedOut,
 )
+
+
+# The two client types the rendezvous backend needs beyond the client object itself.
+DeleteEvent = etcd3.events.DeleteEvent
+
+
+def prefix_range_end(prefix: str) -> bytes:
+    """The range end that makes a delete or read cover every key starting with `prefix`."""
+    return etcd3.utils.prefix_range_end(prefix.encode())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ class RendezvousSettings:
     connect_timeout: float = 5.0  # etcd unreachable at start: fail after this
     key_prefix: str = "elastic"
     world_size_multiple: int = 1  # allowed node counts: multiples of this
+    cooldown_base: float = 10.0  # a node failing again waits base*2^(failures-2) s, up to the cap
+    cooldown_cap: float = 600.0
     ca_cert: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -35,7 +37,8 @@ class RendezvousSettings:
     password: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("join_timeout", "last_call_timeout", "lease_ttl", "connect_timeout"):
+        for name in ("join_timeout", "last_call_timeout", "lease_ttl", "connect_timeout",
+                     "cooldown_base", "cooldown_cap"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--rdzv-conf {name}={getattr(self, name)} must be > 0 seconds")
         if self.lease_ttl < 2:

@@ -15,12 +15,13 @@ import sys
 import uuid
 
 from elastic._net import free_port, outgoing_addr
-from elastic.agent import Agent, Interrupted
+from elastic.agent import Agent
 from elastic.errors import ConfigError, ElasticError, RendezvousError
 from elastic.etcd_client import EtcdConfig, connect
 from elastic.etcd_server import EtcdServer
 from elastic.events import EventLog
 from elastic.launch_config import LaunchConfig, RendezvousSettings, parse_nnodes, parse_nproc
+from elastic.rdzv_etcd import EtcdBackend
 from elastic.rendezvous import EtcdRendezvous
 
 PROG = "elastic-run"
@@ -92,16 +93,11 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
     )
 
 
-def _install_signal_handlers(wake) -> None:
-    """SIGTERM/SIGINT interrupt the agent once; later ones are ignored while it cleans up."""
-    fired = []
+def _install_signal_handlers(agent: Agent) -> None:
+    """SIGTERM/SIGINT ask the agent to stop; it acts at its next check, never mid-request."""
 
     def handler(signum, _frame):
-        if fired:
-            return
-        fired.append(signum)
-        wake()
-        raise Interrupted(signum)
+        agent.request_stop(signum)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -121,15 +117,12 @@ def run(config: LaunchConfig) -> int:
         node_id = config.node_id or socket.gethostname()
         events_path = os.path.join(config.log_dir, "events.jsonl") if config.log_dir else None
         events = EventLog(events_path, run_id=config.run_id, node_id=node_id)
-        rendezvous = EtcdRendezvous(client, config, node_id, addr, lambda: free_port(addr))
-        _install_signal_handlers(rendezvous.wake)
+        backend = EtcdBackend(client, config.rdzv.key_prefix, config.run_id, node_id)
+        rendezvous = EtcdRendezvous(backend, config, addr, lambda: free_port(addr))
         agent = Agent(config, rendezvous, events, endpoint)
+        _install_signal_handlers(agent)
         try:
             result = agent.run()
-        except Interrupted as exc:  # arrived outside a round (while joining)
-            events.emit("interrupted", signal=str(exc))
-            print(f"{PROG}: stopped by {exc} before the workers started", file=sys.stderr)
-            return 128 + exc.signum
         finally:
             events.close()
         print(result.summary(), file=sys.stderr)
