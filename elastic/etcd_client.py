@@ -91,6 +91,11 @@ def connect(config: EtcdConfig, *, check: bool = True) -> etcd3.Etcd3Client:
             password=config.password,
             timeout=config.timeout,
         )
+        # The client marks an endpoint that failed once as unusable for 5 minutes and then
+        # raises ValueError on every call; with one etcd endpoint we want gRPC to reconnect
+        # as soon as etcd is back (an etcd restart must not take the job down).
+        for endpoint in client.endpoints.values():
+            endpoint.time_retry = 0.0
         if check:
             client.status()
     except TRANSIENT_ERRORS as exc:
