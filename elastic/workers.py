@@ -57,12 +57,13 @@ class WorkerExit:
 
 
 def worker_command(config: LaunchConfig) -> list[str]:
-    """The argv of a worker, as torchrun builds it."""
+    """The argv of a worker: the script runs as with torchrun, through elastic.worker_main."""
     if config.no_python:
         return [config.entrypoint, *config.args]
+    boot = [sys.executable, "-u", "-m", "elastic.worker_main"]
     if config.module:
-        return [sys.executable, "-u", "-m", config.entrypoint, *config.args]
-    return [sys.executable, "-u", config.entrypoint, *config.args]
+        return [*boot, "-m", config.entrypoint, *config.args]
+    return [*boot, config.entrypoint, *config.args]
 
 
 def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, run_dir: str,
