@@ -217,6 +217,25 @@ class CheckpointManager:
             raise CheckpointCorruptError(f"{path}: records step {manifest.step}, expected {step}")
         return manifest
 
+    def verify(self, step: int | None = None) -> int:
+        """Read every byte of checkpoint `step` (default: latest) and check every checksum.
+
+        Returns the step verified; raises CheckpointNotFoundError or CheckpointCorruptError.
+        """
+        self._check_open()
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
+        manifest = self.manifest(step)
+        per_file: dict[str, list[tuple[ChunkEntry, torch.dtype]]] = {f.path: [] for f in manifest.files}
+        for entry in manifest.tensors.values():
+            for chunk in entry.chunks:
+                per_file[chunk.file].append((chunk, torch_dtype(entry.dtype)))
+        for f in manifest.files:
+            shardfile.verify_file(self._loc, step, f, per_file[f.path])
+        return step
+
     def preflight(self, state: Mapping[str, Any], step: int | None = None) -> None:
         """Raise CheckpointMismatchError naming every key/shape/dtype that does not fit `state`."""
         self._check_open()

@@ -135,3 +135,29 @@ class ShardReader:
                 "Load an earlier step."
             )
         return out
+
+
+def verify_file(
+    loc: storage.Location, step: int, entry: FileEntry, chunks: Sequence[tuple[ChunkEntry, torch.dtype]]
+) -> None:
+    """Read every byte of one shard file and check its header and every chunk checksum."""
+    reader = ShardReader(loc, step, {entry.path: entry.size})
+    path = loc.path(step, entry.path)
+    covered = entry.header_size + sum(c.end - c.begin for c, _ in chunks)
+    if covered != entry.size:
+        raise CheckpointCorruptError(
+            f"shard file {path}: header and chunks cover {covered} of {entry.size} bytes; "
+            "the manifest is inconsistent"
+        )
+    for chunk, dtype in chunks:
+        reader.read(chunk, dtype)
+    try:
+        with loc.fs.open(path, "rb") as f:
+            header = f.read(entry.header_size)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(f"shard file {path} disappeared while verifying") from exc
+    if checksum(header) != entry.header_checksum:
+        raise CheckpointCorruptError(
+            f"shard file {path}: header has checksum {checksum(header)}, the manifest says "
+            f"{entry.header_checksum}; the file is corrupt"
+        )
