@@ -64,6 +64,7 @@ def _storage_error(action: str, path: str, exc: BaseException) -> StorageError:
 
 def step_dirs(loc: Location) -> dict[int, str]:
     """Every step directory present, committed or not."""
+    loc.fs.invalidate_cache(loc.root)  # another rank or process may have written since
     try:
         entries = loc.fs.ls(loc.root, detail=False) if loc.fs.exists(loc.root) else []
     except OSError as exc:
@@ -79,6 +80,7 @@ def step_dirs(loc: Location) -> dict[int, str]:
 def committed_steps(loc: Location) -> list[int]:
     """Steps whose manifest exists, ascending. Uncommitted leftovers are not listed."""
     pattern = f"{loc.root}/step_*/{MANIFEST_NAME}"
+    loc.fs.invalidate_cache(loc.root)  # listings are cached by some backends (s3fs)
     try:
         paths = loc.fs.glob(pattern)
     except OSError as exc:
