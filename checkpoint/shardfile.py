@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy
@@ -64,18 +65,24 @@ def write_shard(
     """Checksum and durably write the staged blocks; returns the manifest entries."""
     header = _header(lay)
     data = memoryview(buffer[: lay.total].numpy()) if lay.total else memoryview(b"")
-    chunks = {}
-    for item, start in zip(lay.items, lay.starts):
-        chunks[item.name] = ChunkEntry(
+    # The header does not depend on the checksums, so hashing (crc32 releases the GIL) runs
+    # beside the write instead of before it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as pool:
+        sums = pool.submit(lambda: [checksum(data[s : s + i.nbytes]) for i, s in zip(lay.items, lay.starts)])
+        storage.write_durably(loc, loc.path(step, file_name), [header, data])
+        checksums = sums.result()
+    chunks = {
+        item.name: ChunkEntry(
             file=file_name,
             name=item.name,
             offsets=item.offsets,
             shape=item.shape,
             begin=len(header) + start,
             end=len(header) + start + item.nbytes,
-            checksum=checksum(data[start : start + item.nbytes]),
+            checksum=crc,
         )
-    storage.write_durably(loc, loc.path(step, file_name), [header, data])
+        for item, start, crc in zip(lay.items, lay.starts, checksums)
+    }
     entry = FileEntry(file_name, len(header) + lay.total, len(header), checksum(header))
     return entry, chunks
 
