@@ -31,6 +31,7 @@ from checkpoint.errors import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    StorageError,
 )
 from checkpoint.manifest import (
     MANIFEST_NAME,
@@ -44,6 +45,12 @@ from checkpoint.manifest import (
 from checkpoint.writer import BackgroundJob, StagingBuffer
 
 log = logging.getLogger(__name__)
+
+# Rebuilds on every rank the error another rank hit while loading (agreement is by type name).
+_ERRORS_BY_NAME: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls
+    for cls in (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError, StorageError)
+}
 
 
 class CheckpointManager:
@@ -267,7 +274,7 @@ class CheckpointManager:
                 manifest = self.manifest(cand)
                 _check_fit(manifest, state, targets)
                 loaded = _read_state(self._loc, manifest, state, targets)
-            except (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError) as exc:
+            except (CheckpointError, OSError) as exc:  # every rank must reach the agreement below
                 error = exc
             errors = self._all_gather(None if error is None else [type(error).__name__, str(error)])
             bad = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -278,11 +285,11 @@ class CheckpointManager:
             rank, (kind, message) = bad[0]
             reason = f"rank {rank}: {message}"
             if error is None:
-                error = {
-                    "CheckpointMismatchError": CheckpointMismatchError,
-                    "CheckpointNotFoundError": CheckpointNotFoundError,
-                }.get(kind, CheckpointCorruptError)(reason)
-            if step is not None or isinstance(error, CheckpointMismatchError):
+                error = _ERRORS_BY_NAME.get(kind, CheckpointError)(reason)
+            # Only a damaged or vanished checkpoint is a reason to try an older one; a model
+            # that does not fit or a storage outage would fail on the older one too.
+            damaged = all(e[0] in ("CheckpointCorruptError", "CheckpointNotFoundError") for _, e in bad)
+            if step is not None or not damaged:
                 raise error
             failures.append(f"step {cand}: {reason}")
             warnings.warn(
