@@ -3,8 +3,10 @@
 Guarantees (see the class docstring for the call order):
 - multi-process-safe: in a process group every rank calls save()/load() together;
 - not thread-safe: call it from the training thread only;
-- not multi-job-safe: one job owns a checkpoint directory (retention removes uncommitted
-  leftovers it finds there).
+- not multi-job-safe: one job writes to a checkpoint directory at a time (retention removes
+  uncommitted leftovers it finds there). Retention prunes only checkpoints whose manifest
+  carries this job's run id (TORCHELASTIC_RUN_ID), so resuming from another run's
+  checkpoints never deletes them.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class CheckpointManager:
         self._check_open()
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative int")
-        self._job.wait()
+        self.wait()
         skeleton, tensors = statedict.flatten(statedict.collect(state))
         state_json = json.dumps(skeleton)  # now, so a non-JSON value fails in the caller's frame
         items = plan.plan_writes(tensors, self._rank, self._world)
@@ -323,11 +325,13 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
         return json.loads(box[0])
 
-    def _infos(self) -> list[retention.CheckpointInfo]:
+    def _infos(self, run_id: str | None = None, *, only_run: bool = False) -> list[retention.CheckpointInfo]:
         infos = []
         for step in self.steps():
             try:
-                infos.append(retention.CheckpointInfo(step, self.manifest(step).metrics))
+                manifest = self.manifest(step)
+                if not only_run or manifest.run_id == run_id:
+                    infos.append(retention.CheckpointInfo(step, manifest.metrics))
             except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
                 # Left alone: never delete or rank what we cannot read.
                 log.warning("checkpoint %s: skipping step %d in retention: %s", self._loc.url, step, exc)
@@ -421,7 +425,8 @@ class CheckpointManager:
             if step not in committed_steps and step != committed:
                 log.info("checkpoint %s: removing uncommitted leftover step %d", self._loc.url, step)
                 storage.delete_step(self._loc, step)
-        infos = self._infos()
+        # Only this run's checkpoints are candidates: a resumed job never prunes another run's.
+        infos = self._infos(os.environ.get("TORCHELASTIC_RUN_ID"), only_run=True)
         for info, keep in zip(infos, retention.decide(infos, self._policy)):
             if not keep and info.step != committed:
                 log.info("checkpoint %s: retention deletes step %d", self._loc.url, info.step)

@@ -131,3 +131,17 @@ def test_copied_directory_uses_its_manifests(tmp_path):
         ckpt.save(3, {"x": torch.zeros(1)}, metrics={"acc": 0.5})
         ckpt.wait()
         assert ckpt.steps() == [1, 3]
+
+
+def test_retention_never_prunes_another_runs_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "old-run")
+    with CheckpointManager(tmp_path, keep_last=1) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"x": torch.zeros(1)})
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "new-run")
+    with CheckpointManager(tmp_path, keep_last=1) as ckpt:
+        assert ckpt.load({"x": torch.ones(1)}) == 2  # resume from the other run is fine
+        for step in (3, 4):
+            ckpt.save(step, {"x": torch.zeros(1)})
+        ckpt.wait()
+        assert ckpt.steps() == [2, 4]
