@@ -24,6 +24,7 @@ from checkpoint.errors import StorageError
 from checkpoint.manifest import MANIFEST_NAME
 
 _STEP_DIR = re.compile(r"^step_(\d{12})$")
+_UPLOAD_SLICE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,11 @@ def write_durably(loc: Location, path: str, parts: Iterable[memoryview | bytes])
         else:
             with loc.fs.open(path, "wb") as f:
                 for part in parts:
-                    f.write(part)
+                    # Buffered object-store files copy what they are given and upload a part
+                    # per block; slices keep that copy to one slice instead of the whole shard.
+                    view = memoryview(part)
+                    for start in range(0, len(view), _UPLOAD_SLICE):
+                        f.write(view[start : start + _UPLOAD_SLICE])
     except OSError as exc:
         raise _storage_error("write", path, exc) from exc
 
