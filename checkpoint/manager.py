@@ -411,7 +411,7 @@ class CheckpointManager:
         self._retain(job.step, {f.path for f in files})
 
     def _retain(self, committed: int, current_files: set[str]) -> None:
-        """After a commit (rank 0): drop old attempts, leftovers and checkpoints the policy lets go."""
+        """After a commit (rank 0): drop old attempts of this step, then prune."""
         storage.remove_files(
             self._loc,
             [
@@ -420,17 +420,30 @@ class CheckpointManager:
                 if name.endswith(".safetensors") and name not in current_files
             ],
         )
+        self.prune(protect=(committed,))
+
+    def prune(self, *, dry_run: bool = False, all_runs: bool = False, protect: tuple[int, ...] = ()) -> list[int]:
+        """Remove uncommitted leftovers and the committed checkpoints the policy lets go.
+
+        The manager calls this after every commit with `protect` = the step just committed.
+        Only checkpoints of this run (TORCHELASTIC_RUN_ID) are candidates unless `all_runs`.
+        Returns the steps removed (or that would be, with `dry_run`), ascending. Call it from
+        one process only, with no save in flight.
+        """
         committed_steps = set(self.steps())
-        for step in storage.step_dirs(self._loc):
-            if step not in committed_steps and step != committed:
-                log.info("checkpoint %s: removing uncommitted leftover step %d", self._loc.url, step)
-                storage.delete_step(self._loc, step)
-        # Only this run's checkpoints are candidates: a resumed job never prunes another run's.
-        infos = self._infos(os.environ.get("TORCHELASTIC_RUN_ID"), only_run=True)
-        for info, keep in zip(infos, retention.decide(infos, self._policy)):
-            if not keep and info.step != committed:
-                log.info("checkpoint %s: retention deletes step %d", self._loc.url, info.step)
-                storage.delete_step(self._loc, info.step)
+        doomed = [s for s in storage.step_dirs(self._loc) if s not in committed_steps and s not in protect]
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        infos = self._infos(run_id, only_run=not all_runs)
+        doomed += [
+            info.step
+            for info, keep in zip(infos, retention.decide(infos, self._policy))
+            if not keep and info.step not in protect
+        ]
+        for step in sorted(doomed) if not dry_run else ():
+            kind = "retention" if step in committed_steps else "uncommitted leftover"
+            log.info("checkpoint %s: deleting step %d (%s)", self._loc.url, step, kind)
+            storage.delete_step(self._loc, step)
+        return sorted(doomed)
 
 
 @dataclass

@@ -145,3 +145,19 @@ def test_retention_never_prunes_another_runs_checkpoints(tmp_path, monkeypatch):
             ckpt.save(step, {"x": torch.zeros(1)})
         ckpt.wait()
         assert ckpt.steps() == [2, 4]
+
+
+def test_prune_dry_run_and_all_runs(tmp_path, monkeypatch):
+    """What the CLI's `prune` needs: the same decision, as a dry run, across runs."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "a")
+    with CheckpointManager(tmp_path) as ckpt:  # keeps everything while saving
+        for step in (1, 2, 3):
+            ckpt.save(step, {"x": torch.zeros(1)}, metrics={"loss": float(step)})
+    os.makedirs(tmp_path / "step_000000000009")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    pruner = CheckpointManager(tmp_path, keep_last=1, keep_best=1, metric="loss")
+    assert pruner.prune(dry_run=True) == [9]  # run "a" is not ours: only the leftover
+    assert pruner.prune(dry_run=True, all_runs=True) == [2, 9]
+    assert pruner.steps() == [1, 2, 3] and (tmp_path / "step_000000000009").exists()
+    assert pruner.prune(all_runs=True) == [2, 9]
+    assert pruner.steps() == [1, 3] and not (tmp_path / "step_000000000009").exists()
