@@ -1,0 +1,508 @@
+"""CheckpointManager: save, commit, retain and load checkpoints of a training job.
+
+Guarantees (see the class docstring for the call order):
+- multi-process-safe: in a process group every rank calls save()/load() together;
+- not thread-safe: call it from the training thread only;
+- not multi-job-safe: one job owns a checkpoint directory (retention removes uncommitted
+  leftovers it finds there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from checkpoint import plan, retention, shardfile, statedict, storage
+from checkpoint.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
+from checkpoint.manifest import (
+    MANIFEST_NAME,
+    ChunkEntry,
+    FileEntry,
+    Manifest,
+    TensorEntry,
+    dtype_name,
+    torch_dtype,
+)
+from checkpoint.writer import BackgroundJob, StagingBuffer
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """Sharded, async, atomically committed, verified checkpoints on any fsspec filesystem.
+
+    Call order (every rank of the default process group makes every call, in the same order):
+    1. ``CheckpointManager(directory, ...)`` on every rank (it creates a private gloo group for
+       the background commit, so checkpoint traffic never interleaves with training
+       collectives).
+    2. ``save(step, state, metrics)``: snapshots this rank's share of the state into a reusable
+       CPU staging buffer and returns; hashing, writing, the cross-rank commit and retention
+       run in a background thread. A second ``save()`` first waits for the previous one (at
+       most one save in flight). An error from the background is raised by the next call.
+    3. ``wait()``: block until the pending save is committed (or raise its error).
+    4. ``load(state, step=None)``: newest committed checkpoint by default; verifies checksums;
+       falls back (with a warning) to older ones when the newest is corrupt or incomplete.
+    5. ``close()`` (or leave a ``with`` block): waits for the pending save.
+
+    The overlap trick (opt-in): ``save(..., overlap=True)`` returns before copying; the copy
+    runs in the background while the caller runs the next forward/backward. Every optimizer
+    in ``state`` gets a one-shot ``step`` pre-hook that blocks ``optimizer.step()`` until the
+    copy is done; anything else that changes state in place (BatchNorm running statistics
+    change in forward, a manual ``tensor.add_``) must call ``wait_snapshot()`` first. Use it
+    only when nothing in ``state`` changes before ``optimizer.step()``.
+
+    ``state`` maps names to objects with ``state_dict()/load_state_dict()`` (modules,
+    optimizers, schedulers), tensors, or JSON values. Optimizer state is keyed by parameter
+    names. In a process group, plain tensors are taken as replicated (DDP): the ranks split
+    the writing by bytes; DTensors (FSDP2) are saved as local shards with their offsets.
+    JSON values are saved from rank 0 and, on load, replace the entries of ``state``.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
+        keep_last: int | None = None,
+        async_write: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        commit_guard: Callable[[], None] | None = None,
+    ) -> None:
+        self._policy = retention.RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode)
+        self._loc = storage.open_location(os.fspath(directory), storage_options)
+        self._async = async_write
+        self._guard = commit_guard
+        self._staging = StagingBuffer()
+        self._job = BackgroundJob(name=f"checkpoint-writer[{self._loc.url}]")
+        self._snapshot_pending: list[Any] = []
+        self._closed = False
+        if dist.is_available() and dist.is_initialized():
+            self._rank, self._world = dist.get_rank(), dist.get_world_size()
+            self._group = dist.new_group(backend="gloo")
+        else:
+            self._rank, self._world, self._group = 0, 1, None
+
+    # ------------------------------------------------------------------ public API
+
+    def set_commit_guard(self, fn: Callable[[], None] | None) -> None:
+        """Called on rank 0 right before the manifest is written; if it raises, nothing is committed."""
+        self._guard = fn
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+        *,
+        epoch: int | None = None,
+        overlap: bool = False,
+    ) -> None:
+        """Snapshot `state` as checkpoint `step` and commit it in the background (see class doc)."""
+        self._check_open()
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} must be a non-negative int")
+        self._job.wait()
+        skeleton, tensors = statedict.flatten(statedict.collect(state))
+        state_json = json.dumps(skeleton)  # now, so a non-JSON value fails in the caller's frame
+        items = plan.plan_writes(tensors, self._rank, self._world)
+        lay = shardfile.layout(items)
+        buffer = self._staging.get(lay.total)
+        meta = {k: [dtype_name(t.dtype), list(t.shape)] for k, t in tensors.items()}
+        job = _SaveJob(
+            step=step,
+            epoch=epoch,
+            metrics=statedict.json_safe_metrics(metrics),
+            state_json=state_json,
+            meta=meta,
+            layout=lay,
+            buffer=buffer,
+            file_name=f"rank{self._rank:05d}-{uuid.uuid4().hex[:12]}.safetensors",
+        )
+        if overlap:
+            done = _SnapshotGate(job)
+            self._snapshot_pending = [done] + [
+                obj.register_step_pre_hook(lambda *_: done.wait())
+                for obj in state.values()
+                if isinstance(obj, torch.optim.Optimizer)
+            ]
+        else:
+            _copy_into_staging(job)
+        run = lambda: self._write_and_commit(job, copy_first=overlap)  # noqa: E731
+        if self._async:
+            self._job.submit(run)
+        else:
+            run()
+
+    def wait_snapshot(self) -> None:
+        """Block until an overlapped save's snapshot copy is done (no-op otherwise)."""
+        if self._snapshot_pending:
+            gate, *hooks = self._snapshot_pending
+            gate.wait()
+            for hook in hooks:
+                hook.remove()
+            self._snapshot_pending = []
+
+    def wait(self) -> None:
+        """Block until the pending save is committed; raise its error if it failed."""
+        self.wait_snapshot()
+        self._job.wait()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.wait()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as pending:
+            # The body's exception wins; the pending save's failure is logged, not dropped.
+            log.error("checkpoint %s: pending save failed while unwinding: %r", self._loc.url, pending)
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (an in-flight save appears after wait())."""
+        return storage.committed_steps(self._loc)
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best(self) -> list[int]:
+        """Committed steps ranked best first by the metric (at most keep_best of them)."""
+        if not self._policy.metric:
+            return []
+        ranked = retention.rank_best(self._infos(), self._policy.metric, self._policy.mode)
+        return ranked[: self._policy.keep_best] if self._policy.keep_best is not None else ranked
+
+    def manifest(self, step: int) -> Manifest:
+        """The validated manifest of committed `step`."""
+        path = self._loc.path(step, MANIFEST_NAME)
+        try:
+            text = storage.read_bytes(self._loc, path)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint for step {step}: {path} does not exist. "
+                f"Committed steps: {self.steps()}"
+            ) from exc
+        manifest = Manifest.from_json(text, where=path)
+        if manifest.step != step:
+            raise CheckpointCorruptError(f"{path}: records step {manifest.step}, expected {step}")
+        return manifest
+
+    def preflight(self, state: Mapping[str, Any], step: int | None = None) -> None:
+        """Raise CheckpointMismatchError naming every key/shape/dtype that does not fit `state`."""
+        self._check_open()
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
+        _, targets = statedict.flatten(statedict.collect(state))
+        _check_fit(self.manifest(step), state, targets)
+
+    def load(self, state: MutableMapping[str, Any], step: int | None = None) -> int | None:
+        """Load into `state`; returns the step loaded, or None when nothing is committed."""
+        self._check_open()
+        self.wait()
+        candidates = self._broadcast(sorted(self.steps(), reverse=True) if self._rank == 0 else None)
+        if step is not None:
+            if step not in candidates:
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint for step {step} in {self._loc.url}; committed: {sorted(candidates)}"
+                )
+            candidates = [step]
+        if not candidates:
+            return None
+        _, targets = statedict.flatten(statedict.collect(state))
+        failures = []
+        for cand in candidates:
+            loaded, error = None, None
+            try:
+                manifest = self.manifest(cand)
+                _check_fit(manifest, state, targets)
+                loaded = _read_state(self._loc, manifest, state, targets)
+            except (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError) as exc:
+                error = exc
+            errors = self._all_gather(None if error is None else [type(error).__name__, str(error)])
+            bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+            if not bad:
+                statedict.apply(state, loaded)
+                log.info("checkpoint %s: rank %d loaded step %d", self._loc.url, self._rank, cand)
+                return cand
+            rank, (kind, message) = bad[0]
+            reason = f"rank {rank}: {message}"
+            if error is None:
+                error = {
+                    "CheckpointMismatchError": CheckpointMismatchError,
+                    "CheckpointNotFoundError": CheckpointNotFoundError,
+                }.get(kind, CheckpointCorruptError)(reason)
+            if step is not None or isinstance(error, CheckpointMismatchError):
+                raise error
+            failures.append(f"step {cand}: {reason}")
+            warnings.warn(
+                f"checkpoint step {cand} in {self._loc.url} cannot be loaded ({reason}); "
+                "falling back to the previous committed checkpoint",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        raise CheckpointCorruptError(
+            f"no committed checkpoint in {self._loc.url} could be loaded: " + "; ".join(failures)
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"CheckpointManager({self._loc.url!r}) is closed; create a new one")
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        """Gather small JSON metadata from every rank (never anything read from a file)."""
+        if self._group is None:
+            return [obj]
+        out: list[Any] = [None] * self._world
+        dist.all_gather_object(out, json.dumps(obj), group=self._group)
+        return [json.loads(s) for s in out]
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self._group is None:
+            return obj
+        box = [json.dumps(obj)]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
+        return json.loads(box[0])
+
+    def _infos(self) -> list[retention.CheckpointInfo]:
+        infos = []
+        for step in self.steps():
+            try:
+                infos.append(retention.CheckpointInfo(step, self.manifest(step).metrics))
+            except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
+                # Left alone: never delete or rank what we cannot read.
+                log.warning("checkpoint %s: skipping step %d in retention: %s", self._loc.url, step, exc)
+        return infos
+
+    def _write_and_commit(self, job: _SaveJob, copy_first: bool) -> None:
+        local_error: Exception | None = None
+        report: dict[str, Any] = {"meta": job.meta, "error": None}
+        try:
+            if copy_first:
+                job.gate.run()
+            if job.layout.items:
+                entry, chunks = shardfile.write_shard(self._loc, job.step, job.file_name, job.layout, job.buffer)
+                report["file"] = asdict(entry)
+                report["chunks"] = [[i.key, asdict(chunks[i.name])] for i in job.layout.items]
+        except Exception as exc:  # reported to rank 0 so no rank commits, then re-raised below
+            local_error = exc
+            report["error"] = f"rank {self._rank}: {exc!r}"
+        reports = self._all_gather(report)
+        outcome: str | None = None
+        rank0_error: Exception | None = None
+        if self._rank == 0:
+            try:
+                self._commit(job, reports)
+            except Exception as exc:  # surfaced on rank 0 as is, on other ranks as its text
+                rank0_error = exc
+                outcome = f"{type(exc).__name__}: {exc}"
+        outcome = self._broadcast(outcome)
+        if local_error is not None:
+            raise local_error
+        if rank0_error is not None:
+            raise rank0_error
+        if outcome is not None:
+            raise CheckpointError(f"checkpoint step {job.step} was not committed: {outcome}")
+
+    def _commit(self, job: _SaveJob, reports: list[dict[str, Any]]) -> None:
+        errors = [r["error"] for r in reports if r["error"]]
+        if errors:
+            raise CheckpointError(
+                f"checkpoint step {job.step} was not committed because a rank failed to write: {errors}"
+            )
+        for rank, r in enumerate(reports):
+            if r["meta"] != job.meta:
+                differ = sorted(k for k in set(r["meta"]) | set(job.meta) if r["meta"].get(k) != job.meta.get(k))
+                raise CheckpointError(
+                    f"rank {rank} and rank 0 disagree on the tensors to save (first: {differ[:5]}); "
+                    "every rank must pass the same state names, keys, shapes and dtypes"
+                )
+        chunks: dict[str, list[ChunkEntry]] = {k: [] for k in job.meta}
+        files = []
+        for r in reports:
+            if "file" in r:
+                files.append(FileEntry(**r["file"]))
+                for key, c in r["chunks"]:
+                    c = dict(c, offsets=tuple(c["offsets"]), shape=tuple(c["shape"]))
+                    chunks[key].append(ChunkEntry(**c))
+        manifest = Manifest(
+            step=job.step,
+            world_size=self._world,
+            files=tuple(files),
+            tensors={
+                k: TensorEntry(dtype, tuple(shape), tuple(chunks[k])) for k, (dtype, shape) in job.meta.items()
+            },
+            state=json.loads(job.state_json),
+            metrics=job.metrics,
+            epoch=job.epoch,
+            run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+            round=int(os.environ["ELASTIC_ROUND"]) if os.environ.get("ELASTIC_ROUND") else None,
+            created=time.time(),
+        )
+        text = manifest.to_json()
+        Manifest.from_json(text, where=f"manifest of step {job.step} being written")  # same rules as readers
+        if self._guard is not None:
+            self._guard()
+        storage.commit(self._loc, job.step, text)
+        log.info("checkpoint %s: committed step %d (%d files)", self._loc.url, job.step, len(files))
+        self._retain(job.step, {f.path for f in files})
+
+    def _retain(self, committed: int, current_files: set[str]) -> None:
+        """After a commit (rank 0): drop old attempts, leftovers and checkpoints the policy lets go."""
+        storage.remove_files(
+            self._loc,
+            [
+                self._loc.path(committed, name)
+                for name in storage.list_files(self._loc, committed)
+                if name.endswith(".safetensors") and name not in current_files
+            ],
+        )
+        committed_steps = set(self.steps())
+        for step in storage.step_dirs(self._loc):
+            if step not in committed_steps and step != committed:
+                log.info("checkpoint %s: removing uncommitted leftover step %d", self._loc.url, step)
+                storage.delete_step(self._loc, step)
+        infos = self._infos()
+        for info, keep in zip(infos, retention.decide(infos, self._policy)):
+            if not keep and info.step != committed:
+                log.info("checkpoint %s: retention deletes step %d", self._loc.url, info.step)
+                storage.delete_step(self._loc, info.step)
+
+
+@dataclass
+class _SaveJob:
+    """Everything the background needs for one save; built on the caller's thread."""
+
+    step: int
+    epoch: int | None
+    metrics: dict[str, float]
+    state_json: str
+    meta: dict[str, list[Any]]
+    layout: shardfile.Layout
+    buffer: torch.Tensor
+    file_name: str
+    gate: _SnapshotGate | None = None
+
+
+class _SnapshotGate:
+    """Signals the end of an overlapped snapshot copy; wait() re-raises a failed copy."""
+
+    def __init__(self, job: _SaveJob) -> None:
+        self._job = job
+        self._done = threading.Event()
+        self._error: Exception | None = None
+        job.gate = self
+
+    def run(self) -> None:
+        try:
+            _copy_into_staging(self._job)
+        except Exception as exc:  # the training thread sees it in wait(); the writer re-raises it
+            self._error = exc
+            raise
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise CheckpointError(f"snapshot of step {self._job.step} failed: {self._error!r}") from self._error
+
+
+def _copy_into_staging(job: _SaveJob) -> None:
+    with torch.no_grad():
+        for item, start in zip(job.layout.items, job.layout.starts):
+            shardfile.staged_view(job.buffer, item, start).copy_(item.source)
+
+
+def _tensor_keys(skeleton: Any) -> set[str]:
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {statedict.TENSOR_TAG}:
+            return {skeleton[statedict.TENSOR_TAG]}
+        return set().union(*(_tensor_keys(v) for v in skeleton.values())) if skeleton else set()
+    if isinstance(skeleton, list):
+        return set().union(*(_tensor_keys(v) for v in skeleton)) if skeleton else set()
+    return set()
+
+
+def _check_fit(manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> None:
+    problems = []
+    missing_names = [n for n in state if n not in manifest.state]
+    if missing_names:
+        problems.append(f"state names not in the checkpoint: {missing_names}")
+    saved = set().union(*(_tensor_keys(manifest.state[n]) for n in state if n in manifest.state)) if state else set()
+    wanted = {k for k in targets if k.split("/", 1)[0] in {statedict.escape(n) for n in state if n in manifest.state}}
+    missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+    if missing:
+        problems.append(f"missing keys (in the model, not in the checkpoint): {missing[:20]}")
+    if unexpected:
+        problems.append(f"unexpected keys (in the checkpoint, not in the model): {unexpected[:20]}")
+    for key in sorted(wanted & saved):
+        entry, t = manifest.tensors[key], targets[key]
+        if tuple(t.shape) != entry.shape or dtype_name(t.dtype) != entry.dtype:
+            problems.append(
+                f"{key}: checkpoint has {entry.dtype}{list(entry.shape)}, the model has "
+                f"{dtype_name(t.dtype)}{list(t.shape)}"
+            )
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint step {manifest.step} does not fit the state being loaded: " + "; ".join(problems)
+        )
+
+
+def _read_state(
+    loc: storage.Location, manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    reader = shardfile.ShardReader(loc, manifest.step, {f.path: f.size for f in manifest.files})
+    keys = set().union(*(_tensor_keys(manifest.state[n]) for n in state)) if state else set()
+    loaded: dict[str, torch.Tensor] = {}
+    for key in sorted(keys):
+        entry, target = manifest.tensors[key], targets[key]
+        dtype = torch_dtype(entry.dtype)
+        offsets, shape = plan.local_region(target)
+        reads = plan.plan_reads(entry.chunks, offsets, shape)
+        if len(reads) == 1 and reads[0].chunk.shape == shape and reads[0].chunk.offsets == offsets:
+            region = reader.read(reads[0].chunk, dtype)
+        else:
+            region = torch.empty(shape, dtype=dtype)
+            for r in reads:
+                region[r.dst].copy_(reader.read(r.chunk, dtype)[r.src])
+        if isinstance(target, DTensor):
+            region = DTensor.from_local(
+                region, target.device_mesh, target.placements, run_check=False,
+                shape=target.shape, stride=target.stride(),
+            )
+        loaded[key] = region
+    return {n: statedict.unflatten(manifest.state[n], loaded) for n in state}
