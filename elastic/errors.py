@@ -44,4 +44,4 @@ class TrainLoopUsageError(ElasticError):
 
 
 class StateMismatchError(ElasticError):
-    """A checkpoint does not fit the objects being resumed (other model, other sampler)."""
+    """A checkpoint was written by a loop with another sample order (batch size, dataset, seed)."""

@@ -11,10 +11,14 @@ Call order (every rank runs the same sequence):
   5. After `max_steps` the final state is saved; on SIGTERM every rank stops after the same
      step, saves it, waits for the commit and exits with code 143.
 
-The periodic save for step S (S completed optimizer steps) is deferred to the end of the
-body of the next Step: parameters do not change until its optimizer.step(), so the state is
-still exactly step S, and a `loop.save(metrics=...)` the user makes in that body (for
-example with a validation loss) becomes that save instead of a second checkpoint.
+Checkpoint step numbers count completed optimizer steps. The periodic save of step S runs at
+the boundary, right after optimizer step S, so it holds exactly the state step S+1 starts
+from (parameters, optimizer, scheduler, buffers, RNG). `loop.save(metrics=...)` inside the
+body of step S also saves step S: parameters only change at optimizer.step(), and the RNG
+streams are taken from the snapshot made at the boundary; buffers that this step's forward
+passes already changed (BatchNorm statistics) are saved as they are, so save before the
+forwards when such a model must resume bitwise. Saving a step that is already saved (for
+example to attach a validation loss) commits it again with the new metrics.
 """
 
 from __future__ import annotations
@@ -29,12 +33,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.utils.data import default_collate
 
 from elastic.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is_ddp, is_fsdp2
@@ -52,7 +50,8 @@ class Checkpointer(Protocol):
     """The part of checkpoint.CheckpointManager the loop uses."""
 
     def save(
-        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None = None
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
+        *, epoch: int | None = None,
     ) -> None: ...
     def wait(self) -> None: ...
     def load(self, state: Mapping[str, Any], step: int | None = None) -> int | None: ...
@@ -156,60 +155,6 @@ class Step:
         self._backward_calls += 1
 
 
-class _ModelState:
-    """The model's FQN-keyed state (DDP/FSDP2 wrappers removed by torch's state_dict helpers),
-    with a key/shape check on load that names what does not match."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_matching_state("model", self.state_dict(), state)
-        set_model_state_dict(self.model, state)
-
-
-class _OptimizerState:
-    """Optimizer state keyed by parameter names, so it survives re-wrapping and resharding."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
-
-
-def check_matching_state(name: str, own: Mapping[str, Any], loaded: Mapping[str, Any]) -> None:
-    """Raise StateMismatchError naming missing, unexpected and reshaped keys."""
-    missing = sorted(set(own) - set(loaded))
-    unexpected = sorted(set(loaded) - set(own))
-    reshaped = sorted(
-        f"{key} {tuple(loaded[key].shape)} != {tuple(own[key].shape)}"
-        for key in set(own) & set(loaded)
-        if isinstance(own[key], torch.Tensor)
-        and isinstance(loaded[key], torch.Tensor)
-        and tuple(own[key].shape) != tuple(loaded[key].shape)
-    )
-    if missing or unexpected or reshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing from the checkpoint: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"not in the {name}: {', '.join(unexpected)}")
-        if reshaped:
-            problems.append(f"shape checkpoint != {name}: {'; '.join(reshaped)}")
-        raise StateMismatchError(
-            f"the checkpoint's {name} state does not match this {name} ({'; '.join(problems)}); "
-            "resume with the model that wrote it, or use a new checkpoint directory"
-        )
-
-
 class _LoopState:
     """Step position, sampler identity and every rank's RNG streams, all JSON values."""
 
@@ -223,11 +168,15 @@ class _LoopState:
         self.values = dict(state)
 
 
-def _local_rng_state() -> list[Any]:
-    np_state = np.random.get_state()
+def _rng_snapshot() -> tuple[Any, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _rng_as_json(snapshot: tuple[Any, Any, Any]) -> list[Any]:
+    torch_state, python_state, np_state = snapshot
     return [
-        torch.get_rng_state().tolist(),
-        list(random.getstate()[1]),
+        torch_state.tolist(),
+        list(python_state[1]),
         [np_state[0], np_state[1].tolist(), *[float(v) for v in np_state[2:]]],
     ]
 
@@ -272,6 +221,8 @@ class TrainLoop:
             raise ConfigError(f"max_steps={max_steps}: it must be >= 0")
         if save_every is not None and save_every <= 0:
             raise ConfigError(f"save_every={save_every}: it must be >= 1, or None for no periodic saves")
+        if save_every is not None and checkpoint is None:
+            raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
         if self.world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
             raise ConfigError(
                 f"the model is a plain {type(model).__name__} at world size {self.world_size}: "
@@ -292,8 +243,11 @@ class TrainLoop:
 
         self._loop_state = _LoopState()
         self._state: dict[str, Any] = {
-            "model": _ModelState(model),
-            "optimizer": _OptimizerState(model, optimizer),
+            # The manager keys optimizer state by parameter names through the model and drops
+            # DDP's "module." prefix; a checkpoint from another model fails its key check
+            # (checkpoint.CheckpointMismatchError, naming the keys) before anything is loaded.
+            "model": model,
+            "optimizer": optimizer,
             "loop": self._loop_state,
         }
         if scheduler is not None:
@@ -317,7 +271,7 @@ class TrainLoop:
         self._completed = 0
         self._resumed: int | None = None
         self._last_saved: int | None = None
-        self._save_due = False
+        self._rng_at_boundary: tuple[Any, Any, Any] | None = None  # set while a body runs
 
     @property
     def step(self) -> int:
@@ -343,10 +297,6 @@ class TrainLoop:
         if self.checkpoint is None:
             raise ConfigError("loop.save() needs a checkpoint manager: pass checkpoint=... to TrainLoop")
         step = self._completed
-        self._save_due = False
-        if self._last_saved == step:
-            log.warning("rank %d: step %d is already saved; metrics %s not recorded", self.rank, step, metrics)
-            return
         epoch, step_in_epoch = self.sampler.position(step)
         self._loop_state.values = {
             "step": step,
@@ -356,9 +306,9 @@ class TrainLoop:
             "dataset_size": self.sampler.dataset_size,
             "seed": self.seed,
             "world_size": self.world_size,
-            "rng": self._gather_rng(),
+            "rng": self._gather_rng(self._rng_at_boundary or _rng_snapshot()),
         }
-        self.checkpoint.save(step, self._state, metrics=metrics)
+        self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch)
         self._last_saved = step
         log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
 
@@ -371,7 +321,10 @@ class TrainLoop:
                 if self._stop_agreed():
                     self._stop()
                 step = Step(self, self.sampler.samples(self._completed))
+                if self.checkpoint is not None:
+                    self._rng_at_boundary = _rng_snapshot()
                 yield step
+                self._rng_at_boundary = None
                 self._finish(step)
             self._drain_flag()
             if self.checkpoint is not None:
@@ -390,16 +343,14 @@ class TrainLoop:
                 f"step {step.index}: the loop advanced before all {step.accumulation_steps} "
                 "micro-batches were iterated; run `for batch in step:` to the end"
             )
-        if self._save_due:
-            self.save()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         self._completed += 1
         report_progress(self._completed)
-        if self.save_every is not None and self.checkpoint is not None:
-            self._save_due = self._completed % self.save_every == 0
+        if self.save_every is not None and self._completed % self.save_every == 0:
+            self.save()
 
     def _install_sigterm(self) -> Any:
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -442,8 +393,8 @@ class TrainLoop:
 
     # -- resume ---------------------------------------------------------------------------
 
-    def _gather_rng(self) -> list[Any]:
-        local = _local_rng_state()
+    def _gather_rng(self, snapshot: tuple[Any, Any, Any]) -> list[Any]:
+        local = _rng_as_json(snapshot)
         if self._flag_group is None:
             return [local]
         gathered: list[Any] = [None] * self.world_size

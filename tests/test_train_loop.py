@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import elastic
 from elastic.context import ProgressFile, context_from_env
-from elastic.errors import ConfigError, TrainLoopUsageError
+from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 
 N = 23
 
@@ -138,3 +138,55 @@ def test_progress_file(tmp_path):
     assert path.read_text() == "10\n"
     progress.write(3)
     assert path.read_text() == "3\n"
+
+
+def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5):
+    """Train in this process with a CheckpointManager; stop_at leaves the loop early (as a crash
+    would, minus the process exit). Returns the parameters and the sample ids per step."""
+    from checkpoint import CheckpointManager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    seen = {}
+    with CheckpointManager(str(directory), keep_last=2) as ckpt:
+        loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
+                                 micro_batch_size=m, max_steps=max_steps, checkpoint=ckpt,
+                                 save_every=2, scheduler=sched)
+        for step in loop:
+            if step.index == stop_at:
+                break
+            ids = []
+            for x, y, i in step:
+                # dropout-like use of the RNG: resume must restore the RNG stream too
+                noise = 1 + 1e-3 * torch.rand(())
+                step.backward(F.mse_loss(model(x) * noise, y))
+                ids.extend(i.tolist()[: step.micro_batch.size])
+            seen[step.index] = ids
+        ckpt.wait()
+    return [p.detach().clone() for p in model.parameters()], seen
+
+
+def test_resume_in_one_process_is_bitwise(tmp_path):
+    full, full_ids = run_with_checkpoints(tmp_path / "a", max_steps=9)
+    _, first_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, stop_at=5)
+    resumed, resumed_ids = run_with_checkpoints(tmp_path / "b", max_steps=9)
+    assert min(resumed_ids) == 4  # saves every 2 steps: step 4 was the last one committed
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+    assert {**first_ids, **resumed_ids} == full_ids
+
+
+def test_checkpoint_of_another_model_names_the_keys(tmp_path):
+    from checkpoint import CheckpointMismatchError
+
+    run_with_checkpoints(tmp_path, max_steps=2)
+    with pytest.raises(CheckpointMismatchError, match=r"0\.weight: checkpoint has float64\[5, 3\], the model has float64\[4, 3\]"):
+        run_with_checkpoints(tmp_path, max_steps=4, hidden=4)
+
+
+def test_checkpoint_with_another_sample_order_is_refused(tmp_path):
+    run_with_checkpoints(tmp_path, max_steps=2)
+    with pytest.raises(StateMismatchError, match=r"global_batch_size: checkpoint 7 != now 8"):
+        run_with_checkpoints(tmp_path, max_steps=4, g=8)
