@@ -8,6 +8,7 @@ turned into a frozen `Context`.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Mapping
@@ -77,6 +78,11 @@ def context_from_env(env: Mapping[str, str]) -> Context:
 _context: Context | None = None
 
 
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Context:
     """Join the process group described by the environment and return this worker's Context.
 
@@ -100,6 +106,9 @@ def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Con
             backend=backend, init_method="env://", rank=ctx.rank, world_size=ctx.world_size,
             **kwargs,
         )
+        # Tearing the group down before interpreter exit: left to static destructors, gloo's
+        # threads can abort the process ("terminate called without an active exception").
+        atexit.register(_destroy_process_group)
     if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (
         ctx.rank, ctx.world_size,
     ):

@@ -85,7 +85,7 @@ def main() -> int:
             if ctx.rank == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
         if step.index == args.pause_at:
-            print(f"rank {ctx.rank} paused at {step.index}", flush=True)
+            print(f"paused at {step.index}", flush=True)
             sys.stdin.readline()
         ids = []
         for x, y, i in step:

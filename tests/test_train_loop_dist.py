@@ -1,73 +1,131 @@
-"""TrainLoop across real processes (gloo, float64): world sizes, FSDP2, preemption."""
+"""The loop's invariants with real processes (gloo, float64, the torchrun environment).
+
+One uninterrupted run at world size 2 is the reference. An interrupted run (a rank
+SIGKILLed at a random step, all relaunched) must end bitwise equal to it; a run resized
+2 -> 1 -> 3 (stopped by SIGTERM, then by max_steps; DDP, then a plain module, then FSDP2)
+within 1e-7. Every run must feed each step exactly the reference's sample ids, with
+ceil(G/(m*W)) micro-steps.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import shutil
 import signal
-import subprocess
+import sys
 
 import pytest
 import torch
 
 from elastic.sampler import ElasticSampler
-from loop_launch import finish, launch, run_ok
+from loop_launch import Group
 
-G, M, STEPS = 7, 1, 12
+G, M, STEPS, SAVE_EVERY = 7, 1, 12, 3
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def records(out, tag, world):
-    """step -> list of (world, A, ids concatenated over ranks in rank order), one per run."""
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def args(out, tag, ckpt, *extra):
+    return ["--out", str(out), "--tag", tag, "--ckpt", str(ckpt), "--global-batch", str(G),
+            "--micro-batch", str(M), "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY),
+            *map(str, extra)]
+
+
+def step_records(out, tag, world):
+    """[(step, world, A, ids concatenated over ranks in rank order)] in the order run."""
     by_rank = []
     for r in range(world):
         with open(out / f"ids.{tag}.rank{r}.jsonl") as f:
             by_rank.append([json.loads(line) for line in f])
-    steps = {}
-    for rows in zip(*by_rank):
-        assert len({row["step"] for row in rows}) == 1, rows
-        steps[rows[0]["step"]] = (rows[0]["world"], rows[0]["A"], [i for row in rows for i in row["ids"]])
-    return steps
+    assert len({len(rows) for rows in by_rank}) == 1, "ranks recorded different numbers of steps"
+    rows = []
+    for per_rank in zip(*by_rank):
+        assert len({row["step"] for row in per_rank}) == 1, per_rank
+        first = per_rank[0]
+        rows.append((first["step"], first["world"], first["A"], [i for row in per_rank for i in row["ids"]]))
+    return rows
+
+
+def check_records(rows, reference_ids):
+    for step, world, a, ids in rows:
+        assert a == math.ceil(G / (M * world)), f"step {step} at world size {world}: A={a}"
+        assert ids == reference_ids[step], f"step {step} at world size {world}"
 
 
 def params(out, tag):
     return torch.load(out / f"params.{tag}.pt")
 
 
-def expected_ids(step):
-    return list(ElasticSampler(30, G, seed=5).samples(step).ids)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    Group(args(out, "ref", out / "ckpt"), 2, worker_env(), progress_dir=str(out)).wait_ok()
+    rows = step_records(out, "ref", 2)
+    assert [r[0] for r in rows] == list(range(STEPS))
+    ids = {step: got for step, _, _, got in rows}
+    sampler = ElasticSampler(30, G, seed=5)
+    assert ids == {s: list(sampler.samples(s).ids) for s in range(STEPS)}
+    for r in range(2):  # the heartbeat file holds the last completed step
+        assert (out / f"progress.rank{r}").read_text() == f"{STEPS}\n"
+    return out, ids
 
 
-def test_world_sizes_1_2_3_see_the_same_samples_and_end_within_1e7(tmp_path, python_env):
-    """The same global batches at every world size, A = ceil(G/(m*W)), and the same model."""
-    groups = {
-        w: launch(["--out", str(tmp_path), "--tag", f"w{w}", "--max-steps", str(STEPS)], w,
-                  python_env, torchrun_env=w > 1)  # w=1: a plain process with no launcher env
-        for w in (1, 2, 3)
-    }
-    for w, procs in groups.items():
-        for rank, (rc, out, err) in enumerate(finish(procs)):
-            assert rc == 0, f"w={w} rank {rank}: {err[-3000:]}"
-    reference = params(tmp_path, "w1")
-    for w in (1, 2, 3):
-        steps = records(tmp_path, f"w{w}", w)
-        assert sorted(steps) == list(range(STEPS))
-        for s, (world, a, ids) in steps.items():
-            assert world == w and a == math.ceil(G / (M * w))
-            assert ids == expected_ids(s), f"w={w} step {s}"
-        got = params(tmp_path, f"w{w}")
-        for k in reference:
-            torch.testing.assert_close(got[k], reference[k], rtol=0, atol=1e-7)
+def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference):
+    ref_out, ref_ids = reference
+    kill_at = random.Random(os.environ.get("TEST_SEED", "6")).randint(4, STEPS - 2)
+    ckpt = tmp_path / "ckpt"
+    group = Group(args(tmp_path, "killed", ckpt, "--kill-at", kill_at), 2, worker_env())
+    victim = group.procs[1]
+    victim.wait(timeout=90)
+    assert victim.returncode == -signal.SIGKILL, f"kill_at={kill_at}: rank 1 exited {victim.returncode}"
+    group.kill()  # the survivor is stuck in (or failed out of) a collective, as under a supervisor
+    group.wait()
+    outs = Group(args(tmp_path, "resumed", ckpt), 2, worker_env()).wait_ok()
+    resumed_from = (kill_at - 1) // SAVE_EVERY * SAVE_EVERY  # latest save committed before the kill
+    assert f"rank 0 resumed {resumed_from}" in outs[0], (kill_at, outs[0])
+    rows = step_records(tmp_path, "killed", 2) + step_records(tmp_path, "resumed", 2)
+    check_records(rows, ref_ids)
+    assert [r[0] for r in step_records(tmp_path, "resumed", 2)] == list(range(resumed_from, STEPS))
+    ref, got = params(ref_out, "ref"), params(tmp_path, "resumed")
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), f"kill_at={kill_at}: {k} differs by {(got[k] - ref[k]).abs().max()}"
 
 
-def test_fsdp2_matches_ddp(tmp_path, python_env):
-    args = ["--out", str(tmp_path), "--max-steps", "6", "--micro-batch", "2"]
-    ddp = launch([*args, "--tag", "ddp"], 2, python_env)
-    fsdp = launch([*args, "--tag", "fsdp", "--fsdp"], 2, python_env)
-    for procs in (ddp, fsdp):
-        for rank, (rc, out, err) in enumerate(finish(procs)):
-            assert rc == 0, f"rank {rank}: {err[-3000:]}"
-    a, b = params(tmp_path, "ddp"), params(tmp_path, "fsdp")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-7)
-    assert records(tmp_path, "fsdp", 2) == records(tmp_path, "ddp", 2)
+def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, reference):
+    ref_out, ref_ids = reference
+    ckpt = tmp_path / "ckpt"
+    # Phase 1, world size 2: both ranks pause in step 4, get SIGTERM, then continue. The
+    # flag's all-reduce is pipelined one step, so all ranks agree to stop after step 5.
+    phase1 = Group(args(tmp_path, "p1", ckpt, "--pause-at", 4), 2, worker_env(), stdin=True)
+    for p in phase1.procs:
+        while "paused at 4" not in (line := p.stdout.readline()):
+            assert line, "worker exited before pausing"
+    for p in phase1.procs:
+        p.send_signal(signal.SIGTERM)
+    for p in phase1.procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for rank, (rc, _, err) in enumerate(phase1.wait()):
+        assert rc == 143, f"rank {rank} exited {rc}: {err[-3000:]}"
+    # Phase 2: one plain process (no launcher environment), up to step 9.
+    out2 = Group(args(tmp_path, "p2", ckpt, "--max-steps", 9), 1, worker_env(), torchrun_env=False).wait_ok()
+    assert "rank 0 resumed 6" in out2[0]
+    # Phase 3: world size 3 with FSDP2 (fully_shard): the replicated state is resharded.
+    out3 = Group(args(tmp_path, "p3", ckpt, "--fsdp"), 3, worker_env()).wait_ok()
+    assert "rank 0 resumed 9" in out3[0]
+    rows = step_records(tmp_path, "p1", 2) + step_records(tmp_path, "p2", 1) + step_records(tmp_path, "p3", 3)
+    assert [r[0] for r in rows] == list(range(STEPS))
+    assert [r[1] for r in rows] == [2] * 6 + [1] * 3 + [3] * 3
+    check_records(rows, ref_ids)
+    ref, got = params(ref_out, "ref"), params(tmp_path, "p3")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-7)
