@@ -6,19 +6,43 @@ swapped (python3-etcd3 today) without touching the protocol code.
 
 from __future__ import annotations
 
+import os
+import types
 from dataclasses import dataclass
 
-import etcd3
-import etcd3.exceptions
+# gRPC's fork handlers only print warnings here: agents fork workers while watch threads run.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from elastic.errors import ConfigError, RendezvousConnectionError
+import etcd3  # noqa: E402  (after the gRPC setting above)
+import etcd3.events  # noqa: E402
+import etcd3.exceptions  # noqa: E402
+import etcd3.utils  # noqa: E402
+import etcd3.watch  # noqa: E402
+
+from elastic.errors import ConfigError, RendezvousConnectionError  # noqa: E402
+
+# python3-etcd3 0.13 dropped its `six` dependency but etcd3/watch.py still calls
+# six.itervalues() when a watch stream breaks, so watchers never hear of the failure (a
+# NameError kills the thread instead). Supply the one function it uses.
+if not hasattr(etcd3.watch, "six"):
+    etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(d.values()))
 
 # Errors that mean "etcd is not answering right now" (worth a retry with backoff).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     etcd3.exceptions.ConnectionFailedError,
     etcd3.exceptions.ConnectionTimeoutError,
     etcd3.exceptions.InternalServerError,
+    etcd3.exceptions.WatchTimedOut,
 )
+
+
+# The two client types the rendezvous backend needs beyond the client object itself.
+DeleteEvent = etcd3.events.DeleteEvent
+
+
+def prefix_range_end(prefix: str) -> bytes:
+    """The range end that makes a delete or read cover every key starting with `prefix`."""
+    return etcd3.utils.prefix_range_end(prefix.encode())
 
 
 @dataclass(frozen=True)

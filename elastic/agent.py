@@ -1,0 +1,215 @@
+"""The per-node agent: rendezvous, start workers, watch them, restart the group on failure.
+
+One loop, one round at a time:
+
+    join round r -> start workers -> watch until: all workers succeeded   -> done
+                                                  a local worker failed  -> bump round (spends a restart)
+                                                  a member node is gone  -> bump round (spends a restart)
+                                                  nodes wait to join     -> bump round (growth, free)
+                                                  the round moved on     -> stop workers, join again
+                                                  our lease expired      -> kill workers, new lease, join again
+                                                  the job was closed     -> stop workers, exit
+                                                  we were signalled      -> leave (peers go on) or stop the job
+
+After a failure the workers are killed at once: nothing the survivors do can complete
+without the failed rank, and the last committed checkpoint is where everyone resumes.
+A planned stop (signal, growth, a peer leaving) sends SIGTERM first so that workers can
+save the step they are on, and SIGKILL after `--grace`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import tempfile
+from dataclasses import dataclass
+
+from elastic.errors import RendezvousClosedError
+from elastic.events import EventLog, RunResult
+from elastic.launch_config import LaunchConfig
+from elastic.rendezvous import EtcdRendezvous
+from elastic.workers import Assignment, WorkerExit, WorkerGroup
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """The supervisor received SIGTERM or SIGINT."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Outcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROUND_CHANGED = "round changed"
+    LEASE_LOST = "lease lost"
+    CLOSED = "closed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class _Watched:
+    outcome: _Outcome
+    exits: list[WorkerExit]
+    detail: str = ""
+    failed_node: str | None = None
+
+
+class Agent:
+    def __init__(self, config: LaunchConfig, rendezvous: EtcdRendezvous, events: EventLog,
+                 rdzv_endpoint: str) -> None:
+        self._config = config
+        self._rdzv = rendezvous
+        self._events = events
+        self._endpoint = rdzv_endpoint
+        self._run_dir = tempfile.mkdtemp(prefix=f"elastic-{config.run_id}-")
+        self._result = RunResult(ok=False, reason="not started")
+        self._signal: int | None = None
+        rendezvous.should_abort = self._raise_if_signalled
+
+    def request_stop(self, signum: int) -> None:
+        """From a signal handler: stop at the next check (never raises inside I/O)."""
+        if self._signal is None:
+            self._signal = signum
+        self._rdzv.wake()
+
+    def _raise_if_signalled(self) -> None:
+        if self._signal is not None:
+            raise Interrupted(self._signal)
+
+    def run(self) -> RunResult:
+        """Run the job on this node until it succeeds, fails, or is stopped."""
+        try:
+            self._rdzv.start()
+            return self._run_rounds()
+        except RendezvousClosedError as exc:
+            return self._finish(ok=False, reason=f"job closed: {exc}", code=1)
+        except Interrupted as exc:
+            self._events.emit("interrupted", signal=str(exc))
+            return self._finish(ok=False, reason=f"stopped by {exc} before the workers started",
+                                code=128 + exc.signum)
+        finally:
+            self._rdzv.shutdown()
+
+    def _run_rounds(self) -> RunResult:
+        while True:
+            assignment = self._rdzv.join()
+            self._result.rounds += 1
+            self._result.restarts = assignment.restart_count
+            self._events.emit("round_sealed", round=assignment.round, world_size=assignment.world_size,
+                              group_rank=assignment.group_rank, restarts=assignment.restart_count)
+            group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint)
+            group.start()
+            self._events.emit("workers_started", round=assignment.round, pids=group.pids)
+            result = self._after_round(group, assignment, self._watch(group, assignment))
+            if result is not None:
+                return result
+
+    def _watch(self, group: WorkerGroup, assignment: Assignment) -> _Watched:
+        """Check local workers every --monitor-interval; learn of the job's changes by watch."""
+        members = self._rdzv.sealed_members(assignment.round)
+        while True:
+            if self._signal is not None:
+                return _Watched(_Outcome.INTERRUPTED, [], signal.Signals(self._signal).name)
+            exits = group.poll()
+            if exits is not None:
+                if all(e.ok for e in exits):
+                    return _Watched(_Outcome.SUCCEEDED, exits)
+                failed = next(e for e in exits if not e.ok)
+                return _Watched(_Outcome.FAILED, exits, f"rank {failed.rank} {failed.describe()}",
+                                failed_node=self._rdzv.node_id)
+            if self._rdzv.lease_lost:
+                return _Watched(_Outcome.LEASE_LOST, [], "this node's lease expired")
+            closed = self._rdzv.closed()
+            if closed is not None:
+                return _Watched(_Outcome.CLOSED, [], closed["reason"])
+            if self._rdzv.current_round() != assignment.round:
+                return _Watched(_Outcome.ROUND_CHANGED, [], "the job moved to a new round")
+            gone = self._rdzv.departed_members(assignment.round, members)
+            if gone:
+                return _Watched(_Outcome.FAILED, [], f"node {gone[0]} is gone", failed_node=gone[0])
+            if self._rdzv.should_grow(assignment.round):
+                self._rdzv.bump_round(assignment.round, reason="nodes are waiting to join")
+                return _Watched(_Outcome.ROUND_CHANGED, [], "growing: nodes are waiting to join")
+            pending = self._rdzv.debounce_left()
+            timeout = self._config.monitor_interval if pending is None else min(pending, self._config.monitor_interval)
+            self._rdzv.wait_for_change(timeout)
+
+    def _after_round(self, group: WorkerGroup, assignment: Assignment,
+                     watched: _Watched) -> RunResult | None:
+        """Act on how a round ended; None means: join the next round."""
+        round_ = assignment.round
+        outcome = watched.outcome
+        if outcome is _Outcome.SUCCEEDED:
+            group.wait_output()
+            self._result.exits = watched.exits
+            self._rdzv.mark_done(round_)
+            self._events.emit("succeeded", round=round_)
+            return self._finish(ok=True, reason="all workers exited 0", code=0)
+        if outcome is _Outcome.INTERRUPTED:
+            return self._stop_on_signal(group, assignment)
+        if outcome is _Outcome.CLOSED:
+            self._result.exits = group.stop(self._config.grace)
+            return self._finish(ok=False, reason=f"job closed: {watched.detail}", code=1)
+        if outcome is _Outcome.ROUND_CHANGED:
+            # A failure elsewhere: our workers are stuck in collectives with a dead peer, so
+            # kill them now. A planned change: SIGTERM first so that they save their step.
+            failure = self._rdzv.ended_by_failure(round_)
+            self._result.exits = group.stop(0 if failure else self._config.grace)
+            self._events.emit("round_left", round=round_, reason=watched.detail)
+            return None
+        if outcome is _Outcome.LEASE_LOST:
+            self._result.exits = group.stop(0)  # peers have gone on without us: nothing to save
+            self._events.emit("lease_lost", round=round_)
+            self._rdzv.renew()
+            return None
+        return self._restart_after_failure(group, assignment, watched)
+
+    def _restart_after_failure(self, group: WorkerGroup, assignment: Assignment,
+                               watched: _Watched) -> RunResult | None:
+        round_ = assignment.round
+        exits = group.stop(0)
+        failed = next((e for e in watched.exits if not e.ok), None)
+        if failed is not None:
+            self._result.failures.append((round_, failed))
+        self._result.exits = exits
+        self._events.emit("failure", round=round_, reason=watched.detail, node=watched.failed_node,
+                          rank=failed.rank if failed else None,
+                          returncode=failed.returncode if failed else None)
+        self._rdzv.bump_round(round_, reason=watched.detail, failed_node=watched.failed_node)
+        restarts = self._rdzv.restart_count()
+        if restarts > self._config.max_restarts:
+            final = f"{watched.detail}; restarts exhausted ({self._config.max_restarts} allowed)"
+            self._rdzv.close(ok=False, reason=final)
+            self._result.restarts = self._config.max_restarts
+            return self._finish(ok=False, reason=final, code=1)
+        self._events.emit("restart", round=round_, restarts=restarts, reason=watched.detail)
+        log.warning("elastic-run: %s; restarting (restart %d of %d)", watched.detail, restarts,
+                    self._config.max_restarts)
+        return None
+
+    def _stop_on_signal(self, group: WorkerGroup, assignment: Assignment) -> RunResult:
+        """SIGTERM/SIGINT: leave if the others can go on without us, else stop the whole job.
+
+        Either way the workers get SIGTERM first, so a TrainLoop saves the step it is on.
+        """
+        name = signal.Signals(self._signal).name
+        others = assignment.num_nodes - 1
+        if others >= self._config.min_nodes:
+            self._rdzv.leave(assignment.round)
+            self._result.exits = group.stop(self._config.grace)
+            self._events.emit("left", round=assignment.round, signal=name)
+            return self._finish(ok=True, reason=f"left the job on {name}; {others} nodes go on", code=0)
+        self._rdzv.close(ok=False, reason=f"preempted: node {self._rdzv.node_id} got {name}")
+        self._result.exits = group.stop(self._config.grace)
+        self._events.emit("interrupted", round=assignment.round, signal=name)
+        return self._finish(ok=False, reason=f"stopped by {name}", code=128 + self._signal)
+
+    def _finish(self, *, ok: bool, reason: str, code: int) -> RunResult:
+        self._result.ok, self._result.reason, self._result.exit_code = ok, reason, code
+        self._events.emit("job_end", ok=ok, reason=reason, exit_code=code)
+        return self._result

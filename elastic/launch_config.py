@@ -1,0 +1,160 @@
+"""What `elastic-run` was asked to do, validated once at the boundary.
+
+`LaunchConfig` is the frozen record the CLI builds from flags (and PET_* variables); the
+agent, the rendezvous and the worker group only ever see this record, never raw flags.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from elastic.errors import ConfigError
+
+
+# torchrun's spellings of the same options.
+_RDZV_CONF_ALIASES = {"timeout": "join_timeout", "ca": "ca_cert", "cacert": "ca_cert",
+                      "keepalive_ttl": "lease_ttl", "prefix": "key_prefix"}
+
+
+@dataclass(frozen=True)
+class RendezvousSettings:
+    """Options of the etcd rendezvous (from `--rdzv-conf key=value,...`)."""
+
+    join_timeout: float = 600.0  # how long to wait for MIN nodes
+    last_call_timeout: float = 2.0  # how long to wait for newcomers once MIN have joined
+    lease_ttl: float = 5.0  # a node whose agent stops keeping its lease alive is gone after this
+    connect_timeout: float = 5.0  # etcd unreachable at start: fail after this
+    key_prefix: str = "elastic"
+    world_size_multiple: int = 1  # allowed node counts: multiples of this
+    cooldown_base: float = 10.0  # a node failing again waits base*2^(failures-2) s, up to the cap
+    cooldown_cap: float = 600.0
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("join_timeout", "last_call_timeout", "lease_ttl", "connect_timeout",
+                     "cooldown_base", "cooldown_cap"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--rdzv-conf {name}={getattr(self, name)} must be > 0 seconds")
+        if self.lease_ttl < 2:
+            raise ConfigError(f"--rdzv-conf lease_ttl={self.lease_ttl} must be >= 2 seconds (etcd's minimum)")
+        if self.world_size_multiple < 1:
+            raise ConfigError(f"--rdzv-conf world_size_multiple={self.world_size_multiple} must be >= 1")
+        if not self.key_prefix.strip("/"):
+            raise ConfigError("--rdzv-conf key_prefix must not be empty")
+
+    @classmethod
+    def parse(cls, text: str) -> RendezvousSettings:
+        """Parse 'k=v,k=v'; unknown keys and bad values are ConfigErrors naming the key."""
+        fields = {f: t for f, t in cls.__annotations__.items()}
+        values: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            key = _RDZV_CONF_ALIASES.get(key, key)
+            if not sep or key not in fields:
+                known = ", ".join(sorted(fields))
+                raise ConfigError(f"--rdzv-conf: unknown option {item!r}; known options: {known}")
+            kind = fields[key]
+            try:
+                if "float" in kind:
+                    values[key] = float(raw)
+                elif "int" in kind:
+                    values[key] = int(raw)
+                else:
+                    values[key] = raw
+            except ValueError:
+                raise ConfigError(f"--rdzv-conf {key}={raw!r} is not a number") from None
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything one agent needs to run its share of a job."""
+
+    entrypoint: str
+    args: tuple[str, ...]
+    min_nodes: int = 1
+    max_nodes: int = 1
+    nproc_per_node: int = 1
+    rdzv_endpoint: str | None = None  # None: start a private etcd (standalone)
+    run_id: str = "default"
+    max_restarts: int = 0
+    monitor_interval: float = 0.1
+    grace: float = 5.0  # SIGTERM -> SIGKILL window when stopping workers
+    module: bool = False
+    no_python: bool = False
+    checkpoint_dir: str | None = None
+    log_dir: str | None = None
+    node_id: str | None = None
+    local_addr: str | None = None
+    rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node {self.nproc_per_node} must be >= 1")
+        if self.min_nodes < 1:
+            raise ConfigError(f"--nnodes: the minimum number of nodes ({self.min_nodes}) must be >= 1")
+        if self.max_nodes < self.min_nodes:
+            raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: MAX must be >= MIN")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts {self.max_restarts} must be >= 0")
+        if self.monitor_interval <= 0:
+            raise ConfigError(f"--monitor-interval {self.monitor_interval} must be > 0 seconds")
+        if self.grace < 0:
+            raise ConfigError(f"--grace {self.grace} must be >= 0 seconds")
+        if not self.run_id or "/" in self.run_id:
+            raise ConfigError(f"--rdzv-id {self.run_id!r} must be non-empty and contain no '/'")
+        if self.rdzv_endpoint is None and self.max_nodes > 1:
+            raise ConfigError(
+                f"--nnodes {self.min_nodes}:{self.max_nodes} spans several nodes: give "
+                "--rdzv-endpoint HOST:PORT of an etcd all nodes reach"
+            )
+        self._check_entrypoint()
+
+    def _check_entrypoint(self) -> None:
+        if self.no_python and self.module:
+            raise ConfigError("--no-python and -m cannot be used together")
+        if self.no_python:
+            if shutil.which(self.entrypoint) is None:
+                raise ConfigError(f"program {self.entrypoint!r} not found (--no-python runs it directly)")
+        elif not self.module and not os.path.isfile(self.entrypoint):
+            raise ConfigError(f"training script {self.entrypoint!r} not found")
+
+    @property
+    def standalone(self) -> bool:
+        return self.rdzv_endpoint is None
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """'N' or 'MIN:MAX' -> (min, max)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        min_nodes = int(lo)
+        max_nodes = int(hi) if sep else min_nodes
+    except ValueError:
+        raise ConfigError(f"--nnodes {text!r} must be N or MIN:MAX (for example 2:4)") from None
+    return min_nodes, max_nodes
+
+
+def parse_nproc(text: str) -> int:
+    """An int, or 'auto'/'cpu'/'gpu' as torchrun accepts them."""
+    if text in ("auto", "gpu"):
+        import torch  # noqa: PLC0415  (only when asked, torch is slow to import)
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+        if text == "gpu":
+            raise ConfigError("--nproc-per-node gpu: no CUDA device is visible on this node")
+        return os.cpu_count() or 1
+    if text == "cpu":
+        return os.cpu_count() or 1
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--nproc-per-node {text!r} must be a number, 'auto', 'cpu' or 'gpu'") from None

@@ -1,0 +1,303 @@
+"""The rendezvous state in etcd v3: key layout, a watched local mirror, and the transactions.
+
+Keys, all under /<prefix>/<run_id>/:
+  round                      current round number; moved on by compare-and-swap
+  restarts                   job-wide count of failure restarts (moved with the round)
+  sealed_round               the newest sealed round (what commits are fenced against)
+  closed                     JSON {"ok", "reason"}: the job is over; nobody joins again
+  alive/<node>               presence of a node's agent, bound to its lease
+  waiting/<node>             a node that wants into the running round, bound to its lease
+  nodes/<node>               JSON NodeRecord: failures of a node, kept across agent restarts
+  rounds/<r>/members/<node>  JSON Member, bound to the node's lease
+  rounds/<r>/sealed          JSON SealedRound, created once by a transaction
+  rounds/<r>/done/<node>     the node's workers all finished successfully
+  rounds/<r>/left/<node>     the node left on purpose (scale-down, not a failure)
+  rounds/<r>/end             JSON {"failure", "reason"}: why round r was ended
+
+Every agent keeps a mirror of these keys: one range read, then a watch from the next
+revision. Decisions read the mirror, so waiting costs no requests; only writes go to etcd.
+Sealing round r deletes round r-2, so the mirror stays small however long the job runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from elastic.errors import RendezvousConnectionError
+from elastic.etcd_client import TRANSIENT_ERRORS, DeleteEvent, prefix_range_end
+from elastic.rdzv_protocol import Member, NodeRecord, RunState, SealedRound
+
+log = logging.getLogger(__name__)
+
+
+class EtcdBackend:
+    """One agent's connection to the run's keys. Writes are transactions; reads use the mirror."""
+
+    def __init__(self, client, key_prefix: str, run_id: str, node_id: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._tx = client.transactions
+        self.prefix = f"/{key_prefix.strip('/')}/{run_id}/"
+        self.node_id = node_id
+        self._clock = clock
+        self._lease = None
+        self._mirror: dict[str, bytes] = {}
+        self._changed = threading.Condition()
+        self._version = 0  # bumped on every mirror change
+        self._revision = 0  # etcd revision the mirror reflects
+        self._watch_id = None
+        self._watch_broken = False
+        self.writes = 0  # etcd write requests made (for benchmarks)
+
+    # -- lease -------------------------------------------------------------------------------
+
+    def open_lease(self, ttl: float) -> None:
+        self._lease = self._client.lease(max(2, int(round(ttl))))
+        self.writes += 1
+
+    @property
+    def lease(self):
+        return self._lease
+
+    def refresh_lease(self) -> bool:
+        """Keep the lease alive; False when etcd says it has expired (we were cut off too long)."""
+        responses = self._lease.refresh()
+        return bool(responses) and responses[0].TTL > 0
+
+    def revoke_lease(self) -> None:
+        if self._lease is not None:
+            try:
+                self._lease.revoke()
+            except TRANSIENT_ERRORS:
+                pass  # etcd unreachable: the lease expires by itself
+
+    # -- mirror --------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """(Re)load the mirror with one range read and watch every change after it."""
+        response = self._client.get_prefix_response(self.prefix)
+        revision = response.header.revision
+        fresh = {kv.key.decode(): kv.value for kv in response.kvs}
+        with self._changed:
+            self._mirror = fresh
+            self._revision = revision
+            self._version += 1
+            self._changed.notify_all()
+        if self._watch_id is not None:
+            self._client.cancel_watch(self._watch_id)
+        self._watch_id = self._client.add_watch_prefix_callback(
+            self.prefix, self._on_watch, start_revision=revision + 1)
+        self._watch_broken = False
+
+    def _on_watch(self, response) -> None:
+        with self._changed:
+            if isinstance(response, Exception):
+                # The stream broke (etcd restarted or unreachable): resync in wait().
+                self._watch_broken = True
+            else:
+                for event in response.events:
+                    key = event.key.decode()
+                    if isinstance(event, DeleteEvent):
+                        self._mirror.pop(key, None)
+                    else:
+                        self._mirror[key] = event.value
+                self._revision = max(self._revision, response.header.revision)
+            self._version += 1
+            self._changed.notify_all()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def wait(self, since: int, timeout: float) -> bool:
+        """Wait until the mirror changed after version `since` (True) or `timeout` (False)."""
+        with self._changed:
+            changed = self._changed.wait_for(lambda: self._version != since, timeout=max(0.0, timeout))
+        if self._watch_broken:
+            try:
+                self.sync()
+                log.info("rendezvous: watch on %s re-established", self.prefix)
+            except TRANSIENT_ERRORS:
+                pass  # still unreachable: the next wait tries again
+        return changed
+
+    def poke(self) -> None:
+        """Wake every wait() now (used by signal handlers)."""
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    def _get(self, suffix: str) -> bytes | None:
+        return self._mirror.get(self.prefix + suffix)
+
+    def _children(self, suffix: str) -> dict[str, bytes]:
+        base = self.prefix + suffix
+        return {k[len(base):]: v for k, v in list(self._mirror.items()) if k.startswith(base)}
+
+    def current_round(self) -> int:
+        raw = self._get("round")
+        return int(raw) if raw is not None else 0
+
+    def restarts(self) -> int:
+        raw = self._get("restarts")
+        return int(raw) if raw is not None else 0
+
+    def closed(self) -> dict | None:
+        raw = self._get("closed")
+        return json.loads(raw) if raw is not None else None
+
+    def sealed(self, round_: int) -> SealedRound | None:
+        raw = self._get(f"rounds/{round_}/sealed")
+        return SealedRound.from_json(raw) if raw is not None else None
+
+    def round_end(self, round_: int) -> dict | None:
+        raw = self._get(f"rounds/{round_}/end")
+        return json.loads(raw) if raw is not None else None
+
+    def alive(self) -> set[str]:
+        return set(self._children("alive/"))
+
+    def finished(self, round_: int) -> set[str]:
+        """Members of `round_` that finished or left on purpose (their absence is no failure)."""
+        return set(self._children(f"rounds/{round_}/done/")) | set(self._children(f"rounds/{round_}/left/"))
+
+    def state(self) -> RunState:
+        """The protocol's view of the current round, from the mirror."""
+        round_ = self.current_round()
+        previous = self.sealed(round_ - 1) if round_ > 0 else None
+        alive = self.alive()
+        previous_alive = frozenset(
+            n for n in (previous.node_ids if previous else ()) if n in alive
+            and n not in self.finished(round_ - 1))
+        return RunState(
+            round=round_,
+            closed=self.closed(),
+            sealed=self.sealed(round_),
+            members={n: Member(**json.loads(v)) for n, v in self._children(f"rounds/{round_}/members/").items()},
+            previous=previous,
+            previous_alive=previous_alive,
+            waiting=frozenset(self._children("waiting/")),
+            nodes={n: NodeRecord(**json.loads(v)) for n, v in self._children("nodes/").items()},
+            restarts=self.restarts(),
+        )
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _txn(self, compare, success) -> bool:
+        self.writes += 1
+        try:
+            ok, _ = self._client.transaction(compare=compare, success=success, failure=[])
+        except TRANSIENT_ERRORS as exc:
+            raise RendezvousConnectionError(f"etcd unreachable during a rendezvous write: {exc}") from exc
+        self._catch_up()
+        return ok
+
+    def _catch_up(self, timeout: float = 5.0) -> None:
+        """Read-your-writes: wait until the mirror reflects etcd as of now (after our write)."""
+        if self._watch_id is None:
+            return  # no mirror yet: sync() will read everything
+        revision = self._client.get_response(self._key("round")).header.revision
+        with self._changed:
+            self._changed.wait_for(lambda: self._revision >= revision or self._watch_broken, timeout)
+
+    def _key(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    def announce(self) -> None:
+        """Create the round key if the run is new, and mark this agent alive (on its lease)."""
+        self._txn([self._tx.create(self._key("round")) == 0], [self._tx.put(self._key("round"), "0")])
+        self._client.put(self._key(f"alive/{self.node_id}"), "1", lease=self._lease)
+        self.writes += 1
+
+    def start_new_generation_if_over(self) -> bool:
+        """A closed job with no live agent is over: clear `closed` so a relaunch can run.
+
+        The round number is kept (it only grows, so workers of the old job stay fenced) and
+        the restart budget starts again, as it does for a new torchrun launch.
+        """
+        raw, meta = self._client.get(self._key("closed"))
+        if raw is None or self._client.get_prefix_response(self._key("alive/"), count_only=True).count:
+            return False
+        return self._txn(
+            [self._tx.mod(self._key("closed")) == meta.mod_revision],
+            [self._tx.delete(self._key("closed")), self._tx.delete(self._key("restarts"))],
+        )
+
+    def register(self, round_: int, member: Member) -> None:
+        """Join `round_` (only while it is the current round and not yet sealed)."""
+        self._txn(
+            [self._tx.value(self._key("round")) == str(round_),
+             self._tx.create(self._key(f"rounds/{round_}/sealed")) == 0],
+            [self._tx.put(self._key(f"rounds/{round_}/members/{member.node_id}"),
+                          json.dumps(member.__dict__), lease=self._lease)],
+        )
+
+    def seal(self, record: SealedRound) -> bool:
+        """Create the sealed record once; also drop round r-2 so the key space stays small."""
+        r = record.round
+        sealed_key = self._key(f"rounds/{r}/sealed")
+        success = [self._tx.put(sealed_key, record.to_json()),
+                   self._tx.put(self._key("sealed_round"), str(r))]
+        if r >= 2:
+            old = self._key(f"rounds/{r - 2}/")
+            success.append(self._tx.delete(old, range_end=prefix_range_end(old)))
+        return self._txn([self._tx.create(sealed_key) == 0,
+                          self._tx.value(self._key("round")) == str(r)], success)
+
+    def bump_round(self, round_: int, *, reason: str, failed_node: str | None) -> bool:
+        """Move the job to round+1 by compare-and-swap, recording why round `round_` ended.
+
+        With `failed_node`, it is a failure: the job's restart count and that node's failure
+        record move in the same transaction, so only the agent that wins the race counts it.
+        """
+        end = json.dumps({"failure": failed_node is not None, "reason": reason})
+        compare = [self._tx.value(self._key("round")) == str(round_)]
+        success = [self._tx.put(self._key("round"), str(round_ + 1)),
+                   self._tx.put(self._key(f"rounds/{round_}/end"), end)]
+        if failed_node is not None:
+            restarts_raw, restarts_meta = self._client.get(self._key("restarts"))
+            node_raw, node_meta = self._client.get(self._key(f"nodes/{failed_node}"))
+            record = NodeRecord(**json.loads(node_raw)) if node_raw else NodeRecord()
+            record = NodeRecord(record.failures + 1, self._clock())
+            compare += [
+                self._tx.version(self._key("restarts")) == (restarts_meta.version if restarts_meta else 0),
+                self._tx.version(self._key(f"nodes/{failed_node}")) == (node_meta.version if node_meta else 0),
+            ]
+            success += [
+                self._tx.put(self._key("restarts"), str((int(restarts_raw) if restarts_raw else 0) + 1)),
+                self._tx.put(self._key(f"nodes/{failed_node}"), json.dumps(record.__dict__)),
+            ]
+        return self._txn(compare, success)
+
+    def set_waiting(self, waiting: bool) -> None:
+        key = self._key(f"waiting/{self.node_id}")
+        self.writes += 1
+        if waiting:
+            self._client.put(key, "1", lease=self._lease)
+        else:
+            self._client.delete(key)
+        self._catch_up()
+
+    def mark(self, round_: int, what: str) -> None:
+        """Record that this node is `done` with, or `left`, round `round_`."""
+        self._client.put(self._key(f"rounds/{round_}/{what}/{self.node_id}"), "1")
+        self.writes += 1
+        self._catch_up()
+
+    def close(self, *, ok: bool, reason: str) -> None:
+        """End the job for every agent; the first reason wins."""
+        key = self._key("closed")
+        self._txn([self._tx.create(key) == 0], [self._tx.put(key, json.dumps({"ok": ok, "reason": reason}))])
+
+    def shutdown(self) -> None:
+        if self._watch_id is not None:
+            try:
+                self._client.cancel_watch(self._watch_id)
+            except TRANSIENT_ERRORS:
+                pass  # the stream is gone anyway
+        self.revoke_lease()
+        self._client.close()

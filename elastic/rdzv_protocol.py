@@ -1,0 +1,225 @@
+"""The rendezvous protocol as pure decisions: a snapshot of the run's state in, one action out.
+
+Nothing here talks to etcd or reads a clock: `decide_join` and `decide_growth` are functions
+of (state, this node, settings, now), so every rule can be tested from a table. The executor
+in `elastic/rendezvous.py` reads the state from etcd, asks for a decision, and applies it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from elastic.workers import Assignment
+
+
+# -- records stored in etcd (JSON) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """A node as it registers for a round."""
+
+    node_id: str
+    addr: str
+    port: int  # a port this node reserved for the torch.distributed store, used if it is rank 0
+    nproc: int
+
+
+@dataclass(frozen=True)
+class SealedRound:
+    """The fixed outcome of a round: ordered members, hence ranks, and the master address."""
+
+    round: int
+    members: tuple[Member, ...]
+    restart_count: int
+
+    def to_json(self) -> str:
+        return json.dumps({"round": self.round, "restart_count": self.restart_count,
+                           "members": [asdict(m) for m in self.members]})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> SealedRound:
+        data = json.loads(raw)
+        return cls(data["round"], tuple(Member(**m) for m in data["members"]), data["restart_count"])
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(m.node_id for m in self.members)
+
+    def assignment_for(self, node_id: str) -> Assignment | None:
+        offset = 0
+        for index, member in enumerate(self.members):
+            if member.node_id == node_id:
+                first = self.members[0]
+                return Assignment(
+                    round=self.round, group_rank=index, num_nodes=len(self.members),
+                    world_size=sum(m.nproc for m in self.members), rank_offset=offset,
+                    master_addr=first.addr, master_port=first.port,
+                    restart_count=self.restart_count,
+                )
+            offset += member.nproc
+        return None
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """Failures of one node, kept in etcd so they survive agent restarts."""
+
+    failures: int = 0
+    last_failure: float = 0.0  # wall-clock seconds
+
+    def cooldown_until(self, base: float, cap: float) -> float:
+        """Exponential cooldown: base * 2^(failures-2) after the second failure, capped.
+
+        The first failure costs nothing (a single crash is what restarts are for); a node
+        that keeps failing waits 1x, 2x, 4x... `base` before it is admitted again.
+        """
+        if self.failures < 2:
+            return 0.0
+        return self.last_failure + min(cap, base * 2 ** (self.failures - 2))
+
+
+# -- the snapshot the decisions read -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    min_nodes: int
+    max_nodes: int
+    last_call_timeout: float
+    world_size_multiple: int = 1
+    cooldown_base: float = 10.0
+    cooldown_cap: float = 600.0
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Everything under /<prefix>/<run_id>/ that the protocol looks at, read in one request."""
+
+    round: int = 0
+    closed: dict | None = None
+    sealed: SealedRound | None = None  # of `round`
+    members: dict[str, Member] = field(default_factory=dict)  # registered for `round`
+    previous: SealedRound | None = None  # sealed record of round - 1
+    previous_alive: frozenset[str] = frozenset()  # members of round-1 whose lease lives and who did not leave
+    waiting: frozenset[str] = frozenset()  # nodes waiting to get into a running round
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    restarts: int = 0  # failure restarts the job has used
+
+
+# -- actions -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float  # re-decide at this time at the latest (or earlier, when etcd changes)
+
+
+@dataclass(frozen=True)
+class Seal:
+    record: SealedRound
+
+
+@dataclass(frozen=True)
+class Joined:
+    assignment: Assignment
+
+
+@dataclass(frozen=True)
+class Register:
+    """Register this node as a member of the current round."""
+
+
+@dataclass(frozen=True)
+class WaitAsSpare:
+    """The round runs without this node: register as waiting and wait for the next round."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    reason: str
+
+
+Action = Wait | Seal | Joined | Register | WaitAsSpare | Closed
+
+
+def admissible(state: RunState, settings: Settings, now: float) -> list[str]:
+    """Registered members that may enter the round, in rank order.
+
+    Survivors of the previous round keep their relative order (stable ranks); newcomers
+    follow by node id. Nodes in failure cooldown are left out; the list is cut to MAX and to
+    a multiple of `world_size_multiple`.
+    """
+    present = state.members.keys()
+    order = [n for n in (state.previous.node_ids if state.previous else ()) if n in present]
+    order += sorted(n for n in present if n not in order)
+    order = [n for n in order if _cooled(state, n, settings, now)]
+    count = min(len(order), settings.max_nodes)
+    count -= count % settings.world_size_multiple
+    return order[:count]
+
+
+def _cooled(state: RunState, node: str, settings: Settings, now: float) -> bool:
+    record = state.nodes.get(node)
+    return record is None or now >= record.cooldown_until(settings.cooldown_base, settings.cooldown_cap)
+
+
+def decide_join(state: RunState, node: str, settings: Settings, now: float,
+                min_reached_at: float | None) -> Action:
+    """What a node that wants to run in round `state.round` should do next.
+
+    Seal at once when every live member of the previous round is back or MAX have joined;
+    else, once MIN are admissible, wait the last-call window for newcomers, then seal.
+    """
+    if state.closed is not None:
+        return Closed(state.closed.get("reason", "closed"))
+    if state.sealed is not None:
+        assignment = state.sealed.assignment_for(node)
+        if assignment is not None:
+            return Joined(assignment)
+        return WaitAsSpare(f"round {state.round} is sealed without node {node}")
+    if node not in state.members:
+        return Register()
+    chosen = admissible(state, settings, now)
+    if node not in chosen and len(chosen) >= settings.max_nodes:
+        return WaitAsSpare(f"round {state.round} is full ({settings.max_nodes} nodes)")
+    if len(chosen) < settings.min_nodes:
+        return Wait(until=_next_cooldown_end(state, settings, now))
+    everyone_back = bool(state.previous_alive) and state.previous_alive <= set(chosen)
+    if len(chosen) >= settings.max_nodes or everyone_back:
+        return Seal(_record(state, chosen))
+    deadline = (min_reached_at if min_reached_at is not None else now) + settings.last_call_timeout
+    if now >= deadline:
+        return Seal(_record(state, chosen))
+    return Wait(until=deadline)
+
+
+def _record(state: RunState, chosen: list[str]) -> SealedRound:
+    return SealedRound(state.round, tuple(state.members[n] for n in chosen), state.restarts)
+
+
+def _next_cooldown_end(state: RunState, settings: Settings, now: float) -> float:
+    ends = [r.cooldown_until(settings.cooldown_base, settings.cooldown_cap) for n, r in state.nodes.items()
+            if n in state.members]
+    future = [t for t in ends if t > now]
+    return min(future) if future else float("inf")
+
+
+def decide_growth(state: RunState, running: SealedRound, settings: Settings, now: float,
+                  first_seen: float | None) -> bool:
+    """While a round runs: should it be ended so that waiting nodes can join?
+
+    Yes once a waiting node would be admitted (room below MAX, allowed world size, not in
+    cooldown) and the arrivals have been debounced for the last-call window.
+    """
+    if not state.waiting or first_seen is None or now - first_seen < settings.last_call_timeout:
+        return False
+    candidates = [n for n in sorted(state.waiting) if n not in running.node_ids
+                  and _cooled(state, n, settings, now)]
+    total = len(running.members) + len(candidates)
+    grown = min(total, settings.max_nodes)
+    grown -= grown % settings.world_size_multiple
+    return grown > len(running.members)

@@ -1,0 +1,222 @@
+"""The rendezvous handler the agent uses: join rounds, watch the job, report failures.
+
+It runs the loop "sync, decide, apply": the etcd backend keeps a mirror of the run's keys
+(elastic/rdzv_etcd.py), the pure protocol decides (elastic/rdzv_protocol.py), and only this
+module turns decisions into writes. The lease is kept alive by a background thread; if etcd
+tells it the lease expired (this node was cut off longer than the TTL), `lease_lost` is set
+and the agent stops its workers and joins again with a new lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from elastic.errors import RendezvousClosedError, RendezvousTimeoutError
+from elastic.etcd_client import TRANSIENT_ERRORS
+from elastic.launch_config import LaunchConfig
+from elastic.rdzv_etcd import EtcdBackend
+from elastic.rdzv_protocol import (
+    Closed,
+    Joined,
+    Member,
+    Register,
+    Seal,
+    Settings,
+    Wait,
+    WaitAsSpare,
+    admissible,
+    decide_growth,
+    decide_join,
+)
+from elastic.workers import Assignment
+
+log = logging.getLogger(__name__)
+
+
+class EtcdRendezvous:
+    """One agent's handle on the job's rendezvous. Call order: start, join, (watch...), shutdown."""
+
+    def __init__(self, backend: EtcdBackend, config: LaunchConfig, addr: str,
+                 pick_port: Callable[[], int], clock: Callable[[], float] = time.time) -> None:
+        self._backend = backend
+        self._config = config
+        self._addr = addr
+        self._pick_port = pick_port
+        self._clock = clock
+        self._settings = Settings(
+            min_nodes=config.min_nodes, max_nodes=config.max_nodes,
+            last_call_timeout=config.rdzv.last_call_timeout,
+            world_size_multiple=config.rdzv.world_size_multiple,
+            cooldown_base=config.rdzv.cooldown_base, cooldown_cap=config.rdzv.cooldown_cap,
+        )
+        self._stop = threading.Event()
+        self._keepalive: threading.Thread | None = None
+        self._growth_seen: float | None = None
+        self.lease_lost = False
+        self.should_abort: Callable[[], None] = lambda: None  # raises to abort a wait (signals)
+
+    @property
+    def node_id(self) -> str:
+        return self._backend.node_id
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take a lease, announce this agent, and start mirroring the run's keys."""
+        self._backend.open_lease(self._config.rdzv.lease_ttl)
+        if self._backend.start_new_generation_if_over():
+            log.info("rendezvous: run %s had ended; starting it again", self._config.run_id)
+        self._backend.announce()
+        self._backend.sync()
+        self.lease_lost = False
+        if self._keepalive is None:
+            self._keepalive = threading.Thread(target=self._keep_alive, name="rdzv-keepalive", daemon=True)
+            self._keepalive.start()
+
+    def renew(self) -> None:
+        """After `lease_lost`: a new lease, announced again (the old one is gone in etcd)."""
+        self.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._backend.shutdown()
+
+    def _keep_alive(self) -> None:
+        ttl = self._config.rdzv.lease_ttl
+        interval = ttl / 3
+        while not self._stop.wait(interval):
+            try:
+                if not self._backend.refresh_lease():
+                    log.warning("rendezvous: node %s lost its lease (cut off from etcd for more "
+                                "than %.0fs); its workers stop and it joins again", self.node_id, ttl)
+                    self.lease_lost = True
+                    self._backend.poke()
+                interval = ttl / 3
+            except TRANSIENT_ERRORS as exc:
+                log.warning("rendezvous: lease refresh failed (%s); retrying", type(exc).__name__)
+                interval = min(0.5, ttl / 3)
+
+    # -- joining -----------------------------------------------------------------------------
+
+    def join(self) -> Assignment:
+        """Block until this node is a member of a sealed round; return its assignment.
+
+        Raises RendezvousClosedError if the job ended, RendezvousTimeoutError if fewer than
+        MIN nodes joined within the join timeout.
+        """
+        deadline = self._clock() + self._config.rdzv.join_timeout
+        min_reached_at: float | None = None
+        tracked_round = -1
+        waiting = False
+        while True:
+            self.should_abort()
+            version = self._backend.version
+            state = self._backend.state()
+            now = self._clock()
+            if state.round != tracked_round:
+                tracked_round, min_reached_at = state.round, None
+            if len(admissible(state, self._settings, now)) >= self._config.min_nodes:
+                min_reached_at = min_reached_at if min_reached_at is not None else now
+            else:
+                min_reached_at = None
+            action = decide_join(state, self.node_id, self._settings, now, min_reached_at)
+            if isinstance(action, Closed):
+                raise RendezvousClosedError(action.reason)
+            if isinstance(action, Joined):
+                if waiting:
+                    self._backend.set_waiting(False)
+                self._growth_seen = None
+                return action.assignment
+            if isinstance(action, Register):
+                member = Member(self.node_id, self._addr, self._pick_port(), self._config.nproc_per_node)
+                self._backend.register(state.round, member)
+                log.info("rendezvous: node %s joined round %d of run %s", self.node_id, state.round,
+                         self._config.run_id)
+                self._backend.wait(version, 1.0)
+            elif isinstance(action, Seal):
+                if self._backend.seal(action.record):
+                    log.info("rendezvous: sealed round %d of run %s with nodes %s", state.round,
+                             self._config.run_id, ", ".join(action.record.node_ids))
+                self._backend.wait(version, 1.0)
+            elif isinstance(action, WaitAsSpare):
+                if not waiting:
+                    log.info("rendezvous: %s; node %s waits", action.reason, self.node_id)
+                    self._backend.set_waiting(True)
+                    waiting = True
+                self._backend.wait(version, 1.0)
+            elif isinstance(action, Wait):
+                if len(state.members) < self._config.min_nodes and now >= deadline:
+                    raise RendezvousTimeoutError(
+                        f"only {len(state.members)} of at least {self._config.min_nodes} nodes joined "
+                        f"run {self._config.run_id!r} within {self._config.rdzv.join_timeout:g}s")
+                self._backend.wait(version, min(action.until, deadline) - now)
+
+    # -- while a round runs ------------------------------------------------------------------
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block until some key of the run changed (True) or `timeout` passed (False)."""
+        return self._backend.wait(self._backend.version, timeout)
+
+    def wake(self) -> None:
+        self._backend.poke()
+
+    def current_round(self) -> int:
+        return self._backend.current_round()
+
+    def closed(self) -> dict | None:
+        return self._backend.closed()
+
+    def ended_by_failure(self, round_: int) -> bool:
+        """Whether round `round_` was ended because something failed (vs. a planned change)."""
+        end = self._backend.round_end(round_)
+        return bool(end and end["failure"])
+
+    def restart_count(self) -> int:
+        return self._backend.restarts()
+
+    def sealed_members(self, round_: int) -> tuple[str, ...]:
+        sealed = self._backend.sealed(round_)
+        return sealed.node_ids if sealed else ()
+
+    def departed_members(self, round_: int, members: tuple[str, ...]) -> list[str]:
+        """Members of a running round whose agent is gone without finishing or leaving."""
+        alive, finished = self._backend.alive(), self._backend.finished(round_)
+        return [n for n in members if n not in alive and n not in finished]
+
+    def should_grow(self, round_: int) -> bool:
+        """True once waiting nodes have been debounced and would enlarge the running round."""
+        state = self._backend.state()
+        running = self._backend.sealed(round_)
+        if not state.waiting or running is None:
+            self._growth_seen = None
+            return False
+        now = self._clock()
+        self._growth_seen = self._growth_seen if self._growth_seen is not None else now
+        return decide_growth(state, running, self._settings, now, self._growth_seen)
+
+    def debounce_left(self) -> float | None:
+        """Seconds until a pending growth decision is due (None when nothing is pending)."""
+        if self._growth_seen is None:
+            return None
+        return max(0.0, self._growth_seen + self._settings.last_call_timeout - self._clock())
+
+    def bump_round(self, round_: int, *, reason: str, failed_node: str | None = None) -> bool:
+        """Move the job on from `round_`; with `failed_node` it spends one restart."""
+        won = self._backend.bump_round(round_, reason=reason, failed_node=failed_node)
+        if won:
+            log.info("rendezvous: run %s round %d -> %d: %s", self._config.run_id, round_, round_ + 1, reason)
+        return won
+
+    def mark_done(self, round_: int) -> None:
+        self._backend.mark(round_, "done")
+
+    def leave(self, round_: int) -> None:
+        """Leave the job on purpose: peers go on without this node, and no restart is spent."""
+        self._backend.mark(round_, "left")
+        self.bump_round(round_, reason=f"node {self.node_id} leaves")
+
+    def close(self, *, ok: bool, reason: str) -> None:
+        self._backend.close(ok=ok, reason=reason)

@@ -1,0 +1,120 @@
+"""`elastic-run` end to end: real etcd, real worker processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from helpers import SCRIPTS, alive, descendants, elastic_run, wait_for_files, wait_gone
+
+PLAIN = os.path.join(SCRIPTS, "plain_ddp.py")
+
+
+def reference_params() -> dict[str, list]:
+    """What plain_ddp.py computes, in one process: DDP averages the two ranks' gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(5):
+        opt.zero_grad()
+        for rank in range(2):
+            x = torch.arange(8, dtype=torch.float64).reshape(2, 4) / 10 + rank + step
+            ((model(x) ** 2).mean() / 2).backward()
+        opt.step()
+    return {n: p.detach().tolist() for n, p in model.named_parameters()}
+
+
+def assert_params_close(got: dict, want: dict) -> None:
+    for name, value in want.items():
+        assert torch.allclose(torch.tensor(got[name]), torch.tensor(value), rtol=0, atol=1e-12), name
+
+
+def test_plain_torchrun_script_runs_unchanged(tmp_path):
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", PLAIN, str(tmp_path))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world"] == 2 and result["restart"] == 0
+    assert_params_close(result["params"], reference_params())
+    env1 = json.loads((tmp_path / "env-restart0-rank1.json").read_text())
+    assert env1["RANK"] == "1" and env1["LOCAL_RANK"] == "1" and env1["WORLD_SIZE"] == "2"
+    assert env1["LOCAL_WORLD_SIZE"] == "2" and env1["GROUP_RANK"] == "0"
+    assert env1["MASTER_ADDR"] == "127.0.0.1" and int(env1["MASTER_PORT"]) > 0
+    assert env1["TORCHELASTIC_RESTART_COUNT"] == "0" and env1["TORCHELASTIC_MAX_RESTARTS"] == "0"
+    assert env1["TORCHELASTIC_RUN_ID"] and env1["ELASTIC_ROUND"] == "0"
+    assert "SUCCEEDED" in err
+
+
+def test_sigkill_of_one_rank_restarts_the_group_and_succeeds(tmp_path):
+    proc = elastic_run("--standalone", "--nproc_per_node", "2", "--max_restarts", "1", PLAIN,
+                       str(tmp_path), "hold")
+    wait_for_files([str(tmp_path / "pid-rank0"), str(tmp_path / "pid-rank1")], proc=proc)
+    victim = int((tmp_path / "pid-rank1").read_text())
+    survivor = int((tmp_path / "pid-rank0").read_text())
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert not alive(survivor), "the surviving rank of the failed round was not stopped"
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["restart"] == 1
+    assert_params_close(result["params"], reference_params())
+    env = json.loads((tmp_path / "env-restart1-rank0.json").read_text())
+    assert env["TORCHELASTIC_RESTART_COUNT"] == "1" and env["ELASTIC_ROUND"] == "1"
+    assert "rank 1 killed by SIGKILL" in err and "restarts: 1" in err
+
+
+def test_always_failing_script_exhausts_restarts_with_a_summary(tmp_path):
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "2", PLAIN,
+                       str(tmp_path), "fail")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "FAILED" in err and "exit code 3" in err
+    assert "restarts exhausted (2 allowed)" in err
+    # Three attempts: the first run and two restarts.
+    assert sorted(p.name for p in tmp_path.glob("env-restart*-rank0.json")) == [
+        "env-restart0-rank0.json", "env-restart1-rank0.json", "env-restart2-rank0.json"]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--no-such-flag", PLAIN], "unrecognized arguments: --no-such-flag"),
+        (["--standalone", "missing_script.py"], "training script 'missing_script.py' not found"),
+        (["--nproc-per-node", "0", "--standalone", PLAIN], "--nproc-per-node 0 must be >= 1"),
+        (["--nnodes", "2:1", "--rdzv-endpoint", "127.0.0.1:2379", PLAIN], "MAX must be >= MIN"),
+        (["--rdzv-endpoint", "127.0.0.1:1", "--rdzv-conf", "connect_timeout=1", PLAIN],
+         "cannot reach etcd at 127.0.0.1:1"),
+        (["--rdzv-endpoint", "nonsense", PLAIN], "is not HOST:PORT"),
+        (["--rdzv-conf", "bogus=1", PLAIN], "unknown option 'bogus=1'"),
+        (["--rdzv-backend", "c10d", PLAIN], "--rdzv-backend 'c10d' is not supported"),
+    ],
+)
+def test_bad_input_gets_one_line_error_fast(args, message):
+    start = time.monotonic()
+    proc = elastic_run(*args)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 10
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("elastic-run: error:") and message in lines[0], err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_no_orphans_after_supervisor_signal(tmp_path, sig):
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--grace", "2", PLAIN, str(tmp_path), "hang")
+    wait_for_files([str(tmp_path / "pid-rank0"), str(tmp_path / "pid-rank1")], proc=proc)
+    family = descendants(proc.pid)
+    workers = {int((tmp_path / f"pid-rank{r}").read_text()) for r in range(2)}
+    assert workers <= family and len(family) >= 3  # two workers and the private etcd
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig
+    assert wait_gone(family) == set(), "processes outlived the supervisor"
