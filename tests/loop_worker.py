@@ -3,7 +3,8 @@
 Run under a torchrun-style environment (or none, for world size 1). Writes, per rank,
 JSON lines {"step", "world", "A", "ids"} to <out>/ids.<tag>.rank<r>.jsonl, where "ids" are
 the sample ids found in the batches the loop fed this rank (zero-weight repeats excluded),
-and rank 0 writes the final parameters to <out>/params.<tag>.pt.
+and rank 0 writes the final parameters to <out>/params.<tag>.pt. Under a supervisor
+restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>".
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=12)
     p.add_argument("--save-every", type=int, default=3)
-    p.add_argument("--kill-at", type=int, default=None, help="rank 1 SIGKILLs itself at this step")
+    p.add_argument("--kill-at", type=int, default=None,
+                   help="rank 1 SIGKILLs itself at this step (first attempt only)")
     p.add_argument("--pause-at", type=int, default=None, help="all ranks wait for a stdin line here")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
@@ -67,10 +69,12 @@ def main() -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
     ckpt = None
-    if args.ckpt:
+    if args.ckpt or ctx.checkpoint_dir:  # --ckpt, or elastic-run's --checkpoint-dir
         from checkpoint import CheckpointManager
 
-        ckpt = CheckpointManager(args.ckpt, keep_last=2)
+        ckpt = CheckpointManager(args.ckpt or ctx.checkpoint_dir, keep_last=2)
+    tag = args.tag if ctx.restart_count == 0 else f"{args.tag}.restart{ctx.restart_count}"
+    kill_at = args.kill_at if ctx.restart_count == 0 else None
     loop = elastic.TrainLoop(
         model=model, optimizer=optimizer, dataset=build_dataset(),
         global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
@@ -78,9 +82,9 @@ def main() -> int:
         scheduler=scheduler,
     )
     print(f"rank {ctx.rank} resumed {loop.resume()}", flush=True)
-    records = open(os.path.join(args.out, f"ids.{args.tag}.rank{ctx.rank}.jsonl"), "a")
+    records = open(os.path.join(args.out, f"ids.{tag}.rank{ctx.rank}.jsonl"), "a")
     for step in loop:
-        if step.index == args.kill_at:
+        if step.index == kill_at:
             ckpt.wait()
             if ctx.rank == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -99,7 +103,7 @@ def main() -> int:
     # Collective for FSDP2 (full_state_dict gathers the shards); keys without DDP's prefix.
     params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if ctx.rank == 0:
-        torch.save(params, os.path.join(args.out, f"params.{args.tag}.pt"))
+        torch.save(params, os.path.join(args.out, f"params.{tag}.pt"))
     return 0
 
 

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -35,9 +35,10 @@ def worker_env() -> dict[str, str]:
 
 
 def args(out, tag, ckpt, *extra):
-    return ["--out", str(out), "--tag", tag, "--ckpt", str(ckpt), "--global-batch", str(G),
-            "--micro-batch", str(M), "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY),
-            *map(str, extra)]
+    """Worker arguments; ckpt=None leaves the directory to elastic-run's --checkpoint-dir."""
+    return ["--out", str(out), "--tag", tag, *(["--ckpt", str(ckpt)] if ckpt else []),
+            "--global-batch", str(G), "--micro-batch", str(M), "--max-steps", str(STEPS),
+            "--save-every", str(SAVE_EVERY), *map(str, extra)]
 
 
 def step_records(out, tag, world):
@@ -129,3 +130,35 @@ def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, referenc
     ref, got = params(ref_out, "ref"), params(tmp_path, "p3")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-7)
+
+
+def elastic_run(*argv, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", "2", *map(str, argv)],
+        env=dict(worker_env(), OMP_NUM_THREADS="1"), cwd=cwd, capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+def test_supervisor_restarts_a_sigkilled_rank_and_the_run_ends_bitwise(tmp_path, reference):
+    """Under elastic-run: rank 1 SIGKILLs itself at step 8; the supervisor restarts the
+    group, which resumes from step 6 (--checkpoint-dir) and ends equal to the reference."""
+    ref_out, ref_ids = reference
+    worker = os.path.join(REPO, "tests", "loop_worker.py")
+    done = elastic_run("--max-restarts", "1", "--checkpoint-dir", tmp_path / "ckpt", worker,
+                       *args(tmp_path, "sup", None, "--kill-at", 8), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed 6" in done.stdout, done.stdout
+    check_records(step_records(tmp_path, "sup", 2) + step_records(tmp_path, "sup.restart1", 2), ref_ids)
+    assert [r[0] for r in step_records(tmp_path, "sup.restart1", 2)] == list(range(6, STEPS))
+    ref, got = params(ref_out, "ref"), params(tmp_path, "sup.restart1")
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_minimal_example_under_elastic_run(tmp_path):
+    done = elastic_run(os.path.join(REPO, "examples", "minimal_ddp.py"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done at step 200" in done.stdout
+    assert "world 2 accumulation 2" in done.stdout
+    assert "step_000000000200" in os.listdir(tmp_path / "runs" / "minimal_ddp")
