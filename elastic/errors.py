@@ -37,3 +37,11 @@ class RendezvousStateError(RendezvousError):
 
 class StaleRoundError(RendezvousError):
     """An action was fenced off because a newer rendezvous round exists."""
+
+
+class TrainLoopUsageError(ElasticError):
+    """The training loop was driven in a way that cannot give the promised gradient."""
+
+
+class StateMismatchError(ElasticError):
+    """A checkpoint was written by a loop with another sample order (batch size, dataset, seed)."""

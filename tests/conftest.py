@@ -26,3 +26,15 @@ def private_etcd():
 @pytest.fixture
 def run_id() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def python_env() -> dict[str, str]:
+    """Environment for child processes: this interpreter's packages plus the repo on the path.
+
+    Kept for tests/test_checkpoint_distributed.py (branch issue-5), which main's helpers.py
+    change dropped; new tests can use helpers.child_env().
+    """
+    from helpers import child_env
+
+    return child_env()

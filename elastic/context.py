@@ -1,0 +1,162 @@
+"""`elastic.init()`: join the process group from the launcher's environment.
+
+Works under `elastic-run`, plain `torchrun`, or as a single process with no launcher
+environment (world size 1, no process group). The environment (torchrun's variables plus
+ELASTIC_ROUND, ELASTIC_CHECKPOINT_DIR, ELASTIC_PROGRESS_FILE) is read once, validated, and
+turned into a frozen `Context`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from elastic.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who this worker is. Same values on every call of `init()` in one process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    restart_count: int
+    round: int
+    run_id: str
+    checkpoint_dir: str | None
+
+
+def _int_var(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; the launcher sets it") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def context_from_env(env: Mapping[str, str]) -> Context:
+    """Parse the launcher's environment; raise ConfigError when it is partial or wrong."""
+    present = [name for name in _TORCHRUN_VARS if env.get(name)]
+    if present and len(present) != len(_TORCHRUN_VARS):
+        missing = [name for name in _TORCHRUN_VARS if name not in present]
+        raise ConfigError(
+            f"the environment sets {', '.join(present)} but not {', '.join(missing)}: "
+            "launch with elastic-run or torchrun, or set none of them for a single process"
+        )
+    world_size = _int_var(env, "WORLD_SIZE", 1, minimum=1)
+    rank = _int_var(env, "RANK", 0)
+    if rank >= world_size:
+        raise ConfigError(f"RANK={rank} is not below WORLD_SIZE={world_size}")
+    return Context(
+        rank=rank,
+        world_size=world_size,
+        local_rank=_int_var(env, "LOCAL_RANK", 0),
+        restart_count=_int_var(env, "TORCHELASTIC_RESTART_COUNT", 0),
+        round=_int_var(env, "ELASTIC_ROUND", 0),
+        run_id=env.get("TORCHELASTIC_RUN_ID") or "local",
+        checkpoint_dir=env.get("ELASTIC_CHECKPOINT_DIR") or None,
+    )
+
+
+_context: Context | None = None
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Context:
+    """Join the process group described by the environment and return this worker's Context.
+
+    Idempotent: later calls return the first call's Context. `backend` defaults to nccl when
+    CUDA is available, else gloo. With no launcher environment no process group is created
+    (world size 1); under a launcher one is created even at world size 1, so user code may
+    call collectives either way.
+    """
+    global _context
+    if _context is not None:
+        return _context
+    ctx = context_from_env(os.environ)
+    launched = bool(os.environ.get("MASTER_ADDR"))
+    if launched and not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(ctx.local_rank)
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=ctx.rank, world_size=ctx.world_size,
+            **kwargs,
+        )
+        # Tearing the group down before interpreter exit: left to static destructors, gloo's
+        # threads can abort the process ("terminate called without an active exception").
+        atexit.register(_destroy_process_group)
+    if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (
+        ctx.rank, ctx.world_size,
+    ):
+        raise ConfigError(
+            f"the process group says rank {dist.get_rank()} of {dist.get_world_size()}, the "
+            f"environment says RANK={ctx.rank} WORLD_SIZE={ctx.world_size}: initialise the "
+            "group from the same environment, or let elastic.init() do it"
+        )
+    open_progress_file(os.environ.get("ELASTIC_PROGRESS_FILE"))
+    log.info(
+        "elastic.init: rank %d/%d local_rank %d round %d restart %d run %s",
+        ctx.rank, ctx.world_size, ctx.local_rank, ctx.round, ctx.restart_count, ctx.run_id,
+    )
+    _context = ctx
+    return ctx
+
+
+class ProgressFile:
+    """The heartbeat the agent watches: the last completed optimizer step, as decimal text.
+
+    Overwritten in place with pwrite on a descriptor kept open (no fsync: the agent reads
+    the page cache). Steps normally only grow, so the text rarely shrinks; when it does the
+    file is truncated after the write so no stale tail stays behind.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._length = 0
+
+    def write(self, step: int) -> None:
+        data = f"{step}\n".encode()
+        os.pwrite(self._fd, data, 0)
+        if len(data) < self._length:
+            os.ftruncate(self._fd, len(data))
+        self._length = len(data)
+
+
+_progress: ProgressFile | None = None
+
+
+def open_progress_file(path: str | None) -> None:
+    global _progress
+    if path and _progress is None:
+        _progress = ProgressFile(path)
+
+
+def report_progress(step: int) -> None:
+    """Record `step` as the last completed optimizer step (no-op without a progress file)."""
+    if _progress is not None:
+        _progress.write(step)

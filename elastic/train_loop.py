@@ -1,0 +1,432 @@
+"""`TrainLoop`: the training loop users write against, so restarts and resizes are invisible.
+
+Call order (every rank runs the same sequence):
+  1. `TrainLoop(...)` checks the options and computes the accumulation plan (no I/O).
+  2. The first `iter(loop)` (or `loop.resume()`) loads the latest committed checkpoint, if
+     any, through the CheckpointManager (a collective: all ranks load together).
+  3. Each iteration yields a `Step`; iterating the Step yields this rank's A micro-batches;
+     the user calls `step.backward(loss)` once per micro-batch.
+  4. When the loop advances: optimizer.step(), zero_grad(), scheduler.step(), the progress
+     file, the preemption check, and the periodic checkpoint.
+  5. After `max_steps` the final state is saved; on SIGTERM every rank stops after the same
+     step, saves it, waits for the commit and exits with code 143.
+
+Checkpoint step numbers count completed optimizer steps. The periodic save of step S runs at
+the boundary, right after optimizer step S, so it holds exactly the state step S+1 starts
+from (parameters, optimizer, scheduler, buffers, RNG). `loop.save(metrics=...)` inside the
+body of step S also saves step S: parameters only change at optimizer.step(), and the RNG
+streams are taken from the snapshot made at the boundary; buffers that this step's forward
+passes already changed (BatchNorm statistics) are saved as they are, so save before the
+forwards when such a model must resume bitwise. Saving a step that is already saved (for
+example to attach a validation loss) commits it again with the new metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import FrameType
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import default_collate
+
+from elastic.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is_ddp, is_fsdp2
+from elastic.context import report_progress
+from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
+from elastic.fencing import commit_guard_from_env
+from elastic.sampler import ElasticSampler, StepSamples
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, what the supervisor expects
+
+
+class Checkpointer(Protocol):
+    """The part of checkpoint.CheckpointManager the loop uses."""
+
+    def save(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
+        *, epoch: int | None = None,
+    ) -> None: ...
+    def wait(self) -> None: ...
+    def load(self, state: Mapping[str, Any], step: int | None = None) -> int | None: ...
+    def set_commit_guard(self, guard: Callable[[], None]) -> None: ...
+
+
+class Step:
+    """One global optimizer step as seen by one rank.
+
+    Iterate it for this rank's micro-batches; call `backward(loss)` once per micro-batch with
+    the micro-batch's mean loss. A rank whose share of the global batch is shorter than the
+    accumulation steps gets a zero-weight micro-batch (a repeat of one of its own samples):
+    every rank must run the same forwards and the last backward, because DDP buffer
+    broadcasts and FSDP2 all-gathers are collectives. Multiplying by 0.0 adds exact zeros to
+    the gradient, so the result is bitwise the same as skipping it; an explicit gradient
+    all-reduce would instead give up DDP's bucketed overlap and its reduction order.
+    """
+
+    def __init__(self, loop: TrainLoop, samples: StepSamples) -> None:
+        self._loop = loop
+        self._samples = samples
+        self._micro_batches = loop.plan.micro_batches(loop.rank)
+        self._current: MicroBatch | None = None
+        self._backward_calls = 0
+        self._finished = False
+
+    @property
+    def index(self) -> int:
+        """Global optimizer step, from 0; equals the number of steps completed before it."""
+        return self._samples.step
+
+    @property
+    def epoch(self) -> int:
+        return self._samples.epoch
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self._samples.step_in_epoch
+
+    @property
+    def world_size(self) -> int:
+        return self._loop.world_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self._loop.plan.accumulation_steps
+
+    @property
+    def global_sample_ids(self) -> tuple[int, ...]:
+        """The G sample ids of this step, in global-batch order (same on every rank)."""
+        return self._samples.ids
+
+    @property
+    def sample_ids(self) -> tuple[int, ...]:
+        """The sample ids this rank consumes in this step (zero-weight repeats excluded)."""
+        start, stop = self._loop.plan.rank_range(self._loop.rank)
+        return self._samples.ids[start:stop]
+
+    @property
+    def micro_batch(self) -> MicroBatch | None:
+        """The micro-batch being processed (size 0 and weight 0 for a zero-weight repeat)."""
+        return self._current
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._current is not None or self._finished:
+            raise TrainLoopUsageError(
+                f"step {self.index}: its micro-batches were already iterated; iterate each "
+                "Step exactly once"
+            )
+        loop = self._loop
+        last = len(self._micro_batches) - 1
+        rank_ids = self.sample_ids
+        for mb in self._micro_batches:
+            ids = self._samples.ids[mb.start : mb.stop] or rank_ids[:1]
+            batch = loop.collate_fn([loop.dataset[i] for i in ids])
+            self._current = mb
+            with gradient_sync(loop.model, enabled=mb.index == last):
+                yield batch
+            if self._backward_calls != mb.index + 1:
+                raise TrainLoopUsageError(
+                    f"step {self.index}: micro-batch {mb.index} ended without step.backward("
+                    "loss); call step.backward(loss) exactly once per batch (not "
+                    "loss.backward(), which skips the global-batch scaling)"
+                )
+        self._current = None
+        self._finished = True
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` (a mean over the micro-batch), scaled for the global mean."""
+        mb = self._current
+        if mb is None:
+            raise TrainLoopUsageError(
+                f"step {self.index}: step.backward was called outside `for batch in step`"
+            )
+        if self._backward_calls > mb.index:
+            raise TrainLoopUsageError(
+                f"step {self.index}: step.backward was called twice for micro-batch "
+                f"{mb.index}; call it once per batch with the micro-batch's mean loss"
+            )
+        (loss * mb.weight).backward()
+        self._backward_calls += 1
+
+
+class _LoopState:
+    """Step position, sampler identity and every rank's RNG streams, all JSON values."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.values = dict(state)
+
+
+def _rng_snapshot() -> tuple[Any, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _rng_as_json(snapshot: tuple[Any, Any, Any]) -> list[Any]:
+    torch_state, python_state, np_state = snapshot
+    return [
+        torch_state.tolist(),
+        list(python_state[1]),
+        [np_state[0], np_state[1].tolist(), *[float(v) for v in np_state[2:]]],
+    ]
+
+
+def _set_local_rng_state(saved: Sequence[Any]) -> None:
+    torch_state, python_state, np_state = saved
+    torch.set_rng_state(torch.tensor(torch_state, dtype=torch.uint8))
+    random.setstate((3, tuple(python_state), None))
+    np.random.set_state(
+        (np_state[0], np.array(np_state[1], dtype=np.uint32), int(np_state[2]),
+         int(np_state[3]), np_state[4])
+    )
+
+
+class TrainLoop:
+    """Owns the step counter, the elastic sampler, accumulation, checkpoints and resume.
+
+    Not thread-safe; one per process. `checkpoint` is a CheckpointManager (or None to train
+    without checkpoints). All options are keyword-only and checked here, at the boundary.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: Any,
+        global_batch_size: int,
+        micro_batch_size: int,
+        max_steps: int,
+        checkpoint: Checkpointer | None = None,
+        save_every: int | None = None,
+        seed: int = 0,
+        scheduler: Any = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.rank, self.world_size = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        )
+        if max_steps < 0:
+            raise ConfigError(f"max_steps={max_steps}: it must be >= 0")
+        if save_every is not None and save_every <= 0:
+            raise ConfigError(f"save_every={save_every}: it must be >= 1, or None for no periodic saves")
+        if save_every is not None and checkpoint is None:
+            raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
+        if self.world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
+            raise ConfigError(
+                f"the model is a plain {type(model).__name__} at world size {self.world_size}: "
+                "its gradients would not be averaged; wrap it in DistributedDataParallel or "
+                "apply fully_shard first"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.dataset = dataset
+        self.collate_fn = collate_fn or default_collate
+        self.max_steps = max_steps
+        self.save_every = save_every
+        self.seed = seed
+        self.checkpoint = checkpoint
+        self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
+        self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
+
+        self._loop_state = _LoopState()
+        self._state: dict[str, Any] = {
+            # The manager keys optimizer state by parameter names through the model and drops
+            # DDP's "module." prefix; a checkpoint from another model fails its key check
+            # (checkpoint.CheckpointMismatchError, naming the keys) before anything is loaded.
+            "model": model,
+            "optimizer": optimizer,
+            "loop": self._loop_state,
+        }
+        if scheduler is not None:
+            self._state["scheduler"] = scheduler
+        for key, value in (extra_state or {}).items():
+            if key in self._state:
+                raise ConfigError(f"extra_state key {key!r} is reserved by the loop; rename it")
+            self._state[key] = value
+
+        guard = commit_guard_from_env()
+        if guard is not None and checkpoint is not None:
+            checkpoint.set_commit_guard(guard)
+
+        # A separate gloo group carries the per-step stop flag, so it never queues behind
+        # (or between) the model's gradient buckets, and works when the main group is NCCL.
+        self._flag_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
+        self._flag_work: Any = None
+        self._flag_buf = torch.zeros(1, dtype=torch.int32)
+        self._sigterm = False
+
+        self._completed = 0
+        self._resumed: int | None = None
+        self._last_saved: int | None = None
+        self._rng_at_boundary: tuple[Any, Any, Any] | None = None  # set while a body runs
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed so far (the step a checkpoint taken now would carry)."""
+        return self._completed
+
+    def resume(self) -> int | None:
+        """Load the latest committed checkpoint (once); return its step, or None."""
+        if self._resumed is not None:
+            return self._resumed if self._resumed >= 0 else None
+        loaded = None if self.checkpoint is None else self.checkpoint.load(self._state)
+        self._resumed = -1
+        if loaded is None:
+            log.info("rank %d: no checkpoint, starting at step 0", self.rank)
+            return None
+        self._apply_loop_state(loaded)
+        self._resumed = self._completed = self._last_saved = loaded
+        log.info("rank %d: resumed from step %d", self.rank, loaded)
+        return loaded
+
+    def save(self, metrics: Mapping[str, float] | None = None) -> None:
+        """Checkpoint the state after `loop.step` completed steps (collective; async write)."""
+        if self.checkpoint is None:
+            raise ConfigError("loop.save() needs a checkpoint manager: pass checkpoint=... to TrainLoop")
+        step = self._completed
+        epoch, step_in_epoch = self.sampler.position(step)
+        self._loop_state.values = {
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_batch_size": self.plan.global_batch_size,
+            "dataset_size": self.sampler.dataset_size,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "rng": self._gather_rng(self._rng_at_boundary or _rng_snapshot()),
+        }
+        self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch)
+        self._last_saved = step
+        log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
+
+    def __iter__(self) -> Iterator[Step]:
+        self.resume()
+        report_progress(self._completed)
+        previous = self._install_sigterm()
+        try:
+            while self._completed < self.max_steps:
+                if self._stop_agreed():
+                    self._stop()
+                step = Step(self, self.sampler.samples(self._completed))
+                if self.checkpoint is not None:
+                    self._rng_at_boundary = _rng_snapshot()
+                yield step
+                self._rng_at_boundary = None
+                self._finish(step)
+            self._drain_flag()
+            if self.checkpoint is not None:
+                if self._last_saved != self._completed:
+                    self.save()
+                self.checkpoint.wait()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    # -- step boundary --------------------------------------------------------------------
+
+    def _finish(self, step: Step) -> None:
+        if not step._finished:
+            raise TrainLoopUsageError(
+                f"step {step.index}: the loop advanced before all {step.accumulation_steps} "
+                "micro-batches were iterated; run `for batch in step:` to the end"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._completed += 1
+        report_progress(self._completed)
+        if self.save_every is not None and self._completed % self.save_every == 0:
+            self.save()
+
+    def _install_sigterm(self) -> Any:
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            self._sigterm = True
+
+        try:
+            return signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: preemption is then the caller's business
+            log.warning("rank %d: TrainLoop not in the main thread; SIGTERM is not handled", self.rank)
+            return None
+
+    def _stop_agreed(self) -> bool:
+        """Whether every rank stops now. The MAX all-reduce of the local SIGTERM flag is
+        pipelined one step (started at this boundary, read at the next) so it costs no wait."""
+        if self._flag_group is None:
+            return self._sigterm
+        stop = False
+        if self._flag_work is not None:
+            self._flag_work.wait()
+            stop = bool(self._flag_buf.item())
+        if not stop:
+            self._flag_buf.fill_(int(self._sigterm))
+            self._flag_work = dist.all_reduce(
+                self._flag_buf, op=dist.ReduceOp.MAX, group=self._flag_group, async_op=True
+            )
+        return stop
+
+    def _drain_flag(self) -> None:
+        if self._flag_work is not None:
+            self._flag_work.wait()
+            self._flag_work = None
+
+    def _stop(self) -> None:
+        log.warning("rank %d: preempted (SIGTERM); saving step %d and exiting", self.rank, self._completed)
+        if self.checkpoint is not None:
+            if self._last_saved != self._completed:
+                self.save()
+            self.checkpoint.wait()
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def _gather_rng(self, snapshot: tuple[Any, Any, Any]) -> list[Any]:
+        local = _rng_as_json(snapshot)
+        if self._flag_group is None:
+            return [local]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local, group=self._flag_group)
+        return gathered
+
+    def _apply_loop_state(self, step: int) -> None:
+        saved = self._loop_state.values
+        expected = {
+            "global_batch_size": self.plan.global_batch_size,
+            "dataset_size": self.sampler.dataset_size,
+            "seed": self.seed,
+        }
+        different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        if different:
+            detail = ", ".join(f"{k}: checkpoint {a} != now {b}" for k, (a, b) in different.items())
+            raise StateMismatchError(
+                f"the checkpoint of step {step} was written with another sample order ({detail}); "
+                "resuming would change which samples each step sees: use the same global batch "
+                "size, dataset and seed, or a new checkpoint directory"
+            )
+        if saved.get("step") != step:
+            raise StateMismatchError(
+                f"the checkpoint of step {step} records loop step {saved.get('step')}; it is "
+                "inconsistent, remove it or resume from another step"
+            )
+        rng = saved["rng"]
+        if self.rank < len(rng):
+            _set_local_rng_state(rng[self.rank])
+        else:
+            # A rank that did not exist when the checkpoint was written gets a fresh,
+            # deterministic stream rather than a copy of another rank's.
+            torch.manual_seed(self.seed + 1_000_003 * self.rank + step)
+            random.seed(self.seed + 1_000_003 * self.rank + step)
+            np.random.seed((self.seed + 1_000_003 * self.rank + step) % 2**32)

@@ -1,0 +1,111 @@
+"""A tiny float64 training job driven by elastic.TrainLoop, launched by the tests.
+
+Run under a torchrun-style environment (or none, for world size 1). Writes, per rank,
+JSON lines {"step", "world", "A", "ids"} to <out>/ids.<tag>.rank<r>.jsonl, where "ids" are
+the sample ids found in the batches the loop fed this rank (zero-weight repeats excluded),
+and rank 0 writes the final parameters to <out>/params.<tag>.pt. Under a supervisor
+restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+import elastic
+
+N_SAMPLES = 30
+
+
+def build_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    ).double()
+
+
+def build_dataset() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N_SAMPLES, 4, dtype=torch.float64, generator=gen)
+    y = torch.sin(x.sum(1, keepdim=True))
+    return [(x[i], y[i], i) for i in range(N_SAMPLES)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default="run")
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--global-batch", type=int, default=7)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=12)
+    p.add_argument("--save-every", type=int, default=3)
+    p.add_argument("--kill-at", type=int, default=None,
+                   help="rank 1 SIGKILLs itself at this step (first attempt only)")
+    p.add_argument("--pause-at", type=int, default=None, help="all ranks wait for a stdin line here")
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
+    args = p.parse_args()
+
+    ctx = elastic.init()
+    model = build_model()
+    if args.hidden != 8:
+        model[0] = torch.nn.Linear(4, args.hidden).double()
+        model[2] = torch.nn.Linear(args.hidden, 1).double()
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(model)
+    elif ctx.world_size > 1:
+        model = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    ckpt = None
+    if args.ckpt or ctx.checkpoint_dir:  # --ckpt, or elastic-run's --checkpoint-dir
+        from checkpoint import CheckpointManager
+
+        ckpt = CheckpointManager(args.ckpt or ctx.checkpoint_dir, keep_last=2)
+    tag = args.tag if ctx.restart_count == 0 else f"{args.tag}.restart{ctx.restart_count}"
+    kill_at = args.kill_at if ctx.restart_count == 0 else None
+    loop = elastic.TrainLoop(
+        model=model, optimizer=optimizer, dataset=build_dataset(),
+        global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
+        checkpoint=ckpt, save_every=args.save_every, max_steps=args.max_steps, seed=5,
+        scheduler=scheduler,
+    )
+    print(f"rank {ctx.rank} resumed {loop.resume()}", flush=True)
+    records = open(os.path.join(args.out, f"ids.{tag}.rank{ctx.rank}.jsonl"), "a")
+    for step in loop:
+        if step.index == kill_at:
+            ckpt.wait()
+            if ctx.rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if step.index == args.pause_at:
+            print(f"paused at {step.index}", flush=True)
+            sys.stdin.readline()
+        ids = []
+        for x, y, i in step:
+            step.backward(F.mse_loss(model(x), y))
+            if step.micro_batch.size:
+                ids.extend(i.tolist())
+        records.write(json.dumps({"step": step.index, "world": step.world_size,
+                                  "A": step.accumulation_steps, "ids": ids}) + "\n")
+        records.flush()
+    records.close()
+    # Collective for FSDP2 (full_state_dict gathers the shards); keys without DDP's prefix.
+    params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if ctx.rank == 0:
+        torch.save(params, os.path.join(args.out, f"params.{tag}.pt"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""TrainLoop in one process (no process group): exact global mean, misuse, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import elastic
+from elastic.context import ProgressFile, context_from_env
+from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
+
+N = 23
+
+
+def dataset():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, dtype=torch.float64, generator=gen)
+    return [(x[i], x[i].sum().sin().reshape(1), i) for i in range(N)]
+
+
+def model_and_opt():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def make_loop(g=7, m=2, max_steps=3, **kw):
+    model, opt = model_and_opt()
+    loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
+                             micro_batch_size=m, max_steps=max_steps, **kw)
+    return model, opt, loop
+
+
+def test_public_names():
+    assert {"TrainLoop", "ElasticSampler", "init", "Context", "ConfigError",
+            "StateMismatchError", "TrainLoopUsageError"} <= set(dir(elastic))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7])
+def test_step_gradient_is_the_exact_mean_over_the_global_batch(m):
+    """One step with any micro-batch size applies the full-batch mean gradient."""
+    model, opt, loop = make_loop(g=7, m=m, max_steps=1)
+    ref_model, _ = model_and_opt()
+    data = dataset()
+    for step in loop:
+        ids = step.global_sample_ids
+        x = torch.stack([data[i][0] for i in ids])
+        y = torch.stack([data[i][1] for i in ids])
+        F.mse_loss(ref_model(x), y).backward()
+        expected = [p.grad.clone() for p in ref_model.parameters()]
+        for xb, yb, _ in step:
+            step.backward(F.mse_loss(model(xb), yb))
+        assert step.accumulation_steps == -(-7 // m)
+        for p, e in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-15)
+    assert loop.step == 1
+    assert all(p.grad is None for p in model.parameters())  # zero_grad ran when the loop advanced
+
+
+def test_loss_backward_instead_of_step_backward_is_caught():
+    model, _, loop = make_loop()
+    with pytest.raises(TrainLoopUsageError, match=r"step 0: micro-batch 0 ended without step.backward"):
+        for step in loop:
+            for x, y, _ in step:
+                F.mse_loss(model(x), y).backward()
+
+
+def test_breaking_out_of_the_micro_batches_is_caught():
+    model, _, loop = make_loop()
+    with pytest.raises(TrainLoopUsageError, match=r"before all 4 micro-batches were iterated"):
+        for step in loop:
+            for x, y, _ in step:
+                step.backward(F.mse_loss(model(x), y))
+                break
+
+
+def test_backward_outside_and_twice():
+    model, _, loop = make_loop()
+    with pytest.raises(TrainLoopUsageError, match="outside `for batch in step`"):
+        for step in loop:
+            step.backward(torch.zeros((), requires_grad=True))
+    model, _, loop = make_loop()
+    with pytest.raises(TrainLoopUsageError, match="called twice for micro-batch 0"):
+        for step in loop:
+            for x, y, _ in step:
+                loss = F.mse_loss(model(x), y)
+                step.backward(loss)
+                step.backward(loss)
+
+
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        ({"m": 0}, r"micro_batch_size=0: it must be a positive"),
+        ({"m": -1}, r"micro_batch_size=-1: it must be a positive"),
+        ({"g": 24}, r"the dataset has 23 samples, fewer than global_batch_size=24"),
+        ({"max_steps": -1}, r"max_steps=-1"),
+        ({"save_every": 0}, r"save_every=0"),
+    ],
+)
+def test_bad_options(kw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        make_loop(**kw)
+
+
+def test_save_without_manager():
+    _, _, loop = make_loop()
+    with pytest.raises(ConfigError, match="needs a checkpoint manager"):
+        loop.save()
+
+
+def test_context_from_env():
+    assert context_from_env({}) == elastic.Context(0, 1, 0, 0, 0, "local", None)
+    env = {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+           "TORCHELASTIC_RESTART_COUNT": "4", "ELASTIC_ROUND": "7", "TORCHELASTIC_RUN_ID": "job",
+           "ELASTIC_CHECKPOINT_DIR": "memory://c"}
+    assert context_from_env(env) == elastic.Context(2, 3, 0, 4, 7, "job", "memory://c")
+    with pytest.raises(ConfigError, match="sets RANK, WORLD_SIZE but not MASTER_ADDR, MASTER_PORT"):
+        context_from_env({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="RANK=3 is not below WORLD_SIZE=3"):
+        context_from_env({**env, "RANK": "3"})
+    with pytest.raises(ConfigError, match="ELASTIC_ROUND='x' is not an integer"):
+        context_from_env({**env, "ELASTIC_ROUND": "x"})
+
+
+def test_init_single_process_is_idempotent():
+    assert elastic.init() is elastic.init()
+    assert elastic.init().world_size == 1
+
+
+def test_progress_file(tmp_path):
+    path = tmp_path / "progress"
+    progress = ProgressFile(str(path))
+    progress.write(9)
+    assert path.read_text() == "9\n"
+    progress.write(10)
+    assert path.read_text() == "10\n"
+    progress.write(3)
+    assert path.read_text() == "3\n"
+
+
+def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5):
+    """Train in this process with a CheckpointManager; stop_at leaves the loop early (as a crash
+    would, minus the process exit). Returns the parameters and the sample ids per step."""
+    from checkpoint import CheckpointManager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    seen = {}
+    with CheckpointManager(str(directory), keep_last=2) as ckpt:
+        loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
+                                 micro_batch_size=m, max_steps=max_steps, checkpoint=ckpt,
+                                 save_every=2, scheduler=sched)
+        for step in loop:
+            if step.index == stop_at:
+                break
+            ids = []
+            for x, y, i in step:
+                # dropout-like use of the RNG: resume must restore the RNG stream too
+                noise = 1 + 1e-3 * torch.rand(())
+                step.backward(F.mse_loss(model(x) * noise, y))
+                ids.extend(i.tolist()[: step.micro_batch.size])
+            seen[step.index] = ids
+        ckpt.wait()
+    return [p.detach().clone() for p in model.parameters()], seen
+
+
+def test_resume_in_one_process_is_bitwise(tmp_path):
+    full, full_ids = run_with_checkpoints(tmp_path / "a", max_steps=9)
+    _, first_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, stop_at=5)
+    resumed, resumed_ids = run_with_checkpoints(tmp_path / "b", max_steps=9)
+    assert min(resumed_ids) == 4  # saves every 2 steps: step 4 was the last one committed
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+    assert {**first_ids, **resumed_ids} == full_ids
+
+
+def test_checkpoint_of_another_model_names_the_keys(tmp_path):
+    from checkpoint import CheckpointMismatchError
+
+    run_with_checkpoints(tmp_path, max_steps=2)
+    with pytest.raises(CheckpointMismatchError, match=r"0\.weight: checkpoint has float64\[5, 3\], the model has float64\[4, 3\]"):
+        run_with_checkpoints(tmp_path, max_steps=4, hidden=4)
+
+
+def test_checkpoint_with_another_sample_order_is_refused(tmp_path):
+    run_with_checkpoints(tmp_path, max_steps=2)
+    with pytest.raises(StateMismatchError, match=r"global_batch_size: checkpoint 7 != now 8"):
+        run_with_checkpoints(tmp_path, max_steps=4, g=8)
