@@ -23,6 +23,7 @@ import enum
 import logging
 import signal
 import tempfile
+import time
 from dataclasses import dataclass
 
 from elastic.errors import RendezvousClosedError
@@ -57,6 +58,7 @@ class _Watched:
     exits: list[WorkerExit]
     detail: str = ""
     failed_node: str | None = None
+    step: int | None = None  # the failed rank's last completed step, if it reports progress
 
 
 class Agent:
@@ -69,6 +71,7 @@ class Agent:
         self._run_dir = tempfile.mkdtemp(prefix=f"elastic-{config.run_id}-")
         self._result = RunResult(ok=False, reason="not started")
         self._signal: int | None = None
+        self._last_failure: tuple[str, int | None] | None = None
         rendezvous.should_abort = self._raise_if_signalled
 
     def request_stop(self, signum: int) -> None:
@@ -119,9 +122,20 @@ class Agent:
             if exits is not None:
                 if all(e.ok for e in exits):
                     return _Watched(_Outcome.SUCCEEDED, exits)
-                failed = next(e for e in exits if not e.ok)
-                return _Watched(_Outcome.FAILED, exits, f"rank {failed.rank} {failed.describe()}",
-                                failed_node=self._rdzv.node_id)
+                failed = group.first_failure(exits)
+                error = group.error_message(failed.rank)
+                detail = f"rank {failed.rank} {failed.describe()}" + (f" ({error})" if error else "")
+                return _Watched(_Outcome.FAILED, exits, detail, failed_node=self._rdzv.node_id,
+                                step=group.progress.steps().get(failed.rank))
+            hangs = group.progress.hung()
+            if hangs:
+                # A rank stuck in a collective looks the same from outside as the rank that
+                # stopped it, so every quiet rank's stacks go into its log before the kill.
+                for hang in hangs:
+                    group.dump_stacks(hang.rank)
+                ranks = ",".join(str(h.rank) for h in hangs)
+                return _Watched(_Outcome.FAILED, [], f"rank {ranks} hung: {hangs[0].reason}",
+                                failed_node=self._rdzv.node_id, step=group.progress.steps().get(hangs[0].rank))
             if self._rdzv.lease_lost:
                 return _Watched(_Outcome.LEASE_LOST, [], "this node's lease expired")
             closed = self._rdzv.closed()
@@ -173,7 +187,14 @@ class Agent:
                                watched: _Watched) -> RunResult | None:
         round_ = assignment.round
         exits = group.stop(0)
-        failed = next((e for e in watched.exits if not e.ok), None)
+        if group.unkillable:
+            # A worker stuck in the kernel (D state) ignores SIGKILL: this node cannot run a
+            # new group, so it leaves the job as a failed node and the others go on.
+            reason = f"workers {group.unkillable} did not die after SIGKILL; this node gives up"
+            self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
+            self._events.emit("node_bad", round=round_, pids=group.unkillable)
+            return self._finish(ok=False, reason=reason, code=1)
+        failed = group.first_failure(watched.exits) if watched.exits else None
         if failed is not None:
             self._result.failures.append((round_, failed))
         self._result.exits = exits
@@ -182,6 +203,14 @@ class Agent:
                           returncode=failed.returncode if failed else None)
         self._rdzv.bump_round(round_, reason=watched.detail, failed_node=watched.failed_node)
         restarts = self._rdzv.restart_count()
+        signature = (watched.detail, watched.step)
+        if watched.step is not None and signature == self._last_failure:
+            # Resumed from the same checkpoint and failed the same way at the same step:
+            # a bug, not a fault. Retrying would only burn the budget.
+            final = f"{watched.detail} again at step {watched.step}; not retrying a deterministic failure"
+            self._rdzv.close(ok=False, reason=final)
+            return self._finish(ok=False, reason=final, code=1)
+        self._last_failure = signature
         if restarts > self._config.max_restarts:
             final = f"{watched.detail}; restarts exhausted ({self._config.max_restarts} allowed)"
             self._rdzv.close(ok=False, reason=final)
@@ -190,7 +219,16 @@ class Agent:
         self._events.emit("restart", round=round_, restarts=restarts, reason=watched.detail)
         log.warning("elastic-run: %s; restarting (restart %d of %d)", watched.detail, restarts,
                     self._config.max_restarts)
+        self._back_off(restarts)
         return None
+
+    def _back_off(self, restarts: int) -> None:
+        """The first restart is immediate; repeated ones wait 0.5, 1, 2 ... up to 30 s."""
+        delay = 0.0 if restarts <= 1 else min(30.0, 0.5 * 2 ** (restarts - 2))
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            self._raise_if_signalled()
+            self._rdzv.wait_for_change(left)
 
     def _stop_on_signal(self, group: WorkerGroup, assignment: Assignment) -> RunResult:
         """SIGTERM/SIGINT: leave if the others can go on without us, else stop the whole job.

@@ -91,6 +91,10 @@ class LaunchConfig:
     no_python: bool = False
     checkpoint_dir: str | None = None
     log_dir: str | None = None
+    redirects: dict[int, int] = field(default_factory=dict)  # local rank -> STD bits kept off the console
+    local_ranks_filter: frozenset[int] | None = None  # local ranks shown on the console (None: all)
+    hang_timeout: float = 300.0  # a rank reporting progress is hung after this long without a step
+    first_step_timeout: float = 600.0  # ... or without a first step (imports, data loading, resume)
     node_id: str | None = None
     local_addr: str | None = None
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
@@ -108,6 +112,9 @@ class LaunchConfig:
             raise ConfigError(f"--monitor-interval {self.monitor_interval} must be > 0 seconds")
         if self.grace < 0:
             raise ConfigError(f"--grace {self.grace} must be >= 0 seconds")
+        if self.hang_timeout < 0 or self.first_step_timeout <= 0:
+            raise ConfigError(f"--hang-timeout {self.hang_timeout} must be >= 0 (0 disables) and "
+                              f"--first-step-timeout {self.first_step_timeout} > 0 seconds")
         if not self.run_id or "/" in self.run_id:
             raise ConfigError(f"--rdzv-id {self.run_id!r} must be non-empty and contain no '/'")
         if self.rdzv_endpoint is None and self.max_nodes > 1:
@@ -140,6 +147,24 @@ def parse_nnodes(text: str) -> tuple[int, int]:
     except ValueError:
         raise ConfigError(f"--nnodes {text!r} must be N or MIN:MAX (for example 2:4)") from None
     return min_nodes, max_nodes
+
+
+STDOUT, STDERR = 1, 2  # torchrun's Std bits: 0 none, 1 stdout, 2 stderr, 3 both
+
+
+def parse_std(flag: str, text: str, nproc: int) -> dict[int, int]:
+    """torchrun's '3' (every local rank) or '0:1,1:2' (per local rank) -> {local_rank: bits}."""
+    try:
+        if ":" not in text:
+            bits = int(text)
+            mapping = {rank: bits for rank in range(nproc)}
+        else:
+            mapping = {int(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be 0-3 or LOCAL_RANK:0-3,... (1 stdout, 2 stderr, 3 both)") from None
+    if any(not 0 <= b <= 3 for b in mapping.values()):
+        raise ConfigError(f"{flag} {text!r}: each value must be 0, 1, 2 or 3")
+    return {rank: bits for rank, bits in mapping.items() if bits}
 
 
 def parse_nproc(text: str) -> int:

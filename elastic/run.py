@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import uuid
 
 from elastic._net import free_port, outgoing_addr
@@ -20,7 +21,7 @@ from elastic.errors import ConfigError, ElasticError, RendezvousError
 from elastic.etcd_client import EtcdConfig, connect
 from elastic.etcd_server import EtcdServer
 from elastic.events import EventLog
-from elastic.launch_config import LaunchConfig, RendezvousSettings, parse_nnodes, parse_nproc
+from elastic.launch_config import LaunchConfig, RendezvousSettings, parse_nnodes, parse_nproc, parse_std
 from elastic.rdzv_etcd import EtcdBackend
 from elastic.rendezvous import EtcdRendezvous
 
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "grace", default="5", help="seconds between SIGTERM and SIGKILL when stopping workers")
     _flag(p, "checkpoint-dir", default=None, help="checkpoint URL given to workers (ELASTIC_CHECKPOINT_DIR)")
     _flag(p, "log-dir", default=None, help="directory for per-rank logs and the events log")
+    _flag(p, "redirects", "-r", default="0", help="keep worker streams off the console, in log files "
+          "only: 1 stdout, 2 stderr, 3 both, or LOCAL_RANK:BITS,...")
+    _flag(p, "tee", "-t", default="0", help="accepted for torchrun compatibility: with a log dir, "
+          "streams always go to the log files too")
+    _flag(p, "local-ranks-filter", default="", help="show only these local ranks on the console, e.g. 0 or 0,1")
+    _flag(p, "hang-timeout", default="300", help="a rank that reports steps (TrainLoop) and makes none for "
+          "this long is hung: its stacks are dumped and the group restarted (0 disables)")
+    _flag(p, "first-step-timeout", default="600", help="like --hang-timeout, for the first step of a round")
     _flag(p, "node-id", default=None, help="stable id of this node (default: host name)")
     _flag(p, "local-addr", default=None, help="address peers reach this node at")
     _flag(p, "module", "-m", action="store_true", help="run the entry point as a module (python -m)")
@@ -81,14 +90,23 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         min_nodes = max_nodes = 1
     try:
         max_restarts, monitor, grace = int(ns.max_restarts), float(ns.monitor_interval), float(ns.grace)
+        hang, first_step = float(ns.hang_timeout), float(ns.first_step_timeout)
+        shown = frozenset(int(r) for r in ns.local_ranks_filter.split(",")) if ns.local_ranks_filter else None
     except ValueError as exc:
         raise ConfigError(f"a numeric flag has a value that is not a number: {exc}") from None
+    nproc = parse_nproc(ns.nproc_per_node)
+    redirects = parse_std("--redirects", ns.redirects, nproc)
+    log_dir = ns.log_dir
+    if log_dir is None and (redirects or parse_std("--tee", ns.tee, nproc)):
+        log_dir = tempfile.mkdtemp(prefix="elastic-logs-")  # as torchrun does
+        print(f"{PROG}: worker logs in {log_dir}", file=sys.stderr)
     run_id = ns.rdzv_id or (uuid.uuid4().hex[:12] if endpoint is None else "default")
     return LaunchConfig(
         entrypoint=ns.entrypoint, args=tuple(ns.args), min_nodes=min_nodes, max_nodes=max_nodes,
-        nproc_per_node=parse_nproc(ns.nproc_per_node), rdzv_endpoint=endpoint, run_id=run_id,
+        nproc_per_node=nproc, rdzv_endpoint=endpoint, run_id=run_id,
         max_restarts=max_restarts, monitor_interval=monitor, grace=grace, module=ns.module,
-        no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=ns.log_dir,
+        no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=log_dir,
+        redirects=redirects, local_ranks_filter=shown, hang_timeout=hang, first_step_timeout=first_step,
         node_id=ns.node_id, local_addr=ns.local_addr, rdzv=RendezvousSettings.parse(ns.rdzv_conf),
     )
 

@@ -7,15 +7,25 @@ alive when the interpreter tears down aborts the process ("terminate called with
 active exception", SIGABRT) in a good share of runs with torch 2.13, also under torchrun,
 and a script that finished its work must not be reported, and restarted, as a crash.
 Non-daemon threads are joined and atexit handlers run first, as at a normal exit.
+
+Two more things for the agent: SIGUSR1 dumps every thread's Python stack to stderr (the
+agent sends it to a hung rank before killing it; faulthandler writes even while another
+thread holds the GIL), and an uncaught exception is also written as JSON to
+$ELASTIC_ERROR_FILE, so the job's summary can name the error that ended it.
 """
 
 from __future__ import annotations
 
 import atexit
+import faulthandler
+import json
 import os
 import runpy
+import signal
 import sys
 import threading
+import time
+import traceback
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -44,12 +54,24 @@ def run(argv: list[str]) -> int:
         return _exit_code(exc)
     except KeyboardInterrupt:
         return 130
-    except BaseException:  # noqa: BLE001  (reported exactly as the interpreter would)
+    except BaseException as exc:  # noqa: BLE001  (reported exactly as the interpreter would)
         sys.excepthook(*sys.exc_info())
+        _write_error_file(exc)
         return 1
 
 
+def _write_error_file(exc: BaseException) -> None:
+    path = os.environ.get("ELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"error": f"{type(exc).__name__}: {exc}", "time": time.time(),
+              "traceback": "".join(traceback.format_exception(exc))}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+
+
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     code = run(sys.argv[1:])
     threading._shutdown()  # what the interpreter does first at exit: join non-daemon threads
     atexit._run_exitfuncs()

@@ -8,6 +8,7 @@ read line by line and shown with a rank prefix, and copied to per-rank files und
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ from typing import IO
 
 from elastic._process import die_with_parent
 from elastic.fencing import fence_env
-from elastic.launch_config import LaunchConfig
+from elastic.launch_config import STDERR, STDOUT, LaunchConfig
+from elastic.progress import ProgressWatch
 
 @dataclass(frozen=True)
 class Assignment:
@@ -91,7 +93,8 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
         ELASTIC_NODE_ID=node_id,
         ELASTIC_RDZV_ENDPOINT=rdzv_endpoint,
         ELASTIC_RDZV_PREFIX=config.rdzv.key_prefix,
-        ELASTIC_PROGRESS_FILE=os.path.join(run_dir, f"progress-rank{rank}"),
+        ELASTIC_PROGRESS_FILE=progress_path(run_dir, rank),
+        ELASTIC_ERROR_FILE=error_path(run_dir, rank),
         PYTHONUNBUFFERED="1",
     )
     env.update(fence_env(config.rdzv))
@@ -101,8 +104,35 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
     return env
 
 
+def progress_path(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, f"progress-rank{rank}")
+
+
+def error_path(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, f"error-rank{rank}.json")
+
+
+def read_error(run_dir: str, rank: int) -> tuple[str, float] | None:
+    """(one-line error, time) a worker recorded before it died (ours, or torch's @record)."""
+    try:
+        with open(error_path(run_dir, rank), encoding="utf-8") as f:
+            record = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    message = record.get("error") or record.get("message")
+    when = record.get("time", 0.0)
+    if isinstance(message, dict):  # torch.distributed.elastic's @record error file
+        when = float(message.get("extraInfo", {}).get("timestamp", 0.0))
+        message = message.get("message")
+    return (str(message).strip().splitlines()[-1], when) if message else None
+
+
 class WorkerGroup:
     """The `nproc_per_node` workers of this node for one round."""
+
+    # How long a SIGKILLed worker may take to disappear before we call it unkillable
+    # (a process in uninterruptible sleep, D state, ignores even SIGKILL).
+    KILL_TIMEOUT = 10.0
 
     def __init__(self, config: LaunchConfig, assignment: Assignment, run_dir: str,
                  rdzv_endpoint: str, node_id: str) -> None:
@@ -113,6 +143,11 @@ class WorkerGroup:
         self._rdzv_endpoint = rdzv_endpoint
         self._procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
+        self.unkillable: list[int] = []  # pids that survived SIGKILL for KILL_TIMEOUT
+        ranks = range(assignment.rank_offset, assignment.rank_offset + config.nproc_per_node)
+        self.progress = ProgressWatch({r: progress_path(run_dir, r) for r in ranks},
+                                      hang_timeout=config.hang_timeout,
+                                      first_step_timeout=config.first_step_timeout)
 
     @property
     def assignment(self) -> Assignment:
@@ -125,6 +160,9 @@ class WorkerGroup:
     def start(self) -> None:
         cmd = worker_command(self._config)
         for local_rank in range(self._config.nproc_per_node):
+            stale = error_path(self._run_dir, self._assignment.rank_offset + local_rank)
+            if os.path.exists(stale):
+                os.unlink(stale)
             env = worker_env(self._config, self._assignment, local_rank, self._run_dir,
                              self._rdzv_endpoint, self._node_id)
             proc = subprocess.Popen(
@@ -132,18 +170,23 @@ class WorkerGroup:
                 stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent,
             )
             self._procs.append(proc)
-            rank = self._assignment.rank_offset + local_rank
-            self._pump(proc.stdout, sys.stdout.buffer, rank, "stdout")
-            self._pump(proc.stderr, sys.stderr.buffer, rank, "stderr")
+            self._pump(proc.stdout, sys.stdout.buffer, local_rank, STDOUT)
+            self._pump(proc.stderr, sys.stderr.buffer, local_rank, STDERR)
 
-    def _pump(self, source: IO[bytes], console: IO[bytes], rank: int, stream: str) -> None:
+    def _pump(self, source: IO[bytes], console: IO[bytes], local_rank: int, bit: int) -> None:
+        """Copy a worker stream line by line: to its log file (with --log-dir) and, unless
+        redirected or filtered out, to our console with a rank prefix."""
+        rank = self._assignment.rank_offset + local_rank
+        stream = "stdout" if bit == STDOUT else "stderr"
         log = None
         if self._config.log_dir:
             directory = os.path.join(self._config.log_dir, f"round{self._assignment.round}")
             os.makedirs(directory, exist_ok=True)
             log = open(os.path.join(directory, f"rank{rank}.{stream}.log"), "ab")
+        shown = (not self._config.redirects.get(local_rank, 0) & bit
+                 and (self._config.local_ranks_filter is None or local_rank in self._config.local_ranks_filter))
         prefix = f"[rank{rank}]: ".encode()
-        thread = threading.Thread(target=_copy_lines, args=(source, console, log, prefix),
+        thread = threading.Thread(target=_copy_lines, args=(source, console if shown else None, log, prefix),
                                   name=f"pump-rank{rank}-{stream}", daemon=True)
         thread.start()
         self._pumps.append(thread)
@@ -176,11 +219,33 @@ class WorkerGroup:
                 except subprocess.TimeoutExpired:
                     break
         self._signal_all(signal.SIGKILL)
+        deadline = time.monotonic() + self.KILL_TIMEOUT
         for proc in self._procs:
-            proc.wait()
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.unkillable.append(proc.pid)
         self._close_output()
         return [WorkerExit(i, self._assignment.rank_offset + i, p.returncode)
                 for i, p in enumerate(self._procs)]
+
+    def dump_stacks(self, rank: int, wait: float = 0.5) -> None:
+        """Ask a (hung) rank to print every thread's Python stack to its stderr (SIGUSR1)."""
+        proc = self._procs[rank - self._assignment.rank_offset]
+        if proc.poll() is None and not self._config.no_python:
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(wait)  # faulthandler writes at once; give the output pump a moment
+
+    def error_message(self, rank: int) -> str | None:
+        error = read_error(self._run_dir, rank)
+        return error[0] if error else None
+
+    def first_failure(self, exits: list[WorkerExit]) -> WorkerExit:
+        """The failed worker that failed first: the others often died of its death (a peer
+        gone under a collective), so the earliest recorded error is the one to report."""
+        failed = [e for e in exits if not e.ok]
+        errors = {e.rank: read_error(self._run_dir, e.rank) for e in failed}
+        return min(failed, key=lambda e: errors[e.rank][1] if errors[e.rank] else float("inf"))
 
     def wait_output(self) -> None:
         """After every worker exited: let the output threads drain, then close the logs."""
@@ -200,10 +265,11 @@ class WorkerGroup:
                     pass  # exited between poll() and killpg()
 
 
-def _copy_lines(source: IO[bytes], console: IO[bytes], log: IO[bytes] | None, prefix: bytes) -> None:
+def _copy_lines(source: IO[bytes], console: IO[bytes] | None, log: IO[bytes] | None, prefix: bytes) -> None:
     for line in iter(source.readline, b""):
-        console.write(prefix + line)
-        console.flush()
+        if console is not None:
+            console.write(prefix + line)
+            console.flush()
         if log is not None:
             log.write(line)
             log.flush()

@@ -119,3 +119,50 @@ def test_no_orphans_after_supervisor_signal(tmp_path, sig):
     if sig != signal.SIGKILL:
         assert proc.returncode == 128 + sig
     assert wait_gone(family) == set(), "processes outlived the supervisor"
+
+
+PROGRESS = os.path.join(SCRIPTS, "progress_worker.py")
+
+
+def test_hung_rank_holding_the_gil_is_detected_dumped_and_restarted(tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                       "--hang-timeout", "2", "--log-dir", str(log_dir), PROGRESS, str(tmp_path), "spin", "5")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    # rank 1 spins; rank 0 waits for it in the all-reduce: both are quiet since step 4.
+    assert "rank 0,1 hung: no step for 2s after step 4" in err
+    assert (tmp_path / "done-rank1-restart1").exists()
+    # The stacks were dumped into the hung rank's log before it was killed.
+    dumped = (log_dir / "round0" / "rank1.stderr.log").read_text()
+    assert "spin_holding_the_gil" in dumped and "most recent call first" in dumped
+
+
+def test_same_error_at_same_step_stops_at_once(tmp_path):
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "5", PROGRESS,
+                       str(tmp_path), "raise", "3")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "rank 1 exit code 1 (RuntimeError: boom at step 3) again at step 2" in err
+    assert "not retrying a deterministic failure" in err
+    assert "restarts: 1" in err  # stopped after the second identical failure, not after 5 restarts
+
+
+def test_redirects_and_rank_filter_keep_streams_in_files(tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--log-dir", str(log_dir),
+                       "--local-ranks-filter", "0", PROGRESS, str(tmp_path), "raise", "3")
+    out, err = proc.communicate(timeout=120)
+    assert "[rank0]" in err and "[rank1]" not in out + err
+    assert "RuntimeError: boom at step 3" in (log_dir / "round0" / "rank1.stderr.log").read_text()
+    events = [json.loads(line) for line in (log_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events][:2] == ["round_sealed", "workers_started"]
+    assert events[-1]["event"] == "job_end" and events[-1]["exit_code"] == 1
+    failure = next(e for e in events if e["event"] == "failure")
+    assert failure["rank"] == 1 and "RuntimeError: boom at step 3" in failure["reason"]
+
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--redirects", "3",
+                       "--log-dir", str(log_dir), PROGRESS, str(tmp_path), "raise", "3")
+    out, err = proc.communicate(timeout=120)
+    assert "[rank" not in out + err  # both streams of both ranks only in the files
+    assert "elastic-run: FAILED" in err

@@ -1,0 +1,37 @@
+"""A worker that reports its steps like TrainLoop does, and misbehaves on cue.
+
+usage: progress_worker.py OUTDIR MODE STEP [STEPS]
+MODE: spin   - in the first attempt, rank 1 spins forever (holding the GIL) at STEP
+      raise  - rank 1 raises RuntimeError at STEP in every attempt (a deterministic bug)
+      ok     - just runs STEPS steps
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import elastic
+from elastic.context import report_progress
+
+outdir, mode, bad_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+steps = int(sys.argv[4]) if len(sys.argv) > 4 else 20
+ctx = elastic.init()
+
+
+def spin_holding_the_gil() -> None:
+    while True:
+        pass
+
+
+for step in range(1, steps + 1):
+    if ctx.rank == 1 and step == bad_step:
+        if mode == "spin" and ctx.restart_count == 0:
+            spin_holding_the_gil()
+        if mode == "raise":
+            raise RuntimeError(f"boom at step {step}")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    report_progress(step)
+open(os.path.join(outdir, f"done-rank{ctx.rank}-restart{ctx.restart_count}"), "w").close()
