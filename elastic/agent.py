@@ -30,6 +30,7 @@ from elastic.errors import RendezvousClosedError
 from elastic.events import EventLog, RunResult
 from elastic.launch_config import LaunchConfig
 from elastic.rendezvous import EtcdRendezvous
+from elastic.report import summarize
 from elastic.workers import Assignment, WorkerExit, WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Agent:
         self._result = RunResult(ok=False, reason="not started")
         self._signal: int | None = None
         self._last_failure: tuple[str, int | None] | None = None
+        self._progress_step: int | None = None
+        self._progress_at = 0.0
         rendezvous.should_abort = self._raise_if_signalled
 
     def request_stop(self, signum: int) -> None:
@@ -107,8 +110,11 @@ class Agent:
                               group_rank=assignment.group_rank, restarts=assignment.restart_count)
             group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
             group.start()
+            self._progress_step = None
             self._events.emit("workers_started", round=assignment.round, pids=group.pids)
-            result = self._after_round(group, assignment, self._watch(group, assignment))
+            watched = self._watch(group, assignment)
+            self._record_progress(group, assignment.round, force=True)
+            result = self._after_round(group, assignment, watched)
             if result is not None:
                 return result
 
@@ -149,6 +155,7 @@ class Agent:
             if self._rdzv.should_grow(assignment.round):
                 self._rdzv.bump_round(assignment.round, reason="nodes are waiting to join")
                 return _Watched(_Outcome.ROUND_CHANGED, [], "growing: nodes are waiting to join")
+            self._record_progress(group, assignment.round)
             pending = self._rdzv.debounce_left()
             timeout = self._config.monitor_interval if pending is None else min(pending, self._config.monitor_interval)
             self._rdzv.wait_for_change(timeout)
@@ -250,4 +257,17 @@ class Agent:
     def _finish(self, *, ok: bool, reason: str, code: int) -> RunResult:
         self._result.ok, self._result.reason, self._result.exit_code = ok, reason, code
         self._events.emit("job_end", ok=ok, reason=reason, exit_code=code)
+        self._result.goodput = summarize(self._events.records)
         return self._result
+
+    def _record_progress(self, group: WorkerGroup, round_: int, force: bool = False) -> None:
+        """Put the local ranks' slowest completed step into the events log (at most 2/s,
+        unless `force`d at the end of a round)."""
+        steps = [s for s in group.progress.steps().values() if s is not None]
+        now = time.monotonic()
+        if not steps or min(steps) == self._progress_step:
+            return
+        if not force and self._progress_step is not None and now - self._progress_at < 0.5:
+            return
+        self._progress_step, self._progress_at = min(steps), now
+        self._events.emit("progress", round=round_, step=min(steps))

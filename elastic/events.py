@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO
 
+from elastic.report import Goodput
 from elastic.workers import WorkerExit
 
 
@@ -17,6 +18,7 @@ class EventLog:
 
     def __init__(self, path: str | None, *, run_id: str, node_id: str) -> None:
         self.path = path
+        self.records: list[dict] = []  # kept for the summary at exit (progress is throttled)
         self._base = {"run_id": run_id, "node": node_id}
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
@@ -26,6 +28,7 @@ class EventLog:
 
     def emit(self, event: str, **fields: object) -> None:
         record = {"time": round(time.time(), 3), "event": event, **self._base, **fields}
+        self.records.append(record)
         if self._file is None:
             return
         with self._lock:
@@ -49,6 +52,7 @@ class RunResult:
     exits: list[WorkerExit] = field(default_factory=list)
     failures: list[tuple[int, WorkerExit]] = field(default_factory=list)  # (round, exit)
     exit_code: int = 0
+    goodput: Goodput | None = None
 
     def summary(self) -> str:
         """A short table for people: per-rank exits, the failures seen, and the verdict."""
@@ -60,4 +64,6 @@ class RunResult:
         if self.exits:
             lines.append("  last round: rank  local  how")
             lines += [f"              {e.rank:>4}  {e.local_rank:>5}  {e.describe()}" for e in self.exits]
+        if self.goodput is not None and self.goodput.steps:
+            lines.append(self.goodput.table())
         return "\n".join(lines)

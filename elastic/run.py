@@ -23,6 +23,7 @@ from elastic.etcd_server import EtcdServer
 from elastic.events import EventLog
 from elastic.launch_config import LaunchConfig, RendezvousSettings, parse_nnodes, parse_nproc, parse_std
 from elastic.rdzv_etcd import EtcdBackend
+from elastic import report
 from elastic.rendezvous import EtcdRendezvous
 
 PROG = "elastic-run"
@@ -153,6 +154,9 @@ def run(config: LaunchConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # `elastic-run report EVENTS...` (a script named report: ./report)
+        return report.main(argv[1:])
     logging.basicConfig(level=os.environ.get("ELASTIC_LOG_LEVEL", "WARNING"),
                         format=f"[{PROG}] %(message)s")
     ns = build_parser().parse_args(argv)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from helpers import SCRIPTS, alive, descendants, elastic_run, wait_for_files, wait_gone
+from helpers import SCRIPTS, alive, child_env, descendants, elastic_run, wait_for_files, wait_gone
 
 PLAIN = os.path.join(SCRIPTS, "plain_ddp.py")
 
@@ -136,6 +138,17 @@ def test_hung_rank_holding_the_gil_is_detected_dumped_and_restarted(tmp_path):
     # The stacks were dumped into the hung rank's log before it was killed.
     dumped = (log_dir / "round0" / "rank1.stderr.log").read_text()
     assert "spin_holding_the_gil" in dumped and "most recent call first" in dumped
+    assert "goodput:" in err and "lost to failure recovery" in err
+
+    # The same accounting, offline, with a timeline picture.
+    png = tmp_path / "timeline.png"
+    report = subprocess.run([sys.executable, "-m", "elastic.run", "report", str(log_dir / "events.jsonl"),
+                             "--json", "--png", str(png)], capture_output=True, text=True, env=child_env())
+    assert report.returncode == 0, report.stderr
+    (node,) = json.loads(report.stdout).values()
+    assert node["steps"] == 20 and node["rounds"] == 2 and len(node["failures"]) == 1
+    assert 0 < node["goodput"] < 1 and node["lost"]["failure recovery"] >= 2  # the hang timeout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_same_error_at_same_step_stops_at_once(tmp_path):

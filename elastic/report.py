@@ -1,0 +1,151 @@
+"""Goodput from an events log: where the wall time of a job went. Also `elastic-run report`.
+
+The agent's summary at exit and `elastic-run report EVENTS...` use the same `summarize()`:
+useful time is the time during which steps completed (from the first step of a round to
+its last); the rest is lost, attributed to the cause that ended the previous stretch of
+training: start-up, failure recovery, or a planned change (growth, a node leaving), plus the
+tail of each round after its last completed step (work that was thrown away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+PROG = "elastic-run report"
+
+
+@dataclass
+class Goodput:
+    wall: float = 0.0
+    useful: float = 0.0
+    lost: dict[str, float] = field(default_factory=dict)  # cause -> seconds
+    steps: int = 0
+    failures: list[str] = field(default_factory=list)
+    rounds: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.useful / self.wall if self.wall > 0 else 0.0
+
+    def table(self) -> str:
+        lines = [f"  goodput: {100 * self.ratio:5.1f}%  ({self.useful:.1f}s of {self.wall:.1f}s in steps; "
+                 f"{self.steps} steps, {self.rounds} rounds)"]
+        for cause, seconds in sorted(self.lost.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  lost to {cause:<18} {seconds:8.1f}s")
+        return "\n".join(lines)
+
+
+def summarize(events: list[dict]) -> Goodput:
+    """Account a node's events (one agent's log) into useful and lost time."""
+    events = sorted(events, key=lambda e: e["time"])
+    result = Goodput()
+    if not events:
+        return result
+    result.wall = events[-1]["time"] - events[0]["time"]
+    cause = "start-up"
+    stretch_end = events[0]["time"]  # when training last stopped being useful
+    first = last = None  # first and last step completion times in the current round
+    for event in events:
+        kind = event["event"]
+        if kind == "progress":
+            result.steps = max(result.steps, event["step"])
+            if first is None:
+                _add(result.lost, cause, event["time"] - stretch_end)
+                first = event["time"]
+            last = event["time"]
+        elif kind in ("failure", "round_left", "lease_lost", "succeeded", "interrupted", "left", "job_end"):
+            if kind == "failure":
+                result.failures.append(event.get("reason", "?"))
+            if first is not None:
+                result.useful += last - first
+                _add(result.lost, "discarded tail", event["time"] - last)
+                stretch_end = event["time"]
+                first = last = None
+            cause = {"failure": "failure recovery", "round_left": "planned changes",
+                     "lease_lost": "failure recovery"}.get(kind, cause)
+        elif kind == "round_sealed":
+            result.rounds += 1
+    return result
+
+
+def _add(lost: dict[str, float], cause: str, seconds: float) -> None:
+    if seconds > 0:
+        lost[cause] = lost.get(cause, 0.0) + seconds
+
+
+def load_events(paths: list[str]) -> dict[str, list[dict]]:
+    """node -> its events, from one or more events.jsonl files."""
+    by_node: dict[str, list[dict]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{number}: not a JSON line (is this an events.jsonl?)") from None
+                by_node.setdefault(event.get("node", "?"), []).append(event)
+    return by_node
+
+
+def plot_timeline(by_node: dict[str, list[dict]], png: str) -> None:
+    """World size and completed steps over time, failures marked, one picture."""
+    import matplotlib  # noqa: PLC0415  (optional: only `report --png` needs it)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    start = min(e["time"] for events in by_node.values() for e in events)
+    fig, (ax_world, ax_steps) = plt.subplots(2, 1, sharex=True, figsize=(9, 5))
+    for node, events in sorted(by_node.items()):
+        sealed = [(e["time"] - start, e["world_size"]) for e in events if e["event"] == "round_sealed"]
+        if sealed:
+            end = max(e["time"] for e in events) - start
+            xs = [t for t, _ in sealed] + [end]
+            ys = [w for _, w in sealed] + [sealed[-1][1]]
+            ax_world.step(xs, ys, where="post", label=node)
+        progress = [(e["time"] - start, e["step"]) for e in events if e["event"] == "progress"]
+        if progress:
+            ax_steps.plot(*zip(*progress), ".-", markersize=3, label=node)
+        for e in events:
+            if e["event"] == "failure":
+                for ax in (ax_world, ax_steps):
+                    ax.axvline(e["time"] - start, color="red", alpha=0.6, linewidth=1)
+    ax_world.set_ylabel("world size")
+    ax_steps.set_ylabel("completed step")
+    ax_steps.set_xlabel("seconds since start (red: failures)")
+    ax_world.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description="Summarise elastic-run events logs.")
+    parser.add_argument("events", nargs="+", help="events.jsonl files (one per node)")
+    parser.add_argument("--png", help="also draw a timeline picture into this PNG file")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    ns = parser.parse_args(argv)
+    try:
+        by_node = load_events(ns.events)
+    except (OSError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    summaries = {node: summarize(events) for node, events in by_node.items()}
+    if ns.json:
+        print(json.dumps({node: {**asdict(s), "goodput": s.ratio} for node, s in summaries.items()}, indent=2))
+    else:
+        for node, summary in sorted(summaries.items()):
+            print(f"node {node}:\n{summary.table()}")
+            for reason in summary.failures:
+                print(f"  failure: {reason}")
+    if ns.png:
+        try:
+            plot_timeline(by_node, ns.png)
+        except ImportError:
+            print(f"{PROG}: error: --png needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+        print(f"timeline written to {ns.png}", file=sys.stderr)
+    return 0

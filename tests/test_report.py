@@ -1,0 +1,38 @@
+"""Goodput accounting from events, as a table: events in, seconds out."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic.report import main, summarize
+
+
+def ev(t: float, kind: str, **fields) -> dict:
+    return {"time": t, "event": kind, "node": "n", **fields}
+
+
+def test_goodput_splits_wall_time_by_cause():
+    events = [
+        ev(0, "round_sealed", world_size=2), ev(3, "progress", step=1), ev(10, "progress", step=8),
+        ev(12, "failure", reason="rank 1 killed by SIGKILL"),  # 2 s after the last step: discarded
+        ev(13, "round_sealed", world_size=2), ev(15, "progress", step=9), ev(20, "progress", step=14),
+        ev(20, "succeeded"), ev(20, "job_end"),
+    ]
+    g = summarize(events)
+    assert g.wall == 20 and g.steps == 14 and g.rounds == 2
+    assert g.useful == pytest.approx(7 + 5)
+    assert g.lost == {"start-up": 3, "discarded tail": 2, "failure recovery": 3}
+    assert g.failures == ["rank 1 killed by SIGKILL"]
+    assert g.ratio == pytest.approx(12 / 20)
+
+
+def test_no_progress_means_no_useful_time():
+    g = summarize([ev(0, "round_sealed", world_size=1), ev(5, "job_end")])
+    assert g.useful == 0 and g.steps == 0 and g.ratio == 0
+
+
+def test_report_rejects_a_file_that_is_not_an_events_log(tmp_path, capsys):
+    bad = tmp_path / "x.jsonl"
+    bad.write_text("not json\n")
+    assert main([str(bad)]) == 2
+    assert f"{bad}:1: not a JSON line" in capsys.readouterr().err
