@@ -1,6 +1,14 @@
-"""Elastic, fault-tolerant training runtime for PyTorch."""
+"""Elastic, fault-tolerant training runtime for PyTorch.
 
-from elastic.context import Context as Context, init as init
+The worker-side names (`init`, `TrainLoop`, ...) import torch, which takes seconds; they are
+loaded on first use so that `elastic-run` (which never needs torch) starts at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from elastic.errors import (
     ConfigError as ConfigError,
     ElasticError as ElasticError,
@@ -11,5 +19,22 @@ from elastic.errors import (
     StateMismatchError as StateMismatchError,
     TrainLoopUsageError as TrainLoopUsageError,
 )
-from elastic.sampler import ElasticSampler as ElasticSampler
-from elastic.train_loop import Step as Step, TrainLoop as TrainLoop
+
+if TYPE_CHECKING:
+    from elastic.context import Context as Context, init as init
+    from elastic.sampler import ElasticSampler as ElasticSampler
+    from elastic.train_loop import Step as Step, TrainLoop as TrainLoop
+
+_LAZY = {"Context": "elastic.context", "init": "elastic.context", "ElasticSampler": "elastic.sampler",
+         "Step": "elastic.train_loop", "TrainLoop": "elastic.train_loop"}
+
+__all__ = sorted([*_LAZY, "ConfigError", "ElasticError", "RendezvousConnectionError", "RendezvousError",
+                  "RendezvousTimeoutError", "StaleRoundError", "StateMismatchError", "TrainLoopUsageError"])
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'elastic' has no attribute {name!r}")

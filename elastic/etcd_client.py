@@ -37,6 +37,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Anything the client raises for a failed request (for best-effort calls such as cleanup).
+ANY_ETCD_ERROR: tuple[type[BaseException], ...] = (grpc.RpcError, etcd3.exceptions.Etcd3Exception)
+
 # The two client types the rendezvous backend needs beyond the client object itself.
 DeleteEvent = etcd3.events.DeleteEvent
 

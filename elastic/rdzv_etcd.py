@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from elastic.errors import RendezvousConnectionError
-from elastic.etcd_client import TRANSIENT_ERRORS, DeleteEvent, prefix_range_end
+from elastic.etcd_client import ANY_ETCD_ERROR, TRANSIENT_ERRORS, DeleteEvent, prefix_range_end
 from elastic.rdzv_protocol import Member, NodeRecord, RunState, SealedRound
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ class EtcdBackend:
         if self._lease is not None:
             try:
                 self._lease.revoke()
-            except TRANSIENT_ERRORS:
-                pass  # etcd unreachable: the lease expires by itself
+            except ANY_ETCD_ERROR:
+                pass  # etcd unreachable, or the lease already expired: nothing to release
 
     # -- mirror --------------------------------------------------------------------------------
 
@@ -224,12 +224,14 @@ class EtcdBackend:
     def _key(self, suffix: str) -> str:
         return self.prefix + suffix
 
-    def announce(self) -> None:
-        """Create the round key if the run is new, and mark this agent alive (on its lease)."""
+    def announce(self) -> bool:
+        """Create the round key if the run is new, and mark this agent alive (on its lease).
+
+        False when another live agent holds this node id (its `alive` key exists).
+        """
         self._txn([self._tx.create(self._key("round")) == 0], [self._tx.put(self._key("round"), "0")])
-        self._retry("announcing", lambda: self._client.put(
-            self._key(f"alive/{self.node_id}"), "1", lease=self._lease))
-        self.writes += 1
+        alive = self._key(f"alive/{self.node_id}")
+        return self._txn([self._tx.create(alive) == 0], [self._tx.put(alive, "1", lease=self._lease)])
 
     def start_new_generation_if_over(self) -> bool:
         """A closed job with no live agent is over: clear `closed` so a relaunch can run.
@@ -315,7 +317,7 @@ class EtcdBackend:
         if self._watch_id is not None:
             try:
                 self._client.cancel_watch(self._watch_id)
-            except TRANSIENT_ERRORS:
+            except ANY_ETCD_ERROR:
                 pass  # the stream is gone anyway
         self.revoke_lease()
         self._client.close()

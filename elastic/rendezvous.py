@@ -14,8 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from elastic.errors import RendezvousClosedError, RendezvousTimeoutError
-from elastic.etcd_client import TRANSIENT_ERRORS
+from elastic.errors import ConfigError, RendezvousClosedError, RendezvousTimeoutError
+from elastic.etcd_client import ANY_ETCD_ERROR, TRANSIENT_ERRORS
 from elastic.launch_config import LaunchConfig
 from elastic.rdzv_etcd import EtcdBackend
 from elastic.rdzv_protocol import (
@@ -67,14 +67,26 @@ class EtcdRendezvous:
     def start(self) -> None:
         """Take a lease, announce this agent, and start mirroring the run's keys."""
         self._backend.open_lease(self._config.rdzv.lease_ttl)
-        if self._backend.start_new_generation_if_over():
-            log.info("rendezvous: run %s had ended; starting it again", self._config.run_id)
-        self._backend.announce()
-        self._backend.sync()
         self.lease_lost = False
         if self._keepalive is None:
             self._keepalive = threading.Thread(target=self._keep_alive, name="rdzv-keepalive", daemon=True)
             self._keepalive.start()
+        if self._backend.start_new_generation_if_over():
+            log.info("rendezvous: run %s had ended; starting it again", self._config.run_id)
+        self._announce()
+        self._backend.sync()
+
+    def _announce(self) -> None:
+        """Claim this node id. A restarted agent may find its previous self's claim, which
+        lapses within one lease TTL; a claim that outlives that belongs to another agent."""
+        deadline = self._clock() + self._config.rdzv.lease_ttl + 1.0
+        while not self._backend.announce():
+            if self._clock() >= deadline:
+                raise ConfigError(
+                    f"node id {self.node_id!r} is in use by another live agent of run "
+                    f"{self._config.run_id!r}: give each agent its own --node-id")
+            self.should_abort()
+            time.sleep(0.25)  # waiting for a lease in etcd to lapse; no event announces it
 
     def renew(self) -> None:
         """After `lease_lost`: a new lease, announced again (the old one is gone in etcd)."""
@@ -105,7 +117,7 @@ class EtcdRendezvous:
                     self.lease_lost = True
                     self._backend.poke()
                 interval = ttl / 3
-            except TRANSIENT_ERRORS as exc:
+            except ANY_ETCD_ERROR as exc:  # this thread must outlive any error: it is the heartbeat
                 log.warning("rendezvous: lease refresh failed (%s); retrying", type(exc).__name__)
                 interval = min(0.5, ttl / 3)
 

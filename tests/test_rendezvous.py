@@ -263,3 +263,24 @@ def test_agent_cut_off_longer_than_ttl_rejoins_without_double_training(job_facto
     assert {v["WORLD_SIZE"] for v in both.values()} == {"2"}
     assert set(job.round_view(1)) == {"a"}  # b never trained on its own while cut off
     assert job.finish() == {"a": 0, "b": 0}
+
+
+def test_two_agents_with_one_node_id_get_a_clear_error(job_factory, etcd_server):
+    job = job_factory("2", conf="join_timeout=20")
+    first_agent = job.start("twin")
+    client = connect(EtcdConfig(etcd_server.endpoint))
+    key = f"/elastic/{job.run_id}/alive/twin"
+    deadline = time.monotonic() + 30
+    while client.get(key)[0] is None:  # the first agent has claimed the id once its key exists
+        assert time.monotonic() < deadline and first_agent.poll() is None, job.log("twin")
+        time.sleep(0.05)
+    client.close()
+    second = Job(job.endpoint, job.run_id, job.outdir / "second", "2", "join_timeout=20")
+    second.outdir.mkdir()
+    proc = second.start("twin")
+    try:
+        assert proc.wait(30) == 2
+        assert "node id 'twin' is in use by another live agent" in second.log("twin")
+        assert first_agent.poll() is None  # the first one is undisturbed
+    finally:
+        second.kill_all()
