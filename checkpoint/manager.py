@@ -19,6 +19,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
@@ -47,6 +48,7 @@ from checkpoint.manifest import (
 from checkpoint.writer import BackgroundJob, StagingBuffer
 
 log = logging.getLogger(__name__)
+_READ_WORKERS = 2
 
 # Rebuilds on every rank the error another rank hit while loading (agreement is by type name).
 _ERRORS_BY_NAME: dict[str, type[CheckpointError]] = {
@@ -530,19 +532,29 @@ def _read_state(
     loc: storage.Location, manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
     reader = shardfile.ShardReader(loc, manifest.step, {f.path: f.size for f in manifest.files})
-    keys = set().union(*(_tensor_keys(manifest.state[n]) for n in state)) if state else set()
+    keys = sorted(set().union(*(_tensor_keys(manifest.state[n]) for n in state)) if state else set())
+    plans = {}
+    for key in keys:
+        offsets, shape = plan.local_region(targets[key])
+        plans[key] = (offsets, shape, plan.plan_reads(manifest.tensors[key].chunks, offsets, shape))
+    jobs = [(key, r) for key in keys for r in plans[key][2]]
+    # Reading and checksumming both release the GIL: two workers overlap I/O with hashing.
+    with ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="checkpoint-read") as pool:
+        chunks = list(pool.map(lambda kr: reader.read(kr[1].chunk, torch_dtype(manifest.tensors[kr[0]].dtype)), jobs))
+    by_key: dict[str, list[tuple[plan.ReadItem, torch.Tensor]]] = {k: [] for k in keys}
+    for (key, r), data in zip(jobs, chunks):
+        by_key[key].append((r, data))
     loaded: dict[str, torch.Tensor] = {}
-    for key in sorted(keys):
-        entry, target = manifest.tensors[key], targets[key]
-        dtype = torch_dtype(entry.dtype)
-        offsets, shape = plan.local_region(target)
-        reads = plan.plan_reads(entry.chunks, offsets, shape)
-        if len(reads) == 1 and reads[0].chunk.shape == shape and reads[0].chunk.offsets == offsets:
-            region = reader.read(reads[0].chunk, dtype)
+    for key in keys:
+        offsets, shape, reads = plans[key]
+        target = targets[key]
+        parts = by_key[key]
+        if len(parts) == 1 and parts[0][0].chunk.shape == shape and parts[0][0].chunk.offsets == offsets:
+            region = parts[0][1]
         else:
-            region = torch.empty(shape, dtype=dtype)
-            for r in reads:
-                region[r.dst].copy_(reader.read(r.chunk, dtype)[r.src])
+            region = torch.empty(shape, dtype=torch_dtype(manifest.tensors[key].dtype))
+            for r, data in parts:
+                region[r.dst].copy_(data[r.src])
         if isinstance(target, DTensor):
             region = DTensor.from_local(
                 region, target.device_mesh, target.placements, run_check=False,
