@@ -137,11 +137,13 @@ class ShardReader:
             )
         self._checked.add(name)
 
-    def read(self, chunk: ChunkEntry, dtype: torch.dtype) -> torch.Tensor:
+    def read(self, chunk: ChunkEntry, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The verified chunk, read into `out` (contiguous CPU, the chunk's shape) if given."""
         self._check_file(chunk.file)
         path = self._loc.path(self._step, chunk.file)
-        out = torch.empty(chunk.shape, dtype=dtype)
-        raw = out.view(-1).view(torch.uint8).numpy() if out.numel() else memoryview(bytearray())
+        if out is None:
+            out = torch.empty(chunk.shape, dtype=dtype)
+        raw = out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else memoryview(bytearray())
         nbytes = chunk.end - chunk.begin
         try:
             if self._loc.is_local:
