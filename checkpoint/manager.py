@@ -19,16 +19,14 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-from checkpoint import plan, retention, shardfile, statedict, storage
+from checkpoint import loading, plan, retention, shardfile, statedict, storage
 from checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -48,7 +46,6 @@ from checkpoint.manifest import (
 from checkpoint.writer import BackgroundJob, Snapshot, StagingBuffer
 
 log = logging.getLogger(__name__)
-_READ_WORKERS = 2
 
 # Rebuilds on every rank the error another rank hit while loading (agreement is by type name).
 _ERRORS_BY_NAME: dict[str, type[CheckpointError]] = {
@@ -107,6 +104,9 @@ class CheckpointManager:
         self._job = BackgroundJob(name=f"checkpoint-writer[{self._loc.url}]")
         self._snapshot_pending: list[Any] = []
         self._closed = False
+        # Recorded in every manifest; the run id also scopes retention (see prune()).
+        self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
+        self._round = _env_int("ELASTIC_ROUND")
         if dist.is_available() and dist.is_initialized():
             self._rank, self._world = dist.get_rank(), dist.get_world_size()
             self._group = dist.new_group(backend="gloo")
@@ -259,7 +259,7 @@ class CheckpointManager:
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
         _, targets = statedict.flatten(statedict.collect(state))
-        _check_fit(self.manifest(step), state, targets)
+        loading.check_fit(self.manifest(step), state, targets)
 
     def load(self, state: MutableMapping[str, Any], step: int | None = None) -> int | None:
         """Load into `state`; returns the step loaded, or None when nothing is committed.
@@ -284,8 +284,8 @@ class CheckpointManager:
             loaded, error = None, None
             try:
                 manifest = self.manifest(cand)
-                _check_fit(manifest, state, targets)
-                loaded = _read_state(self._loc, manifest, state, targets)
+                loading.check_fit(manifest, state, targets)
+                loaded = loading.read_state(self._loc, manifest, state, targets)
             except (CheckpointError, OSError) as exc:  # every rank must reach the agreement below
                 error = exc
             errors = self._all_gather(None if error is None else [type(error).__name__, str(error)])
@@ -412,8 +412,8 @@ class CheckpointManager:
             state=json.loads(job.state_json),
             metrics=job.metrics,
             epoch=job.epoch,
-            run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
-            round=int(os.environ["ELASTIC_ROUND"]) if os.environ.get("ELASTIC_ROUND") else None,
+            run_id=self._run_id,
+            round=self._round,
             created=time.time(),
         )
         text = manifest.to_json()
@@ -446,8 +446,7 @@ class CheckpointManager:
         """
         committed_steps = set(self.steps())
         doomed = [s for s in storage.step_dirs(self._loc) if s not in committed_steps and s not in protect]
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-        infos = self._infos(run_id, only_run=not all_runs)
+        infos = self._infos(self._run_id, only_run=not all_runs)
         doomed += [
             info.step
             for info, keep in zip(infos, retention.decide(infos, self._policy))
@@ -458,6 +457,16 @@ class CheckpointManager:
             log.info("checkpoint %s: deleting step %d (%s)", self._loc.url, step, kind)
             storage.delete_step(self._loc, step)
         return sorted(doomed)
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer (or unset)") from exc
 
 
 @dataclass
@@ -479,92 +488,3 @@ def _stage_block(job: _SaveJob, index: int) -> None:
     with torch.no_grad():
         item = job.layout.items[index]
         shardfile.staged_view(job.buffer, item, job.layout.starts[index]).copy_(item.source)
-
-
-def _tensor_keys(skeleton: Any) -> set[str]:
-    if isinstance(skeleton, dict):
-        if set(skeleton) == {statedict.TENSOR_TAG}:
-            return {skeleton[statedict.TENSOR_TAG]}
-        return set().union(*(_tensor_keys(v) for v in skeleton.values())) if skeleton else set()
-    if isinstance(skeleton, list):
-        return set().union(*(_tensor_keys(v) for v in skeleton)) if skeleton else set()
-    return set()
-
-
-def _check_fit(manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> None:
-    problems = []
-    missing_names = [n for n in state if n not in manifest.state]
-    if missing_names:
-        problems.append(f"state names not in the checkpoint: {missing_names}")
-    saved = set().union(*(_tensor_keys(manifest.state[n]) for n in state if n in manifest.state)) if state else set()
-    wanted = {k for k in targets if k.split("/", 1)[0] in {statedict.escape(n) for n in state if n in manifest.state}}
-    missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
-    if missing:
-        problems.append(f"missing keys (in the model, not in the checkpoint): {missing[:20]}")
-    if unexpected:
-        problems.append(f"unexpected keys (in the checkpoint, not in the model): {unexpected[:20]}")
-    for key in sorted(wanted & saved):
-        entry, t = manifest.tensors[key], targets[key]
-        if tuple(t.shape) != entry.shape or dtype_name(t.dtype) != entry.dtype:
-            problems.append(
-                f"{key}: checkpoint has {entry.dtype}{list(entry.shape)}, the model has "
-                f"{dtype_name(t.dtype)}{list(t.shape)}"
-            )
-    if problems:
-        raise CheckpointMismatchError(
-            f"checkpoint step {manifest.step} does not fit the state being loaded: " + "; ".join(problems)
-        )
-
-
-def _direct_target(target: torch.Tensor, entry: TensorEntry, read: plan.ReadItem) -> torch.Tensor | None:
-    """The live tensor itself when one chunk fills it exactly, so the chunk is read in place.
-
-    Applying the state afterwards is then a copy of a tensor onto itself, which torch skips:
-    no second buffer, no second pass over memory. If the checkpoint turns out to be corrupt,
-    the fallback checkpoint overwrites every tensor again.
-    """
-    if (
-        isinstance(target, DTensor)
-        or target.device.type != "cpu"
-        or not target.is_contiguous()
-        or dtype_name(target.dtype) != entry.dtype
-        or read.chunk.shape != tuple(target.shape)
-    ):
-        return None
-    return target
-
-
-def _read_state(
-    loc: storage.Location, manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]
-) -> dict[str, Any]:
-    reader = shardfile.ShardReader(loc, manifest.step, {f.path: f.size for f in manifest.files})
-    keys = sorted(set().union(*(_tensor_keys(manifest.state[n]) for n in state)) if state else set())
-    plans = {}
-    for key in keys:
-        offsets, shape = plan.local_region(targets[key])
-        plans[key] = (offsets, shape, plan.plan_reads(manifest.tensors[key].chunks, offsets, shape))
-    jobs = [(key, r, _direct_target(targets[key], manifest.tensors[key], r)) for key in keys for r in plans[key][2]]
-    # Reading and checksumming both release the GIL: two workers overlap I/O with hashing.
-    with ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="checkpoint-read") as pool:
-        chunks = list(pool.map(lambda j: reader.read(j[1].chunk, torch_dtype(manifest.tensors[j[0]].dtype), j[2]), jobs))
-    by_key: dict[str, list[tuple[plan.ReadItem, torch.Tensor]]] = {k: [] for k in keys}
-    for (key, r, _), data in zip(jobs, chunks):
-        by_key[key].append((r, data))
-    loaded: dict[str, torch.Tensor] = {}
-    for key in keys:
-        offsets, shape, reads = plans[key]
-        target = targets[key]
-        parts = by_key[key]
-        if len(parts) == 1 and parts[0][0].chunk.shape == shape and parts[0][0].chunk.offsets == offsets:
-            region = parts[0][1]
-        else:
-            region = torch.empty(shape, dtype=torch_dtype(manifest.tensors[key].dtype))
-            for r, data in parts:
-                region[r.dst].copy_(data[r.src])
-        if isinstance(target, DTensor):
-            region = DTensor.from_local(
-                region, target.device_mesh, target.placements, run_check=False,
-                shape=target.shape, stride=target.stride(),
-            )
-        loaded[key] = region
-    return {n: statedict.unflatten(manifest.state[n], loaded) for n in state}
