@@ -33,6 +33,11 @@ def tensor_keys(skeleton: Any) -> set[str]:
 
 
 def check_fit(manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> None:
+    """Raise CheckpointMismatchError naming every key, shape and dtype that does not fit.
+
+    Names of `state` must all be in the checkpoint; names only in the checkpoint are ignored
+    (loading a subset, e.g. just the model, is allowed).
+    """
     problems = []
     missing_names = [n for n in state if n not in manifest.state]
     if missing_names:
@@ -54,6 +59,7 @@ def check_fit(manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint step {manifest.step} does not fit the state being loaded: " + "; ".join(problems)
+            + ". Build the model and optimizer as they were when saving, or pass only the names that fit."
         )
 
 
