@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,17 +60,42 @@ def _header(lay: Layout) -> bytes:
 
 
 def write_shard(
-    loc: storage.Location, step: int, file_name: str, lay: Layout, buffer: torch.Tensor
+    loc: storage.Location,
+    step: int,
+    file_name: str,
+    lay: Layout,
+    buffer: torch.Tensor,
+    staged: Callable[[int], int],
 ) -> tuple[FileEntry, dict[str, ChunkEntry]]:
-    """Checksum and durably write the staged blocks; returns the manifest entries."""
+    """Checksum and durably write the blocks as they are staged; returns the manifest entries.
+
+    `staged(n)` blocks until at least n blocks are in the buffer and returns how many are.
+    """
     header = _header(lay)
     data = memoryview(buffer[: lay.total].numpy()) if lay.total else memoryview(b"")
+
+    def parts() -> Iterator[memoryview | bytes]:
+        yield header
+        index = 0
+        while index < len(lay.items):
+            ready = staged(index + 1)  # write every block staged so far in one go
+            end = lay.starts[ready - 1] + lay.items[ready - 1].nbytes
+            yield data[lay.starts[index] : end]
+            index = ready
+
+    def checksums() -> list[str]:
+        sums = []
+        for index, (item, start) in enumerate(zip(lay.items, lay.starts)):
+            staged(index + 1)
+            sums.append(checksum(data[start : start + item.nbytes]))
+        return sums
+
     # The header does not depend on the checksums, so hashing (crc32 releases the GIL) runs
     # beside the write instead of before it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as pool:
-        sums = pool.submit(lambda: [checksum(data[s : s + i.nbytes]) for i, s in zip(lay.items, lay.starts)])
-        storage.write_durably(loc, loc.path(step, file_name), [header, data])
-        checksums = sums.result()
+        sums = pool.submit(checksums)
+        storage.write_durably(loc, loc.path(step, file_name), parts())
+        crcs = sums.result()
     chunks = {
         item.name: ChunkEntry(
             file=file_name,
@@ -81,7 +106,7 @@ def write_shard(
             end=len(header) + start + item.nbytes,
             checksum=crc,
         )
-        for item, start, crc in zip(lay.items, lay.starts, checksums)
+        for item, start, crc in zip(lay.items, lay.starts, crcs)
     }
     entry = FileEntry(file_name, len(header) + lay.total, len(header), checksum(header))
     return entry, chunks
@@ -112,11 +137,13 @@ class ShardReader:
             )
         self._checked.add(name)
 
-    def read(self, chunk: ChunkEntry, dtype: torch.dtype) -> torch.Tensor:
+    def read(self, chunk: ChunkEntry, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The verified chunk, read into `out` (contiguous CPU, the chunk's shape) if given."""
         self._check_file(chunk.file)
         path = self._loc.path(self._step, chunk.file)
-        out = torch.empty(chunk.shape, dtype=dtype)
-        raw = out.view(-1).view(torch.uint8).numpy() if out.numel() else memoryview(bytearray())
+        if out is None:
+            out = torch.empty(chunk.shape, dtype=dtype)
+        raw = out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else memoryview(bytearray())
         nbytes = chunk.end - chunk.begin
         try:
             if self._loc.is_local:

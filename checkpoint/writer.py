@@ -1,10 +1,13 @@
-"""The async half of a save: reusable staging memory and one background job at a time.
+"""The async half of a save: reusable staging memory, the snapshot copy, one background job.
 
 `StagingBuffer` is one uint8 CPU buffer reused by every save; it only grows (when the state
 grows), so host memory is steady across saves. `BackgroundJob` runs at most one job in a
 thread: submitting a second job first waits for the first (backpressure, never a queue), and
 an exception raised by a job is re-raised by the next call to `submit()` or `wait()`.
 The thread is not a daemon: an interpreter that exits normally finishes the pending write.
+`Snapshot` copies the blocks into staging in file order and lets the writer (and the
+optimizer hook of the overlap mode) wait for a prefix of them, so writing starts as soon as
+the first block is staged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import threading
 from collections.abc import Callable
 
 import torch
+
+from checkpoint.errors import CheckpointError
 
 
 class StagingBuffer:
@@ -60,3 +65,38 @@ class BackgroundJob:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class Snapshot:
+    """Progress of copying `count` blocks into staging; other threads wait for a prefix."""
+
+    def __init__(self, count: int, *, what: str) -> None:
+        self._count = count
+        self._what = what
+        self._staged = 0
+        self._error: Exception | None = None
+        self._cond = threading.Condition()
+
+    def run(self, copy_block: Callable[[int], None]) -> None:
+        try:
+            for index in range(self._count):
+                copy_block(index)
+                with self._cond:
+                    self._staged = index + 1
+                    self._cond.notify_all()
+        except Exception as exc:  # waiters raise it too (wait_for); the caller sees it here
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+            raise
+
+    def wait_for(self, blocks: int) -> int:
+        """Block until at least `blocks` are staged; return how many are. Raise if the copy failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._staged >= blocks or self._error is not None)
+            if self._staged < blocks:
+                raise CheckpointError(f"{self._what} failed: {self._error!r}") from self._error
+            return self._staged
+
+    def wait(self) -> None:
+        self.wait_for(self._count)

@@ -4,25 +4,20 @@ Also: a corrupt chunk seen by some ranks makes all ranks fall back together, and
 guard raising on rank 0 stops the commit everywhere.
 
 Real processes and real gloo process groups. This file is also the worker: the test runs it
-as a script that forks the ranks with RANK/WORLD_SIZE/MASTER_* set, as torchrun would.
+as a script that forks the ranks with RANK/WORLD_SIZE set, as torchrun would. The ranks meet
+through a FileStore in the test's directory instead of a "free" TCP port, which another
+process on this shared machine could take between choosing and binding it.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import warnings
 
 HERE = os.path.abspath(__file__)
 KINDS = ("ddp", "fsdp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_save_on_2_load_on_1_3_4_bitwise(tmp_path, python_env):
@@ -48,9 +43,8 @@ def run_phases(url: str, ref: str, phases: list[str]) -> int:
 
     ctx = multiprocessing.get_context("fork")
 
-    def rank_main(mode: str, world: int, rank: int, port: int) -> None:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    def rank_main(mode: str, world: int, rank: int, store: str) -> None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), CKPT_TEST_STORE=store)
         try:
             _worker(mode, url, ref)
         except BaseException:  # report and fail this rank; the parent checks exit codes
@@ -63,8 +57,8 @@ def run_phases(url: str, ref: str, phases: list[str]) -> int:
         if mode == "corrupt":
             corrupt_fsdp_step3(url)
             continue
-        port = free_port()
-        procs = [ctx.Process(target=rank_main, args=(mode, int(world), r, port)) for r in range(max(int(world), 1))]
+        store = f"{url}-store-{phase.replace(':', '-')}"
+        procs = [ctx.Process(target=rank_main, args=(mode, int(world), r, store)) for r in range(max(int(world), 1))]
         for p in procs:
             p.start()
         for p in procs:
@@ -138,7 +132,9 @@ def _worker(mode: str, url: str, ref: str) -> None:
 
     world = int(os.environ["WORLD_SIZE"])
     if world:
-        dist.init_process_group("gloo")
+        dist.init_process_group(
+            "gloo", init_method=f"file://{os.environ['CKPT_TEST_STORE']}", rank=int(os.environ["RANK"]), world_size=world
+        )
     rank = dist.get_rank() if world else 0
 
     class Net(torch.nn.Module):
