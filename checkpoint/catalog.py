@@ -48,10 +48,6 @@ class StepEntry:
     nfiles: int
     modified: float | None
 
-    @property
-    def readable(self) -> bool:
-        return self.manifest is not None
-
 
 def open_root(url: str, storage_options: dict[str, Any] | None = None, **policy: Any) -> Root:
     """Open `url` as a checkpoint root; `policy` is passed to CheckpointManager (retention)."""
@@ -153,8 +149,12 @@ def scan(root: Root) -> list[StepEntry]:
 
 
 def infos(entries: Sequence[StepEntry]) -> list[retention.CheckpointInfo]:
-    """The retention inputs: readable committed checkpoints only, as the manager uses."""
-    return [retention.CheckpointInfo(e.step, e.manifest.metrics) for e in entries if e.manifest is not None]
+    """Ranking inputs: committed checkpoints not found corrupt (load() would skip those too)."""
+    return [
+        retention.CheckpointInfo(e.step, e.manifest.metrics)
+        for e in entries
+        if e.manifest is not None and e.status == COMMITTED
+    ]
 
 
 def metric_names(entries: Sequence[StepEntry]) -> list[str]:

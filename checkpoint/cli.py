@@ -8,6 +8,7 @@ manifest), reported as one line on stderr, never a traceback. See docs/CLI.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ class UsageError(Exception):
     """Arguments that parse but do not make sense together."""
 
 
-def _storage_option(text: str) -> tuple[str, Any]:
+def parse_storage_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value (e.g. anon=true)")
@@ -39,6 +40,10 @@ def _storage_option(text: str) -> tuple[str, Any]:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(args.storage_option or [])
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
 
 
 # ---------------------------------------------------------------- inspect
@@ -62,10 +67,7 @@ def _checked(root: catalog.Root, entry: catalog.StepEntry) -> catalog.StepEntry:
     bad = catalog.check(root, entry.manifest)
     if not bad:
         return entry
-    return catalog.StepEntry(
-        step=entry.step, status=catalog.CORRUPT, manifest=entry.manifest, error=bad[0],
-        nbytes=entry.nbytes, nfiles=entry.nfiles, modified=entry.modified,
-    )
+    return dataclasses.replace(entry, status=catalog.CORRUPT, error=bad[0])
 
 
 def cmd_inspect(args: argparse.Namespace, now: float) -> int:
@@ -158,10 +160,6 @@ def cmd_prune(args: argparse.Namespace, now: float) -> int:
 # ---------------------------------------------------------------- verify
 
 
-def _files(count: int) -> str:
-    return f"{count} file" if count == 1 else f"{count} files"
-
-
 def _verify_one(root: catalog.Root, step: int, mode: str) -> list[str]:
     manifest = root.manager.manifest(step)
     total = catalog.total_bytes(manifest)
@@ -180,11 +178,10 @@ def _verify_one(root: catalog.Root, step: int, mode: str) -> list[str]:
 
 def cmd_verify(args: argparse.Namespace, now: float) -> int:
     root = catalog.open_root(args.url, _options(args))
-    entries = catalog.scan(root)
     if args.step is not None:
         return EXIT_DAMAGED if _verify_one(root, args.step, args.progress) else EXIT_OK
     damaged = 0
-    for e in entries:
+    for e in catalog.scan(root):
         if e.status == catalog.INCOMPLETE:
             print(f"step {e.step}: incomplete (no manifest), nothing to verify")
         elif e.status == catalog.CORRUPT:
@@ -224,7 +221,7 @@ def _non_negative(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--storage-option", "--storage_option", metavar="KEY=VALUE", type=_storage_option, action="append",
+        "--storage-option", "--storage_option", metavar="KEY=VALUE", type=parse_storage_option, action="append",
         help="fsspec storage option (repeatable); VALUE is parsed as JSON when it can be (anon=true)",
     )
     parser = argparse.ArgumentParser(prog=PROG, description="Inspect, prune, verify and export checkpoints.")

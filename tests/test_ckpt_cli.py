@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoint import CheckpointManager
-from checkpoint.cli import main
+from checkpoint.cli import main, parse_storage_option
 from checkpoint.tables import size
 from helpers import REPO, child_env
 
@@ -254,6 +254,13 @@ def test_verify_names_the_file_with_a_flipped_byte(url, capsys):
     capsys.readouterr()
     code, out, _ = run(capsys, "inspect", url, "--verify")
     assert code == 0 and rows(out)[20][8] == "corrupt" and rows(out)[30][8] == "committed"
+    flip_byte(url, 30)  # now the newest is damaged too: load() would resume from step 10
+    code, out, _ = run(capsys, "inspect", url, "--verify", "--json")
+    doc = json.loads(out)
+    assert doc["latest"] == 10 and [c["status"] for c in doc["checkpoints"]] == [
+        "committed", "corrupt", "corrupt", "incomplete"
+    ]
+    assert doc["checkpoints"][1]["error"].startswith(f"shard file {path}: chunk ")
 
 
 def test_verify_progress_bar_is_forced_or_off(tmp_path, capsys):
@@ -316,6 +323,50 @@ def test_manifest_path_escaping_the_root_is_refused(url, tmp_path, capsys):
     assert rows(out)[20][8:] == ["corrupt", "-"] and rows(out)[10][0] == "L"
     code, out, _ = run(capsys, "prune", url, "--keep-last", "1")
     assert code == 0 and CheckpointManager(url).steps() == [10, 20]  # never deletes what it cannot read
+
+
+class TokenFileSystem(LocalFileSystem):
+    """Local files that list only for the right `token` storage option, like a store with credentials."""
+
+    protocol = "tokenfile"
+
+    def __init__(self, token: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.token = token
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("tokenfile://"))
+
+    def ls(self, path, detail=False, **kwargs):
+        if self.token != "s3cret":
+            raise PermissionError(errno.EACCES, "wrong token", path)
+        return super().ls(path, detail=detail, **kwargs)
+
+
+def test_storage_options_reach_the_filesystem(tmp_path, capsys):
+    fsspec.register_implementation("tokenfile", TokenFileSystem, clobber=True)
+    path = str(tmp_path / "ckpt")
+    write(path, {10: 0.5})
+    url = f"tokenfile://{path}"
+    code, _, err = run(capsys, "inspect", url, "--storage-option", "token=wrong")
+    assert code == 2 and err.startswith(f"elastic-ckpt: error: permission denied reading {url} (wrong token)")
+    code, out, err = run(capsys, "inspect", url, "--storage-option", "token=s3cret", "--json")
+    assert code == 0 and [c["step"] for c in json.loads(out)["checkpoints"]] == [10]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("anon=true", ("anon", True)),
+        ('client_kwargs={"endpoint_url": "http://127.0.0.1:5000"}',
+         ("client_kwargs", {"endpoint_url": "http://127.0.0.1:5000"})),
+        ("region=eu-west-1", ("region", "eu-west-1")),
+        ("key=a=b", ("key", "a=b")),
+    ],
+)
+def test_storage_option_values_are_json_when_they_parse(text, expected):
+    assert parse_storage_option(text) == expected
 
 
 # ---------------------------------------------------------------- real processes
