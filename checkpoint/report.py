@@ -91,25 +91,29 @@ def list_json(url: str, entries: Sequence[StepEntry], marks: Marks, now: float) 
     }
 
 
-_LIST_COLUMNS = (
-    Column(""),
-    Column("STEP", right=True),
-    Column("EPOCH", right=True),
-    Column("WORLD", right=True),
-    Column("RUN/ROUND", shrink=True, middle=True),
-    Column("SIZE", right=True),
-    Column("FILES", right=True),
-    Column("AGE", right=True),
-    Column("STATUS"),
-    Column("METRICS", shrink=True),
-)
+def _columns(run_header: str) -> tuple[Column, ...]:
+    return (
+        Column(""),
+        Column("STEP", right=True),
+        Column("EPOCH", right=True),
+        Column("WORLD", right=True),
+        Column(run_header, shrink=True, middle=True),
+        Column("SIZE", right=True),
+        Column("FILES", right=True),
+        Column("AGE", right=True),
+        Column("STATUS"),
+        Column("METRICS", shrink=True),
+    )
 
 
 def _opt(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _run(m: Manifest) -> str:
+def _run(m: Manifest, shared_run: bool) -> str:
+    """The round alone when every checkpoint has the same run id (shown once, above)."""
+    if shared_run:
+        return _opt(m.round)
     if m.run_id is None and m.round is None:
         return "-"
     return f"{_opt(m.run_id)}/{_opt(m.round)}"
@@ -125,20 +129,25 @@ def _metrics_text(metrics: Mapping[str, float], first: str | None = None) -> str
     return " ".join(f"{k}={number(metrics[k])}" for k in names) or "-"
 
 
-def _row(e: StepEntry, marks: Marks, now: float) -> list[str]:
+def _row(e: StepEntry, marks: Marks, now: float, shared_run: bool) -> list[str]:
     m = e.manifest
     common = [size(e.nbytes), str(e.nfiles), age(_age_of(e, now)), e.status]
     if m is None:
         return [_mark(e.step, marks), str(e.step), "-", "-", "-", *common, "-"]
     metrics = _metrics_text(m.metrics, marks.metric)
-    return [_mark(e.step, marks), str(e.step), _opt(m.epoch), str(m.world_size), _run(m), *common, metrics]
+    return [_mark(e.step, marks), str(e.step), _opt(m.epoch), str(m.world_size), _run(m, shared_run), *common, metrics]
 
 
 def list_text(url: str, entries: Sequence[StepEntry], marks: Marks, now: float) -> list[str]:
     counts = {s: sum(e.status == s for e in entries) for s in ("committed", "incomplete", "corrupt")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    runs = {e.manifest.run_id for e in entries if e.manifest is not None}
+    shared_run = len(runs) == 1
+    if shared_run:
+        summary += f", run {_opt(next(iter(runs)))}"
     lines = [fit(f"{summary} in {url}", WIDTH, middle=True)]
-    lines += render(_LIST_COLUMNS, [_row(e, marks, now) for e in entries])
+    rows = [_row(e, marks, now, shared_run) for e in entries]
+    lines += render(_columns("ROUND" if shared_run else "RUN/ROUND"), rows)
     legend = "L = latest committed (resume point)"
     if marks.metric is not None:
         legend += f", B = best {marks.keep_best} by {marks.metric} ({marks.mode})"
@@ -226,7 +235,7 @@ def step_text(url: str, entry: StepEntry, manifest: Manifest, now: float) -> lis
     lines.append("")
     tensor_rows = [
         [key, t.dtype, _shape(t.shape), size(_nbytes(t.dtype, t.shape)),
-         ",".join(str(index[c.file]) for c in t.chunks)]
+         ",".join(str(i) for i in sorted({index[c.file] for c in t.chunks}))]
         for key, t in sorted(m.tensors.items())
     ]
     lines += render(

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from checkpoint import CheckpointManager
 from checkpoint.cli import main, parse_storage_option
-from checkpoint.tables import size
+from checkpoint.tables import fit, size
 from helpers import REPO, child_env
 
 LOSSES = {10: 0.5, 20: 0.3, 30: 0.4, 40: 0.35}
@@ -107,8 +107,26 @@ def test_inspect_table_marks_latest_best_and_incomplete(url, capsys):
     assert table[20][2:5] == ["1", "1", "-"] and table[20][8] == "committed"
     assert table[20][9:] == ["val_loss=0.3", "acc=0.7"]
     assert table[50][-2:] == ["incomplete", "-"]
-    assert out.splitlines()[0].startswith("4 committed, 1 incomplete in ")
+    assert out.splitlines()[0].startswith("4 committed, 1 incomplete, run - in ")
     assert "B = best 2 by val_loss (min)" in out
+
+
+def test_inspect_shows_run_and_round(url, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("ELASTIC_ROUND", "1")
+    write(url, {10: 0.5})
+    code, out, _ = run(capsys, "inspect", url)
+    assert out.splitlines()[0] == fit(f"1 committed, run job-a in {url}", 80, middle=True)
+    assert out.splitlines()[1].split()[:5] == ["STEP", "EPOCH", "WORLD", "ROUND", "SIZE"]
+    assert rows(out)[10][4] == "1"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    monkeypatch.setenv("ELASTIC_ROUND", "4")
+    write(url, {20: 0.4})
+    code, out, _ = run(capsys, "inspect", url)
+    assert code == 0 and out.splitlines()[1].split()[3] == "RUN/ROUND"
+    assert rows(out)[10][4] == "job-a/1" and rows(out)[20][4] == "job-b/4"
+    code, out, _ = run(capsys, "inspect", url, "--json")
+    assert [(c["run_id"], c["round"]) for c in json.loads(out)["checkpoints"]] == [("job-a", 1), ("job-b", 4)]
 
 
 def test_inspect_json_schema(url, capsys):
