@@ -1,6 +1,7 @@
 """`elastic-ckpt` (also `python -m checkpoint`): inspect, prune, verify, export and import.
 
-Exit codes: 0 success; 1 `verify` found a damaged checkpoint; 2 an error (bad arguments, a
+Exit codes: 0 success; 1 `verify` found a damaged checkpoint (a bad file or an unreadable
+manifest); 2 an error (bad arguments, a
 URL that does not exist or is not a checkpoint root, permission denied, an unreadable
 manifest), reported as one line on stderr, never a traceback. See docs/CLI.md.
 """
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from checkpoint import catalog, consolidate, progress, report, retention, storage
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointCorruptError, CheckpointError
 from checkpoint.tables import WIDTH, fit, size
 
 EXIT_OK, EXIT_DAMAGED, EXIT_ERROR = 0, 1, 2
@@ -161,7 +162,12 @@ def cmd_prune(args: argparse.Namespace, now: float) -> int:
 
 
 def _verify_one(root: catalog.Root, step: int, mode: str) -> list[str]:
-    manifest = root.manager.manifest(step)
+    """Check one committed step; prints the outcome and returns one message per bad file."""
+    try:
+        manifest = root.manager.manifest(step)
+    except CheckpointCorruptError as exc:
+        print(f"step {step}: BAD {_one_line(exc)}", file=sys.stderr)
+        return [str(exc)]
     total = catalog.total_bytes(manifest)
     bar = progress.ProgressBar(sys.stderr, total, f"step {step}") if progress.wanted(sys.stderr, total, mode) else None
     try:
@@ -184,9 +190,6 @@ def cmd_verify(args: argparse.Namespace, now: float) -> int:
     for e in catalog.scan(root):
         if e.status == catalog.INCOMPLETE:
             print(f"step {e.step}: incomplete (no manifest), nothing to verify")
-        elif e.status == catalog.CORRUPT:
-            print(f"step {e.step}: BAD {e.error}", file=sys.stderr)
-            damaged += 1
         else:
             damaged += bool(_verify_one(root, e.step, args.progress))
     return EXIT_DAMAGED if damaged else EXIT_OK
@@ -203,7 +206,7 @@ def cmd_export(args: argparse.Namespace, now: float) -> int:
 
 
 def cmd_import(args: argparse.Namespace, now: float) -> int:
-    count, _ = consolidate.import_file(args.file, args.url, args.step, _options(args))
+    count = consolidate.import_file(args.file, args.url, args.step, _options(args))
     print(f"imported {args.file}: {count} tensors as committed step {args.step} of {args.url}")
     return EXIT_OK
 

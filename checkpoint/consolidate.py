@@ -88,8 +88,8 @@ def _read(src: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def import_file(
     src: str, url: str, step: int, storage_options: dict[str, Any] | None = None
-) -> tuple[int, dict[str, float]]:
-    """Save the safetensors file `src` as checkpoint `step` of `url`; returns (tensors, metrics)."""
+) -> int:
+    """Save the safetensors file `src` as checkpoint `step` of `url`; returns the tensor count."""
     tensors, metadata = _read(src)
     if f"{_PREFIX}state" in metadata:
         skeleton = json.loads(metadata[f"{_PREFIX}state"])
@@ -105,4 +105,4 @@ def import_file(
                 f"step {step} is already committed in {url}; choose another --step or prune it first"
             )
         ckpt.save(step, state, metrics, epoch=epoch)
-    return len(tensors), metrics
+    return len(tensors)
