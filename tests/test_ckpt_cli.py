@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import stat
@@ -18,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import CheckpointManager
+from checkpoint import CheckpointManager, progress
 from checkpoint.cli import main, parse_storage_option
 from checkpoint.tables import fit, size
 from helpers import REPO, child_env
@@ -291,6 +292,25 @@ def test_verify_progress_bar_is_forced_or_off(tmp_path, capsys):
     assert code == 0 and err == ""
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_auto_only_on_a_terminal_for_large_checkpoints():
+    assert progress.wanted(Terminal(), progress.LARGE_BYTES, "auto")
+    assert not progress.wanted(Terminal(), progress.LARGE_BYTES - 1, "auto")
+    assert not progress.wanted(io.StringIO(), progress.LARGE_BYTES, "auto")
+    assert not progress.wanted(Terminal(), progress.LARGE_BYTES, "never")
+    bar = progress.ProgressBar(stream := Terminal(), 4 << 20, "step 7")
+    bar.advance(1 << 20)
+    bar.advance(3 << 20)
+    bar.close()
+    frames = stream.getvalue().split("\r")[1:]
+    assert frames[0].endswith(" 25%  1.0 MiB/4.0 MiB") and frames[1].endswith("100%  4.0 MiB/4.0 MiB")
+    assert all(len(f) <= 79 for f in frames) and frames[-1] == ""
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -450,7 +470,7 @@ def test_permission_denied_is_one_line(tmp_path, capsys):
 SHARDED_WRITER = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist
-    from checkpoint import CheckpointManager
+    from checkpoint import CheckpointManager, progress
     dist.init_process_group("gloo")
     big = torch.arange(1024 * 1024, dtype=torch.float32).reshape(1024, 1024)
     with CheckpointManager(sys.argv[1], async_write=False) as ckpt:
