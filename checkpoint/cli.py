@@ -227,7 +227,11 @@ def _parser() -> argparse.ArgumentParser:
         "--storage-option", "--storage_option", metavar="KEY=VALUE", type=parse_storage_option, action="append",
         help="fsspec storage option (repeatable); VALUE is parsed as JSON when it can be (anon=true)",
     )
-    parser = argparse.ArgumentParser(prog=PROG, description="Inspect, prune, verify and export checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect, prune, verify and export checkpoints on any fsspec URL.",
+        epilog="exit codes: 0 ok, 1 verify found damage, 2 error. Reference: docs/CLI.md",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", parents=[common], help="list checkpoints, or the tensors of one")
