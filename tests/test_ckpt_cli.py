@@ -416,7 +416,7 @@ def test_storage_option_values_are_json_when_they_parse(text, expected):
 def python_m(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "checkpoint", *args], env=child_env(), capture_output=True, text=True,
-        timeout=60, **kwargs,
+        timeout=240, **kwargs,
     )
 
 
