@@ -172,9 +172,17 @@ class ShardReader:
 
 
 def verify_file(
-    loc: storage.Location, step: int, entry: FileEntry, chunks: Sequence[tuple[ChunkEntry, torch.dtype]]
+    loc: storage.Location,
+    step: int,
+    entry: FileEntry,
+    chunks: Sequence[tuple[ChunkEntry, torch.dtype]],
+    *,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> None:
-    """Read every byte of one shard file and check its header and every chunk checksum."""
+    """Read every byte of one shard file and check its header and every chunk checksum.
+
+    `on_chunk(nbytes)` is called after each chunk is verified (progress reporting).
+    """
     reader = ShardReader(loc, step, {entry.path: entry.size})
     path = loc.path(step, entry.path)
     covered = entry.header_size + sum(c.end - c.begin for c, _ in chunks)
@@ -185,6 +193,8 @@ def verify_file(
         )
     for chunk, dtype in chunks:
         reader.read(chunk, dtype)
+        if on_chunk is not None:
+            on_chunk(chunk.end - chunk.begin)
     try:
         with loc.fs.open(path, "rb") as f:
             header = f.read(entry.header_size)
