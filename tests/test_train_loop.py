@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import elastic
 from elastic.context import ProgressFile, context_from_env
+from elastic.train_loop import check_interval
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 
 N = 23
@@ -97,11 +98,21 @@ def test_backward_outside_and_twice():
         ({"g": 24}, r"the dataset has 23 samples, fewer than global_batch_size=24"),
         ({"max_steps": -1}, r"max_steps=-1"),
         ({"save_every": 0}, r"save_every=0"),
+        ({"save_every": 2}, r"save_every=2 needs a checkpoint manager"),
+        ({"stop_check_every": 0}, r"stop_check_every=0: it must be >= 1"),
     ],
 )
 def test_bad_options(kw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         make_loop(**kw)
+
+
+@pytest.mark.parametrize(
+    "seconds, every, interval",
+    [(0.0, None, 1), (0.001, None, 250), (1e-9, None, 1000), (2.0, None, 1), (0.001, 3, 3)],
+)
+def test_sigterm_check_interval(seconds, every, interval):
+    assert check_interval(seconds, every) == interval
 
 
 def test_save_without_manager():
