@@ -3,8 +3,10 @@
 Guarantees (see the class docstring for the call order):
 - multi-process-safe: in a process group every rank calls save()/load() together;
 - not thread-safe: call it from the training thread only;
-- not multi-job-safe: one job owns a checkpoint directory (retention removes uncommitted
-  leftovers it finds there).
+- not multi-job-safe: one job writes to a checkpoint directory at a time (retention removes
+  uncommitted leftovers it finds there). Retention prunes only checkpoints whose manifest
+  carries this job's run id (TORCHELASTIC_RUN_ID), so resuming from another run's
+  checkpoints never deletes them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from checkpoint.errors import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    StorageError,
 )
 from checkpoint.manifest import (
     MANIFEST_NAME,
@@ -44,6 +47,12 @@ from checkpoint.manifest import (
 from checkpoint.writer import BackgroundJob, StagingBuffer
 
 log = logging.getLogger(__name__)
+
+# Rebuilds on every rank the error another rank hit while loading (agreement is by type name).
+_ERRORS_BY_NAME: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls
+    for cls in (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError, StorageError)
+}
 
 
 class CheckpointManager:
@@ -121,7 +130,7 @@ class CheckpointManager:
         self._check_open()
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative int")
-        self._job.wait()
+        self.wait()
         skeleton, tensors = statedict.flatten(statedict.collect(state))
         state_json = json.dumps(skeleton)  # now, so a non-JSON value fails in the caller's frame
         items = plan.plan_writes(tensors, self._rank, self._world)
@@ -217,6 +226,25 @@ class CheckpointManager:
             raise CheckpointCorruptError(f"{path}: records step {manifest.step}, expected {step}")
         return manifest
 
+    def verify(self, step: int | None = None) -> int:
+        """Read every byte of checkpoint `step` (default: latest) and check every checksum.
+
+        Returns the step verified; raises CheckpointNotFoundError or CheckpointCorruptError.
+        """
+        self._check_open()
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
+        manifest = self.manifest(step)
+        per_file: dict[str, list[tuple[ChunkEntry, torch.dtype]]] = {f.path: [] for f in manifest.files}
+        for entry in manifest.tensors.values():
+            for chunk in entry.chunks:
+                per_file[chunk.file].append((chunk, torch_dtype(entry.dtype)))
+        for f in manifest.files:
+            shardfile.verify_file(self._loc, step, f, per_file[f.path])
+        return step
+
     def preflight(self, state: Mapping[str, Any], step: int | None = None) -> None:
         """Raise CheckpointMismatchError naming every key/shape/dtype that does not fit `state`."""
         self._check_open()
@@ -248,7 +276,7 @@ class CheckpointManager:
                 manifest = self.manifest(cand)
                 _check_fit(manifest, state, targets)
                 loaded = _read_state(self._loc, manifest, state, targets)
-            except (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError) as exc:
+            except (CheckpointError, OSError) as exc:  # every rank must reach the agreement below
                 error = exc
             errors = self._all_gather(None if error is None else [type(error).__name__, str(error)])
             bad = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -259,11 +287,11 @@ class CheckpointManager:
             rank, (kind, message) = bad[0]
             reason = f"rank {rank}: {message}"
             if error is None:
-                error = {
-                    "CheckpointMismatchError": CheckpointMismatchError,
-                    "CheckpointNotFoundError": CheckpointNotFoundError,
-                }.get(kind, CheckpointCorruptError)(reason)
-            if step is not None or isinstance(error, CheckpointMismatchError):
+                error = _ERRORS_BY_NAME.get(kind, CheckpointError)(reason)
+            # Only a damaged or vanished checkpoint is a reason to try an older one; a model
+            # that does not fit or a storage outage would fail on the older one too.
+            damaged = all(e[0] in ("CheckpointCorruptError", "CheckpointNotFoundError") for _, e in bad)
+            if step is not None or not damaged:
                 raise error
             failures.append(f"step {cand}: {reason}")
             warnings.warn(
@@ -297,11 +325,13 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
         return json.loads(box[0])
 
-    def _infos(self) -> list[retention.CheckpointInfo]:
+    def _infos(self, run_id: str | None = None, *, only_run: bool = False) -> list[retention.CheckpointInfo]:
         infos = []
         for step in self.steps():
             try:
-                infos.append(retention.CheckpointInfo(step, self.manifest(step).metrics))
+                manifest = self.manifest(step)
+                if not only_run or manifest.run_id == run_id:
+                    infos.append(retention.CheckpointInfo(step, manifest.metrics))
             except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
                 # Left alone: never delete or rank what we cannot read.
                 log.warning("checkpoint %s: skipping step %d in retention: %s", self._loc.url, step, exc)
@@ -381,7 +411,7 @@ class CheckpointManager:
         self._retain(job.step, {f.path for f in files})
 
     def _retain(self, committed: int, current_files: set[str]) -> None:
-        """After a commit (rank 0): drop old attempts, leftovers and checkpoints the policy lets go."""
+        """After a commit (rank 0): drop old attempts of this step, then prune."""
         storage.remove_files(
             self._loc,
             [
@@ -390,16 +420,30 @@ class CheckpointManager:
                 if name.endswith(".safetensors") and name not in current_files
             ],
         )
+        self.prune(protect=(committed,))
+
+    def prune(self, *, dry_run: bool = False, all_runs: bool = False, protect: tuple[int, ...] = ()) -> list[int]:
+        """Remove uncommitted leftovers and the committed checkpoints the policy lets go.
+
+        The manager calls this after every commit with `protect` = the step just committed.
+        Only checkpoints of this run (TORCHELASTIC_RUN_ID) are candidates unless `all_runs`.
+        Returns the steps removed (or that would be, with `dry_run`), ascending. Call it from
+        one process only, with no save in flight.
+        """
         committed_steps = set(self.steps())
-        for step in storage.step_dirs(self._loc):
-            if step not in committed_steps and step != committed:
-                log.info("checkpoint %s: removing uncommitted leftover step %d", self._loc.url, step)
-                storage.delete_step(self._loc, step)
-        infos = self._infos()
-        for info, keep in zip(infos, retention.decide(infos, self._policy)):
-            if not keep and info.step != committed:
-                log.info("checkpoint %s: retention deletes step %d", self._loc.url, info.step)
-                storage.delete_step(self._loc, info.step)
+        doomed = [s for s in storage.step_dirs(self._loc) if s not in committed_steps and s not in protect]
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        infos = self._infos(run_id, only_run=not all_runs)
+        doomed += [
+            info.step
+            for info, keep in zip(infos, retention.decide(infos, self._policy))
+            if not keep and info.step not in protect
+        ]
+        for step in sorted(doomed) if not dry_run else ():
+            kind = "retention" if step in committed_steps else "uncommitted leftover"
+            log.info("checkpoint %s: deleting step %d (%s)", self._loc.url, step, kind)
+            storage.delete_step(self._loc, step)
+        return sorted(doomed)
 
 
 @dataclass

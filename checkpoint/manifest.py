@@ -6,6 +6,9 @@ size and a checksum of its header, and for every tensor chunk the byte range ins
 and a checksum of those bytes, so every byte of every shard is covered by exactly one
 checksum. Sharded tensors list each chunk with its offsets in the global tensor.
 
+Metric values may be NaN or infinite; they are written as the literals NaN / Infinity, as
+Python's json module does (strict JSON parsers need allow-NaN mode).
+
 Parsing validates everything once, at the boundary: an unknown `format_version`, a path that
 is not a bare file name (so nothing can escape the step directory), a byte range outside its
 file or a set of chunks that does not cover its tensor all raise CheckpointCorruptError.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy
@@ -64,18 +65,24 @@ def write_shard(
     """Checksum and durably write the staged blocks; returns the manifest entries."""
     header = _header(lay)
     data = memoryview(buffer[: lay.total].numpy()) if lay.total else memoryview(b"")
-    chunks = {}
-    for item, start in zip(lay.items, lay.starts):
-        chunks[item.name] = ChunkEntry(
+    # The header does not depend on the checksums, so hashing (crc32 releases the GIL) runs
+    # beside the write instead of before it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as pool:
+        sums = pool.submit(lambda: [checksum(data[s : s + i.nbytes]) for i, s in zip(lay.items, lay.starts)])
+        storage.write_durably(loc, loc.path(step, file_name), [header, data])
+        checksums = sums.result()
+    chunks = {
+        item.name: ChunkEntry(
             file=file_name,
             name=item.name,
             offsets=item.offsets,
             shape=item.shape,
             begin=len(header) + start,
             end=len(header) + start + item.nbytes,
-            checksum=checksum(data[start : start + item.nbytes]),
+            checksum=crc,
         )
-    storage.write_durably(loc, loc.path(step, file_name), [header, data])
+        for item, start, crc in zip(lay.items, lay.starts, checksums)
+    }
     entry = FileEntry(file_name, len(header) + lay.total, len(header), checksum(header))
     return entry, chunks
 
@@ -135,3 +142,29 @@ class ShardReader:
                 "Load an earlier step."
             )
         return out
+
+
+def verify_file(
+    loc: storage.Location, step: int, entry: FileEntry, chunks: Sequence[tuple[ChunkEntry, torch.dtype]]
+) -> None:
+    """Read every byte of one shard file and check its header and every chunk checksum."""
+    reader = ShardReader(loc, step, {entry.path: entry.size})
+    path = loc.path(step, entry.path)
+    covered = entry.header_size + sum(c.end - c.begin for c, _ in chunks)
+    if covered != entry.size:
+        raise CheckpointCorruptError(
+            f"shard file {path}: header and chunks cover {covered} of {entry.size} bytes; "
+            "the manifest is inconsistent"
+        )
+    for chunk, dtype in chunks:
+        reader.read(chunk, dtype)
+    try:
+        with loc.fs.open(path, "rb") as f:
+            header = f.read(entry.header_size)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(f"shard file {path} disappeared while verifying") from exc
+    if checksum(header) != entry.header_checksum:
+        raise CheckpointCorruptError(
+            f"shard file {path}: header has checksum {checksum(header)}, the manifest says "
+            f"{entry.header_checksum}; the file is corrupt"
+        )

@@ -76,7 +76,8 @@ def apply(state: MutableMapping[str, Any], loaded: Mapping[str, Any]) -> None:
             obj.load_state_dict(value)
         elif isinstance(obj, torch.Tensor):
             local = obj.to_local() if is_dtensor(obj) else obj
-            local.copy_(value.to_local() if is_dtensor(value) else value)
+            with torch.no_grad():  # a bare nn.Parameter in `state` is a leaf that requires grad
+                local.copy_(value.to_local() if is_dtensor(value) else value)
         else:
             state[name] = value
 

@@ -24,6 +24,7 @@ from checkpoint.errors import StorageError
 from checkpoint.manifest import MANIFEST_NAME
 
 _STEP_DIR = re.compile(r"^step_(\d{12})$")
+_UPLOAD_SLICE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def _storage_error(action: str, path: str, exc: BaseException) -> StorageError:
 
 def step_dirs(loc: Location) -> dict[int, str]:
     """Every step directory present, committed or not."""
+    loc.fs.invalidate_cache(loc.root)  # another rank or process may have written since
     try:
         entries = loc.fs.ls(loc.root, detail=False) if loc.fs.exists(loc.root) else []
     except OSError as exc:
@@ -79,6 +81,7 @@ def step_dirs(loc: Location) -> dict[int, str]:
 def committed_steps(loc: Location) -> list[int]:
     """Steps whose manifest exists, ascending. Uncommitted leftovers are not listed."""
     pattern = f"{loc.root}/step_*/{MANIFEST_NAME}"
+    loc.fs.invalidate_cache(loc.root)  # listings are cached by some backends (s3fs)
     try:
         paths = loc.fs.glob(pattern)
     except OSError as exc:
@@ -121,7 +124,11 @@ def write_durably(loc: Location, path: str, parts: Iterable[memoryview | bytes])
         else:
             with loc.fs.open(path, "wb") as f:
                 for part in parts:
-                    f.write(part)
+                    # Buffered object-store files copy what they are given and upload a part
+                    # per block; slices keep that copy to one slice instead of the whole shard.
+                    view = memoryview(part)
+                    for start in range(0, len(view), _UPLOAD_SLICE):
+                        f.write(view[start : start + _UPLOAD_SLICE])
     except OSError as exc:
         raise _storage_error("write", path, exc) from exc
 

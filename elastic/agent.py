@@ -102,7 +102,7 @@ class Agent:
             self._result.restarts = assignment.restart_count
             self._events.emit("round_sealed", round=assignment.round, world_size=assignment.world_size,
                               group_rank=assignment.group_rank, restarts=assignment.restart_count)
-            group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint)
+            group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
             group.start()
             self._events.emit("workers_started", round=assignment.round, pids=group.pids)
             result = self._after_round(group, assignment, self._watch(group, assignment))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import etcd3  # noqa: E402  (after the gRPC setting above)
+import grpc  # noqa: E402
 import etcd3.events  # noqa: E402
 import etcd3.exceptions  # noqa: E402
 import etcd3.utils  # noqa: E402
@@ -91,6 +92,15 @@ def connect(config: EtcdConfig, *, check: bool = True) -> etcd3.Etcd3Client:
             password=config.password,
             timeout=config.timeout,
         )
+        # The client marks an endpoint that failed once as unusable for 5 minutes and then
+        # raises ValueError on every call; with one etcd endpoint we want gRPC to reconnect
+        # as soon as etcd is back (an etcd restart must not take the job down).
+        for endpoint in client.endpoints.values():
+            endpoint.time_retry = 0.0
+        if not client.uses_secure_channel:
+            # gRPC refuses call credentials on a plaintext channel; the auth token still
+            # travels in the request metadata, which the client sends as well.
+            client.call_credentials = None
         if check:
             client.status()
     except TRANSIENT_ERRORS as exc:
@@ -98,4 +108,12 @@ def connect(config: EtcdConfig, *, check: bool = True) -> etcd3.Etcd3Client:
             f"cannot reach etcd at {config.endpoint}: check --rdzv-endpoint and that etcd runs "
             "there (or use --standalone for a private one)"
         ) from exc
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+                          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
+            raise RendezvousConnectionError(
+                f"etcd refused the credentials at {config.endpoint} ({exc.details()}): check the "
+                "user and password in --rdzv-conf"
+            ) from exc
+        raise
     return client

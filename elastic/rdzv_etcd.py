@@ -26,12 +26,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from elastic.errors import RendezvousConnectionError
 from elastic.etcd_client import TRANSIENT_ERRORS, DeleteEvent, prefix_range_end
 from elastic.rdzv_protocol import Member, NodeRecord, RunState, SealedRound
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EtcdBackend:
@@ -52,11 +54,12 @@ class EtcdBackend:
         self._watch_id = None
         self._watch_broken = False
         self.writes = 0  # etcd write requests made (for benchmarks)
+        self.retry_for = 10.0  # how long one request may wait out an etcd outage
 
     # -- lease -------------------------------------------------------------------------------
 
     def open_lease(self, ttl: float) -> None:
-        self._lease = self._client.lease(max(2, int(round(ttl))))
+        self._lease = self._retry("taking a lease", lambda: self._client.lease(max(2, int(round(ttl)))))
         self.writes += 1
 
     @property
@@ -187,12 +190,26 @@ class EtcdBackend:
 
     # -- writes -------------------------------------------------------------------------------
 
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """Run one etcd request, retrying with backoff through an outage of up to `retry_for` s."""
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except TRANSIENT_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise RendezvousConnectionError(
+                        f"etcd did not answer for {self.retry_for:g}s during {what}: {type(exc).__name__}"
+                    ) from exc
+                log.warning("rendezvous: etcd unavailable during %s; retrying in %.1fs", what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     def _txn(self, compare, success) -> bool:
         self.writes += 1
-        try:
-            ok, _ = self._client.transaction(compare=compare, success=success, failure=[])
-        except TRANSIENT_ERRORS as exc:
-            raise RendezvousConnectionError(f"etcd unreachable during a rendezvous write: {exc}") from exc
+        ok, _ = self._retry("a transaction", lambda: self._client.transaction(
+            compare=compare, success=success, failure=[]))
         self._catch_up()
         return ok
 
@@ -200,7 +217,7 @@ class EtcdBackend:
         """Read-your-writes: wait until the mirror reflects etcd as of now (after our write)."""
         if self._watch_id is None:
             return  # no mirror yet: sync() will read everything
-        revision = self._client.get_response(self._key("round")).header.revision
+        revision = self._retry("a read", lambda: self._client.get_response(self._key("round"))).header.revision
         with self._changed:
             self._changed.wait_for(lambda: self._revision >= revision or self._watch_broken, timeout)
 
@@ -210,7 +227,8 @@ class EtcdBackend:
     def announce(self) -> None:
         """Create the round key if the run is new, and mark this agent alive (on its lease)."""
         self._txn([self._tx.create(self._key("round")) == 0], [self._tx.put(self._key("round"), "0")])
-        self._client.put(self._key(f"alive/{self.node_id}"), "1", lease=self._lease)
+        self._retry("announcing", lambda: self._client.put(
+            self._key(f"alive/{self.node_id}"), "1", lease=self._lease))
         self.writes += 1
 
     def start_new_generation_if_over(self) -> bool:
@@ -259,8 +277,8 @@ class EtcdBackend:
         success = [self._tx.put(self._key("round"), str(round_ + 1)),
                    self._tx.put(self._key(f"rounds/{round_}/end"), end)]
         if failed_node is not None:
-            restarts_raw, restarts_meta = self._client.get(self._key("restarts"))
-            node_raw, node_meta = self._client.get(self._key(f"nodes/{failed_node}"))
+            restarts_raw, restarts_meta = self._retry("a read", lambda: self._client.get(self._key("restarts")))
+            node_raw, node_meta = self._retry("a read", lambda: self._client.get(self._key(f"nodes/{failed_node}")))
             record = NodeRecord(**json.loads(node_raw)) if node_raw else NodeRecord()
             record = NodeRecord(record.failures + 1, self._clock())
             compare += [
@@ -277,14 +295,14 @@ class EtcdBackend:
         key = self._key(f"waiting/{self.node_id}")
         self.writes += 1
         if waiting:
-            self._client.put(key, "1", lease=self._lease)
+            self._retry("registering as waiting", lambda: self._client.put(key, "1", lease=self._lease))
         else:
-            self._client.delete(key)
+            self._retry("leaving the waiting list", lambda: self._client.delete(key))
         self._catch_up()
 
     def mark(self, round_: int, what: str) -> None:
         """Record that this node is `done` with, or `left`, round `round_`."""
-        self._client.put(self._key(f"rounds/{round_}/{what}/{self.node_id}"), "1")
+        self._retry(f"marking {what}", lambda: self._client.put(self._key(f"rounds/{round_}/{what}/{self.node_id}"), "1"))
         self.writes += 1
         self._catch_up()
 

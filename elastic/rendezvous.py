@@ -80,6 +80,16 @@ class EtcdRendezvous:
         """After `lease_lost`: a new lease, announced again (the old one is gone in etcd)."""
         self.start()
 
+    def _ensure_lease(self) -> None:
+        """Before joining: if this agent was cut off (or stopped) past its TTL, renew the lease."""
+        try:
+            alive = self._backend.refresh_lease()
+        except TRANSIENT_ERRORS:
+            return  # etcd unreachable: the join itself will wait or fail
+        if not alive or self.lease_lost:
+            log.warning("rendezvous: node %s's lease had expired; taking a new one", self.node_id)
+            self.renew()
+
     def shutdown(self) -> None:
         self._stop.set()
         self._backend.shutdown()
@@ -107,6 +117,7 @@ class EtcdRendezvous:
         Raises RendezvousClosedError if the job ended, RendezvousTimeoutError if fewer than
         MIN nodes joined within the join timeout.
         """
+        self._ensure_lease()
         deadline = self._clock() + self._config.rdzv.join_timeout
         min_reached_at: float | None = None
         tracked_round = -1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from elastic._process import die_with_parent
+from elastic.fencing import fence_env
 from elastic.launch_config import LaunchConfig
 
 @dataclass(frozen=True)
@@ -56,16 +57,17 @@ class WorkerExit:
 
 
 def worker_command(config: LaunchConfig) -> list[str]:
-    """The argv of a worker, as torchrun builds it."""
+    """The argv of a worker: the script runs as with torchrun, through elastic.worker_main."""
     if config.no_python:
         return [config.entrypoint, *config.args]
+    boot = [sys.executable, "-u", "-m", "elastic.worker_main"]
     if config.module:
-        return [sys.executable, "-u", "-m", config.entrypoint, *config.args]
-    return [sys.executable, "-u", config.entrypoint, *config.args]
+        return [*boot, "-m", config.entrypoint, *config.args]
+    return [*boot, config.entrypoint, *config.args]
 
 
 def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, run_dir: str,
-               rdzv_endpoint: str) -> dict[str, str]:
+               rdzv_endpoint: str, node_id: str) -> dict[str, str]:
     """torchrun's worker environment plus ours (see docs/ARCHITECTURE.md, "Worker environment")."""
     rank = assignment.rank_offset + local_rank
     env = dict(os.environ)
@@ -86,11 +88,13 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
         TORCHELASTIC_RUN_ID=config.run_id,
         TORCHELASTIC_USE_AGENT_STORE="False",
         ELASTIC_ROUND=str(assignment.round),
+        ELASTIC_NODE_ID=node_id,
         ELASTIC_RDZV_ENDPOINT=rdzv_endpoint,
         ELASTIC_RDZV_PREFIX=config.rdzv.key_prefix,
         ELASTIC_PROGRESS_FILE=os.path.join(run_dir, f"progress-rank{rank}"),
         PYTHONUNBUFFERED="1",
     )
+    env.update(fence_env(config.rdzv))
     env.setdefault("OMP_NUM_THREADS", "1")
     if config.checkpoint_dir:
         env["ELASTIC_CHECKPOINT_DIR"] = config.checkpoint_dir
@@ -101,8 +105,9 @@ class WorkerGroup:
     """The `nproc_per_node` workers of this node for one round."""
 
     def __init__(self, config: LaunchConfig, assignment: Assignment, run_dir: str,
-                 rdzv_endpoint: str) -> None:
+                 rdzv_endpoint: str, node_id: str) -> None:
         self._config = config
+        self._node_id = node_id
         self._assignment = assignment
         self._run_dir = run_dir
         self._rdzv_endpoint = rdzv_endpoint
@@ -121,7 +126,7 @@ class WorkerGroup:
         cmd = worker_command(self._config)
         for local_rank in range(self._config.nproc_per_node):
             env = worker_env(self._config, self._assignment, local_rank, self._run_dir,
-                             self._rdzv_endpoint)
+                             self._rdzv_endpoint, self._node_id)
             proc = subprocess.Popen(
                 cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent,

@@ -140,6 +140,26 @@ def test_overlapped_snapshot_blocks_optimizer_step(tmp_path):
             assert torch.equal(v, expected[k]), k
 
 
+def test_overlap_hooks_do_not_pile_up(tmp_path):
+    state = make_training_state(0)
+    with CheckpointManager(tmp_path) as ckpt:
+        for step in range(3):
+            ckpt.save(step, state, overlap=True)
+            train(state, steps=1)
+        ckpt.wait()
+    assert len(state["optim"]._optimizer_step_pre_hooks) == 0
+
+
+def test_no_pickle_in_the_format():
+    """Loading an untrusted checkpoint must not run code: no pickle on any read path."""
+    package = os.path.dirname(checkpoint.__file__)
+    for name in os.listdir(package):
+        if name.endswith(".py"):
+            source = open(os.path.join(package, name)).read()
+            for banned in ("import pickle", "torch.load(", "torch.save(", "weights_only"):
+                assert banned not in source, f"{name} uses {banned}"
+
+
 def test_load_explicit_step_and_missing_step(url):
     with CheckpointManager(url) as ckpt:
         for step in (1, 2):

@@ -1,5 +1,8 @@
 """Save on 2 ranks, load on 1 (no process group), 3 and 4: DDP and FSDP2, bitwise.
 
+Also: a corrupt chunk seen by some ranks makes all ranks fall back together, and a commit
+guard raising on rank 0 stops the commit everywhere.
+
 Real processes and real gloo process groups. This file is also the worker: the test runs it
 as a script that forks the ranks with RANK/WORLD_SIZE/MASTER_* set, as torchrun would.
 """
@@ -10,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 HERE = os.path.abspath(__file__)
 KINDS = ("ddp", "fsdp")
@@ -24,7 +28,7 @@ def free_port() -> int:
 def test_save_on_2_load_on_1_3_4_bitwise(tmp_path, python_env):
     # One interpreter imports torch once and forks every rank of every phase: a fresh
     # interpreter per rank costs ~4 s of imports each on this shared 2-core machine.
-    phases = ["save:2", "load:0", "load:3", "load:4"]
+    phases = ["save:2", "corrupt:0", "load:0", "load:3", "load:4"]
     proc = subprocess.run(
         [sys.executable, HERE, f"{tmp_path}/ckpt", str(tmp_path / "ref"), *phases],
         env=python_env, capture_output=True, text=True, timeout=150,
@@ -56,6 +60,9 @@ def run_phases(url: str, ref: str, phases: list[str]) -> int:
 
     for phase in phases:
         mode, world = phase.split(":")
+        if mode == "corrupt":
+            corrupt_fsdp_step3(url)
+            continue
         port = free_port()
         procs = [ctx.Process(target=rank_main, args=(mode, int(world), r, port)) for r in range(max(int(world), 1))]
         for p in procs:
@@ -73,6 +80,46 @@ def run_phases(url: str, ref: str, phases: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------- worker side
+
+
+class StaleRound(Exception):
+    pass
+
+
+def check_fenced_commit(ckpt, model, optim, rank: int) -> None:
+    """A commit guard raising on rank 0 stops the commit on every rank."""
+    from checkpoint import CheckpointError
+
+    def stale() -> None:
+        raise StaleRound("round 1 is stale; the current round is 2")
+
+    ckpt.set_commit_guard(stale)
+    ckpt.save(4, {"model": model, "optim": optim, "meta": {"epoch": 4}})
+    expected = StaleRound if rank == 0 else CheckpointError
+    try:
+        ckpt.wait()
+    except expected as exc:
+        assert "round 1 is stale" in str(exc), exc
+    else:
+        raise AssertionError("a fenced commit must fail on every rank")
+    ckpt.set_commit_guard(None)
+    assert ckpt.steps() == [2, 3], ckpt.steps()
+
+
+def corrupt_fsdp_step3(url: str) -> None:
+    """Flip a byte of the emb.weight rows saved by rank 1: at 3-4 ranks only some read them."""
+    import json
+
+    step_dir = f"{url}-fsdp/step_000000000003"
+    with open(f"{step_dir}/manifest.json") as f:
+        manifest = json.load(f)
+    (chunk,) = [c for c in manifest["tensors"]["model/emb.weight"]["chunks"] if c["file"].startswith("rank00001")]
+    assert chunk["offsets"] == [300, 0], chunk
+    with open(f"{step_dir}/{chunk['file']}", "r+b") as f:
+        f.seek(chunk["begin"])
+        first = f.read(1)
+        f.seek(chunk["begin"])
+        f.write(bytes([first[0] ^ 0xFF]))
 
 
 def _worker(mode: str, url: str, ref: str) -> None:
@@ -140,16 +187,26 @@ def _worker(mode: str, url: str, ref: str) -> None:
                     optim.step()
                     optim.zero_grad()
                 ckpt.save(2, {"model": model, "optim": optim, "meta": {"epoch": 1}}, metrics={"loss": 1.0})
+                ckpt.save(3, {"model": model, "optim": optim, "meta": {"epoch": 3}}, metrics={"loss": 1.0})
                 ckpt.wait()
                 reference = full(model, optim)
                 if rank == 0:
                     save_file(reference, f"{ref}-{kind}.safetensors")
                     m = ckpt.manifest(2)
                     assert m.world_size == 2 and len(m.files) == 2, m.files
+                if kind == "ddp":
+                    check_fenced_commit(ckpt, model, optim, rank)
             else:
+                # The parent corrupted rows 300-599 of the FSDP emb.weight of step 3: only the
+                # ranks that hold those rows see it, yet all must fall back together.
                 state = {"model": model, "optim": optim, "meta": None}
-                assert ckpt.load(state) == 2
-                assert state["meta"] == {"epoch": 1}
+                expected_step = 2 if kind == "fsdp" else 3
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    assert ckpt.load(state) == expected_step
+                assert state["meta"] == {"epoch": expected_step if expected_step == 3 else 1}
+                fell_back = [w for w in caught if "falling back" in str(w.message)]
+                assert len(fell_back) == (kind == "fsdp"), [str(w.message) for w in caught]
                 expected = load_file(f"{ref}-{kind}.safetensors")
                 got = full(model, optim)
                 assert sorted(got) == sorted(expected), (sorted(got), sorted(expected))

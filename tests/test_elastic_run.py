@@ -78,7 +78,8 @@ def test_always_failing_script_exhausts_restarts_with_a_summary(tmp_path):
     # Three attempts: the first run and two restarts.
     assert sorted(p.name for p in tmp_path.glob("env-restart*-rank0.json")) == [
         "env-restart0-rank0.json", "env-restart1-rank0.json", "env-restart2-rank0.json"]
-    assert "Traceback" not in err
+    # Workers may print tracebacks (a peer died under them); the supervisor never does.
+    assert not [line for line in err.splitlines() if "Traceback" in line and not line.startswith("[rank")]
 
 
 @pytest.mark.parametrize(

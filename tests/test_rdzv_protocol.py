@@ -1,0 +1,138 @@
+"""The rendezvous decisions, from tables: state in, action out (no etcd, no clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic.rdzv_protocol import (
+    Closed,
+    Joined,
+    Member,
+    NodeRecord,
+    Register,
+    RunState,
+    Seal,
+    SealedRound,
+    Settings,
+    Wait,
+    WaitAsSpare,
+    admissible,
+    decide_growth,
+    decide_join,
+)
+
+S = Settings(min_nodes=2, max_nodes=3, last_call_timeout=10.0, cooldown_base=10.0, cooldown_cap=100.0)
+
+
+def members(*names: str) -> dict[str, Member]:
+    return {n: Member(n, f"10.0.0.{i}", 1000 + i, 1) for i, n in enumerate(names)}
+
+
+def sealed(round_: int, *names: str) -> SealedRound:
+    return SealedRound(round_, tuple(members(*names).values()), 0)
+
+
+def test_unregistered_node_registers():
+    assert decide_join(RunState(round=0), "a", S, 0.0, None) == Register()
+
+
+def test_below_min_waits_without_deadline():
+    action = decide_join(RunState(members=members("a")), "a", S, 0.0, None)
+    assert action == Wait(until=float("inf"))
+
+
+def test_min_reached_waits_last_call_for_newcomers():
+    state = RunState(members=members("a", "b"))
+    assert decide_join(state, "a", S, 5.0, min_reached_at=5.0) == Wait(until=15.0)
+    action = decide_join(state, "a", S, 15.0, min_reached_at=5.0)
+    assert isinstance(action, Seal) and action.record.node_ids == ("a", "b")
+
+
+def test_max_seals_at_once():
+    action = decide_join(RunState(members=members("c", "a", "b")), "a", S, 0.0, 0.0)
+    assert isinstance(action, Seal) and action.record.node_ids == ("a", "b", "c")
+
+
+def test_survivors_back_seal_at_once_without_last_call():
+    # Round 1 after c died: a and b were the live members of round 0 and both are back.
+    state = RunState(round=1, members=members("b", "a"), previous=sealed(0, "b", "a", "c"),
+                     previous_alive=frozenset({"a", "b"}))
+    action = decide_join(state, "a", S, 100.0, min_reached_at=100.0)
+    assert isinstance(action, Seal)
+    assert action.record.node_ids == ("b", "a")  # survivors keep their order (stable ranks)
+
+
+def test_waits_while_a_live_survivor_is_missing():
+    state = RunState(round=1, members=members("a", "b"), previous=sealed(0, "a", "b", "c"),
+                     previous_alive=frozenset({"a", "b", "c"}))
+    assert decide_join(state, "a", S, 0.0, 0.0) == Wait(until=10.0)
+
+
+def test_newcomers_follow_survivors_by_node_id():
+    state = RunState(round=1, members=members("z", "b", "a"), previous=sealed(0, "z", "b"),
+                     previous_alive=frozenset({"z", "b"}))
+    action = decide_join(state, "a", S, 0.0, 0.0)
+    assert isinstance(action, Seal) and action.record.node_ids == ("z", "b", "a")
+
+
+def test_sealed_round_gives_assignment_with_rank_offsets():
+    record = SealedRound(0, (Member("a", "h1", 7, 2), Member("b", "h2", 8, 3)), restart_count=4)
+    action = decide_join(RunState(sealed=record, members=members("a", "b")), "b", S, 0.0, None)
+    assert isinstance(action, Joined)
+    a = action.assignment
+    assert (a.group_rank, a.num_nodes, a.world_size, a.rank_offset) == (1, 2, 5, 2)
+    assert (a.master_addr, a.master_port, a.restart_count) == ("h1", 7, 4)
+
+
+def test_node_left_out_of_a_sealed_round_waits_as_spare():
+    action = decide_join(RunState(sealed=sealed(0, "a", "b"), members=members("a", "b", "c")), "c", S, 0, None)
+    assert isinstance(action, WaitAsSpare)
+
+
+def test_beyond_max_waits_as_spare():
+    action = decide_join(RunState(members=members("a", "b", "c", "d")), "d", S, 0.0, 0.0)
+    assert isinstance(action, WaitAsSpare) and "full" in action.reason
+
+
+def test_closed_job():
+    assert decide_join(RunState(closed={"reason": "done"}), "a", S, 0, None) == Closed("done")
+
+
+@pytest.mark.parametrize(("registered", "multiple", "expected"), [
+    (("a", "b", "c"), 2, ("a", "b")),
+    (("a", "b", "c", "d"), 2, ("a", "b")),  # MAX 3 cut to a multiple of 2
+    (("a",), 2, ()),
+])
+def test_world_size_multiple(registered, multiple, expected):
+    settings = Settings(min_nodes=1, max_nodes=3, last_call_timeout=1.0, world_size_multiple=multiple)
+    assert tuple(admissible(RunState(members=members(*registered)), settings, 0.0)) == expected
+
+
+@pytest.mark.parametrize(("failures", "now", "admitted"), [
+    (1, 0.0, True),      # one failure: no cooldown
+    (2, 5.0, False),     # second failure at t=0: waits base=10s
+    (2, 10.0, True),
+    (3, 19.0, False),    # third: 20s
+    (3, 20.0, True),
+    (9, 99.0, False),    # capped at 100s
+    (9, 100.0, True),
+])
+def test_failing_node_cools_down_exponentially(failures, now, admitted):
+    state = RunState(members=members("a", "b", "c"), nodes={"c": NodeRecord(failures, 0.0)})
+    assert ("c" in admissible(state, S, now)) is admitted
+
+
+def test_cooled_down_node_only_delays_when_min_needs_it():
+    state = RunState(members=members("a", "c"), nodes={"c": NodeRecord(2, 0.0)})
+    assert decide_join(state, "a", S, 1.0, None) == Wait(until=10.0)
+
+
+@pytest.mark.parametrize(("waiting", "running", "first_seen", "now", "grow"), [
+    ({"c"}, ("a", "b"), 0.0, 5.0, False),   # still debouncing
+    ({"c"}, ("a", "b"), 0.0, 10.0, True),
+    ({"d"}, ("a", "b", "c"), 0.0, 10.0, False),  # already at MAX: d is a spare
+    (set(), ("a", "b"), None, 10.0, False),
+])
+def test_growth_is_debounced_and_bounded_by_max(waiting, running, first_seen, now, grow):
+    state = RunState(waiting=frozenset(waiting))
+    assert decide_growth(state, sealed(0, *running), S, now, first_seen) is grow

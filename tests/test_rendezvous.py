@@ -1,0 +1,265 @@
+"""The elastic rendezvous with several agents as real processes on one real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elastic.errors import StaleRoundError
+from elastic.etcd_client import EtcdConfig, connect
+from elastic.fencing import RoundFence
+from elastic.rdzv_etcd import EtcdBackend
+from elastic.rdzv_protocol import Member, SealedRound
+from helpers import SCRIPTS, child_env, wait_gone
+
+WORKER = os.path.join(SCRIPTS, "rdzv_worker.py")
+
+
+class Job:
+    """Agents of one run on one etcd, each a real `elastic-run` process with its own node id."""
+
+    def __init__(self, endpoint: str, run_id: str, outdir: Path, nnodes: str, conf: str = "",
+                 max_restarts: int = 3) -> None:
+        self.endpoint, self.run_id, self.outdir = endpoint, run_id, outdir
+        self.nnodes, self.max_restarts = nnodes, max_restarts
+        self.conf = "lease_ttl=2,last_call_timeout=30,join_timeout=60" + ("," + conf if conf else "")
+        self.agents: dict[str, subprocess.Popen] = {}
+
+    def start(self, node: str) -> subprocess.Popen:
+        log = open(self.outdir / f"agent-{node}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.run", "--nnodes", self.nnodes, "--nproc-per-node", "1",
+             "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id, "--node-id", node,
+             "--rdzv-conf", self.conf, "--max-restarts", str(self.max_restarts), "--grace", "3",
+             "--log-dir", str(self.outdir / f"logs-{node}"), WORKER, str(self.outdir)],
+            env=child_env(ELASTIC_LOG_LEVEL="INFO"), stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.agents[node] = proc
+        return proc
+
+    def round_view(self, round_: int) -> dict[str, dict]:
+        """node -> its worker's view, for every worker that started in `round_`."""
+        views = {}
+        for path in self.outdir.glob(f"round{round_}-rank*.json"):
+            view = json.loads(path.read_text())
+            views[view["ELASTIC_NODE_ID"]] = view
+        return views
+
+    def wait_round(self, round_: int, nodes: set[str], timeout: float = 60.0) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            views = self.round_view(round_)
+            if set(views) == nodes:
+                return views
+            assert set(views) <= nodes, f"round {round_} has unexpected nodes {set(views) - nodes}"
+            for node, proc in self.agents.items():
+                if proc.poll() is not None and node in nodes:
+                    raise AssertionError(f"agent {node} exited {proc.returncode}:\n{self.log(node)}")
+            time.sleep(0.05)
+        raise AssertionError(f"round {round_} never had nodes {nodes}; has {set(self.round_view(round_))}\n"
+                             + "\n".join(f"--- {n}\n{self.log(n)}" for n in self.agents))
+
+    def worker_pid(self, node: str, round_: int) -> int:
+        (path,) = self.outdir.glob(f"pid-{node}-round{round_}-rank*")
+        return int(path.read_text())
+
+    def finish(self, timeout: float = 60.0) -> dict[str, int]:
+        (self.outdir / "finish").touch()
+        return {n: p.wait(timeout) for n, p in self.agents.items()}
+
+    def log(self, node: str) -> str:
+        return (self.outdir / f"agent-{node}.log").read_text()
+
+    def events(self, node: str) -> list[dict]:
+        path = self.outdir / f"logs-{node}" / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def kill_all(self) -> None:
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def job_factory(etcd_server, run_id, tmp_path):
+    jobs: list[Job] = []
+
+    def make(nnodes: str, conf: str = "", max_restarts: int = 3, endpoint: str | None = None) -> Job:
+        job = Job(endpoint or etcd_server.endpoint, f"{run_id}-{len(jobs)}", tmp_path, nnodes, conf, max_restarts)
+        jobs.append(job)
+        return job
+
+    yield make
+    for job in jobs:
+        job.kill_all()
+
+
+def test_shrink_on_death_of_master_node_without_last_call_wait(job_factory):
+    job = job_factory("2:3")
+    for node in ("a", "b", "c"):
+        job.start(node)
+    first = job.wait_round(0, {"a", "b", "c"})
+    assert first["a"]["GROUP_RANK"] == "0"  # node a hosts MASTER_ADDR
+    master_worker = job.worker_pid("a", 0)
+    killed_at = time.monotonic()
+    os.kill(job.agents["a"].pid, signal.SIGKILL)  # the whole node: its workers die with it
+    second = job.wait_round(1, {"b", "c"})
+    recovered = time.monotonic() - killed_at
+    # lease TTL is 2 s and last call 30 s: sealing must not wait for the last call.
+    assert recovered < 2 + 8, f"took {recovered:.1f}s"
+    assert wait_gone({master_worker}) == set(), "the dead node's worker outlived its agent"
+    assert {v["WORLD_SIZE"] for v in second.values()} == {"2"}
+    assert [second[n]["GROUP_RANK"] for n in ("b", "c")] == ["0", "1"]  # survivors keep their order
+    assert second["b"]["TORCHELASTIC_RESTART_COUNT"] == "1"
+    codes = job.finish()
+    assert codes["b"] == 0 and codes["c"] == 0
+
+
+def test_local_worker_crash_stops_every_worker_of_the_job_fast(job_factory):
+    job = job_factory("2:2", conf="last_call_timeout=1")
+    for node in ("a", "b"):
+        job.start(node)
+    job.wait_round(0, {"a", "b"})
+    remote_worker = job.worker_pid("b", 0)
+    killed_at = time.monotonic()
+    os.kill(job.worker_pid("a", 0), signal.SIGKILL)
+    assert wait_gone({remote_worker}, timeout=10) == set()
+    stopped = time.monotonic() - killed_at
+    assert stopped < 2.0, f"the remote worker stopped {stopped:.2f}s after the crash"
+    job.wait_round(1, {"a", "b"})
+    assert job.finish() == {"a": 0, "b": 0}
+
+
+def test_growth_on_arrival_is_free(job_factory):
+    job = job_factory("2:3", conf="last_call_timeout=1")
+    job.start("a")
+    job.start("b")
+    job.wait_round(0, {"a", "b"})
+    job.start("c")
+    grown = job.wait_round(1, {"a", "b", "c"})
+    assert {v["WORLD_SIZE"] for v in grown.values()} == {"3"}
+    assert {v["TORCHELASTIC_RESTART_COUNT"] for v in grown.values()} == {"0"}  # no restart spent
+    assert job.finish() == {"a": 0, "b": 0, "c": 0}
+
+
+def test_spare_replaces_a_failed_node(job_factory):
+    job = job_factory("2:2", conf="last_call_timeout=1")
+    job.start("a")
+    job.start("b")
+    job.wait_round(0, {"a", "b"})
+    job.start("spare")
+    assert job.agents["spare"].poll() is None
+    assert job.round_view(1) == {}  # a spare alone does not end the running round
+    os.kill(job.agents["b"].pid, signal.SIGKILL)
+    replaced = job.wait_round(1, {"a", "spare"})
+    assert {v["WORLD_SIZE"] for v in replaced.values()} == {"2"}
+    codes = job.finish()
+    assert codes["a"] == 0 and codes["spare"] == 0
+
+
+def test_graceful_leave_is_a_scale_down_not_a_failure(job_factory):
+    job = job_factory("2:3", conf="last_call_timeout=1")
+    for node in ("a", "b", "c"):
+        job.start(node)
+    job.wait_round(0, {"a", "b", "c"})
+    job.agents["c"].send_signal(signal.SIGTERM)
+    assert job.agents["c"].wait(30) == 0
+    smaller = job.wait_round(1, {"a", "b"})
+    assert {v["TORCHELASTIC_RESTART_COUNT"] for v in smaller.values()} == {"0"}
+    codes = job.finish()
+    assert codes["a"] == 0 and codes["b"] == 0
+
+
+def test_min_not_reachable_fails_with_clear_reason(job_factory):
+    job = job_factory("2", conf="join_timeout=2")
+    proc = job.start("alone")
+    assert proc.wait(30) == 1
+    assert "only 1 of at least 2 nodes joined" in job.log("alone")
+
+
+def test_two_run_ids_on_one_etcd_are_isolated(job_factory):
+    one, two = job_factory("2", conf="join_timeout=3"), job_factory("2", conf="join_timeout=3")
+    one.start("a")
+    two.start("b")
+    assert one.agents["a"].wait(30) == 1 and two.agents["b"].wait(30) == 1
+    assert "only 1 of at least 2" in one.log("a") and "only 1 of at least 2" in two.log("b")
+
+
+def test_failing_node_is_cooled_down_then_readmitted(job_factory, etcd_server):
+    job = job_factory("1:2", conf="last_call_timeout=1,cooldown_base=4", max_restarts=10)
+    job.start("good")
+    job.start("bad")
+    job.wait_round(0, {"good", "bad"})
+    os.kill(job.worker_pid("bad", 0), signal.SIGKILL)  # first failure: no cooldown
+    job.wait_round(1, {"good", "bad"})
+    os.kill(job.worker_pid("bad", 1), signal.SIGKILL)  # second failure: 4 s cooldown
+    job.wait_round(2, {"good"})
+    failed_at = time.monotonic()
+    readmitted = job.wait_round(3, {"good", "bad"}, timeout=30)  # growth once the cooldown ended
+    assert time.monotonic() - failed_at >= 2.5
+    assert {v["WORLD_SIZE"] for v in readmitted.values()} == {"2"}
+    client = connect(EtcdConfig(etcd_server.endpoint))
+    record = json.loads(client.get(f"/elastic/{job.run_id}/nodes/bad")[0])
+    client.close()
+    assert record["failures"] == 2
+    job.finish()
+
+
+def test_stale_round_commit_is_refused(etcd_server, run_id):
+    client = connect(EtcdConfig(etcd_server.endpoint))
+    backend = EtcdBackend(client, "elastic", run_id, "a")
+    backend.announce()
+    backend.sync()
+    member = Member("a", "127.0.0.1", 1, 1)
+    assert backend.seal(SealedRound(0, (member,), 0))
+    fence = RoundFence(EtcdConfig(etcd_server.endpoint), "elastic", run_id, 0)
+    fence()  # round 0 is the newest sealed round: the commit may go ahead
+    assert backend.bump_round(0, reason="test", failed_node=None)
+    fence()  # moved on but not sealed yet: round 0's workers may still save their last step
+    assert backend.seal(SealedRound(1, (member,), 0))
+    with pytest.raises(StaleRoundError, match="belongs to rendezvous round 0 but the newest sealed round is 1"):
+        fence()
+    backend.shutdown()
+
+
+def test_etcd_restart_mid_run_does_not_disturb_training(job_factory, private_etcd):
+    job = job_factory("2", conf="last_call_timeout=1,lease_ttl=5", endpoint=private_etcd.endpoint)
+    job.start("a")
+    job.start("b")
+    job.wait_round(0, {"a", "b"})
+    workers = {job.worker_pid("a", 0), job.worker_pid("b", 0)}
+    private_etcd.restart()
+    # Training goes on: after the outage both agents still run round 0 with the same workers,
+    # and they finish it without a restart.
+    codes = job.finish()
+    assert codes == {"a": 0, "b": 0}
+    assert job.round_view(1) == {}
+    assert all(e["event"] != "failure" for n in ("a", "b") for e in job.events(n)), job.log("a")
+    assert workers  # (the same two workers finished: no second round was ever started)
+
+
+def test_agent_cut_off_longer_than_ttl_rejoins_without_double_training(job_factory):
+    job = job_factory("1:2", conf="last_call_timeout=1")
+    job.start("a")
+    job.start("b")
+    job.wait_round(0, {"a", "b"})
+    os.kill(job.agents["b"].pid, signal.SIGSTOP)  # b's agent is cut off: its lease expires
+    try:
+        alone = job.wait_round(1, {"a"})
+        assert alone["a"]["WORLD_SIZE"] == "1"
+    finally:
+        os.kill(job.agents["b"].pid, signal.SIGCONT)
+    # b learns its lease expired, stops what is left of its old workers, and comes back
+    # through growth: one group again, never two.
+    both = job.wait_round(2, {"a", "b"})
+    assert {v["WORLD_SIZE"] for v in both.values()} == {"2"}
+    assert set(job.round_view(1)) == {"a"}  # b never trained on its own while cut off
+    assert job.finish() == {"a": 0, "b": 0}
