@@ -291,8 +291,8 @@ class TrainLoop:
         if guard is not None and checkpoint is not None:
             checkpoint.set_commit_guard(guard)
 
-        # A separate gloo group carries the per-step stop flag, so it never queues behind
-        # (or between) the model's gradient buckets, and works when the main group is NCCL.
+        # A separate gloo group carries the SIGTERM agreement and the RNG gather, so they never
+        # queue behind (or between) the model's gradient buckets, and work under NCCL too.
         self._flag_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
         self._sigterm = False
         self._stop_check_every = stop_check_every
@@ -308,6 +308,13 @@ class TrainLoop:
     def step(self) -> int:
         """Optimizer steps completed so far (the step a checkpoint taken now would carry)."""
         return self._completed
+
+    def extra(self, name: str) -> Any:
+        """The `extra_state` entry `name` as it is now: after a resume, JSON values are the
+        loaded ones (objects and tensors are restored in place)."""
+        if name in ("model", "optimizer", "loop", "scheduler") or name not in self._state:
+            raise KeyError(f"{name!r} is not an extra_state entry of this loop")
+        return self._state[name]
 
     def resume(self) -> int | None:
         """Load the latest committed checkpoint (once); return its step, or None."""
@@ -344,10 +351,12 @@ class TrainLoop:
         log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
 
     def __iter__(self) -> Iterator[Step]:
-        self.resume()
-        report_progress(self._completed)
+        # Installed before the (possibly long) resume, so a SIGTERM during the load is
+        # answered at the first boundary instead of killing the worker.
         previous = self._install_sigterm()
         try:
+            self.resume()
+            report_progress(self._completed)
             while self._completed < self.max_steps:
                 if self._stop_agreed():
                     self._stop()

@@ -151,6 +151,17 @@ def test_progress_file(tmp_path):
     assert path.read_text() == "3\n"
 
 
+class Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
 def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5):
     """Train in this process with a CheckpointManager; stop_at leaves the loop early (as a crash
     would, minus the process exit). Returns the parameters and the sample ids per step."""
@@ -160,12 +171,18 @@ def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden
     model = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    counter = Counter()
     seen = {}
     with CheckpointManager(str(directory), keep_last=2) as ckpt:
         loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
                                  micro_batch_size=m, max_steps=max_steps, checkpoint=ckpt,
-                                 save_every=2, scheduler=sched)
+                                 save_every=2, scheduler=sched,
+                                 extra_state={"counter": counter, "config": {"hidden": hidden}})
+        resumed = loop.resume()
+        assert counter.count == (resumed or 0)  # user extras come back with the checkpoint
+        assert loop.extra("config") == {"hidden": hidden}
         for step in loop:
+            counter.count += 1
             if step.index == stop_at:
                 break
             ids = []
@@ -201,3 +218,25 @@ def test_checkpoint_with_another_sample_order_is_refused(tmp_path):
     run_with_checkpoints(tmp_path, max_steps=2)
     with pytest.raises(StateMismatchError, match=r"global_batch_size: checkpoint 7 != now 8"):
         run_with_checkpoints(tmp_path, max_steps=4, g=8)
+
+
+def test_sigterm_in_one_process_saves_the_next_boundary_and_exits_143(tmp_path):
+    import os
+    import signal
+
+    from checkpoint import CheckpointManager
+
+    model, opt = model_and_opt()
+    previous = signal.getsignal(signal.SIGTERM)
+    with CheckpointManager(str(tmp_path)) as ckpt:
+        loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=7,
+                                 micro_batch_size=7, max_steps=10, checkpoint=ckpt)
+        with pytest.raises(SystemExit) as exit_info:
+            for step in loop:
+                if step.index == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled: the step still completes
+                for x, y, _ in step:
+                    step.backward(F.mse_loss(model(x), y))
+        assert exit_info.value.code == 143
+        assert ckpt.steps() == [3]
+    assert signal.getsignal(signal.SIGTERM) is previous
