@@ -80,9 +80,12 @@ class Step:
     the micro-batch's mean loss. A rank whose share of the global batch is shorter than the
     accumulation steps gets a zero-weight micro-batch (a repeat of one of its own samples):
     every rank must run the same forwards and the last backward, because DDP buffer
-    broadcasts and FSDP2 all-gathers are collectives. Multiplying by 0.0 adds exact zeros to
-    the gradient, so the result is bitwise the same as skipping it; an explicit gradient
-    all-reduce would instead give up DDP's bucketed overlap and its reduction order.
+    broadcasts and FSDP2 all-gathers are collectives. Multiplying the loss by 0.0 adds exact
+    zeros to the gradient (for a finite forward), and the plan is a pure function of
+    (G, m, W), so a rerun at the same world size repeats exactly the same operations: that is
+    what makes resume bitwise. An explicit gradient all-reduce would also be exact, but it
+    gives up DDP's bucketed overlap of communication with backward and needs a second code
+    path for FSDP2's reduce-scatter.
     """
 
     def __init__(self, loop: TrainLoop, samples: StepSamples) -> None:
@@ -251,6 +254,8 @@ class TrainLoop:
             )
         if save_every is not None and checkpoint is None:
             raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
+        self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
+        self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
         if self.world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
             raise ConfigError(
                 f"the model is a plain {type(model).__name__} at world size {self.world_size}: "
@@ -266,8 +271,6 @@ class TrainLoop:
         self.save_every = save_every
         self.seed = seed
         self.checkpoint = checkpoint
-        self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
-        self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
         self.micro_batches = self.plan.micro_batches(self.rank)  # this rank's, the same every step
         self.rank_range = self.plan.rank_range(self.rank)
 

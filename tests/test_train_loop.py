@@ -240,3 +240,29 @@ def test_sigterm_in_one_process_saves_the_next_boundary_and_exits_143(tmp_path):
         assert exit_info.value.code == 143
         assert ckpt.steps() == [3]
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_world_size_checks_in_a_two_rank_group(tmp_path):
+    """G < W and an unwrapped model at W > 1, checked in a (fake, in-process) group of 2."""
+    import subprocess
+    import sys
+
+    from helpers import child_env
+
+    script = '''
+import pytest, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+import elastic
+dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+model = torch.nn.Linear(2, 1)
+kw = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+          dataset=[(torch.zeros(2), torch.zeros(1))] * 8, micro_batch_size=1, max_steps=1)
+with pytest.raises(elastic.ConfigError, match="global_batch_size=1 is smaller than the world size 2"):
+    elastic.TrainLoop(global_batch_size=1, **kw)
+with pytest.raises(elastic.ConfigError, match="plain Linear at world size 2"):
+    elastic.TrainLoop(global_batch_size=4, **kw)
+print("checked")
+'''
+    done = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "checked" in done.stdout, done.stdout + done.stderr
