@@ -86,12 +86,14 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference):
     ckpt = tmp_path / "ckpt"
     group = Group(args(tmp_path, "killed", ckpt, "--kill-at", kill_at), 2, worker_env())
     victim = group.procs[1]
-    victim.wait(timeout=90)
+    victim.wait(timeout=200)
     assert victim.returncode == -signal.SIGKILL, f"kill_at={kill_at}: rank 1 exited {victim.returncode}"
     group.kill()  # the survivor is stuck in (or failed out of) a collective, as under a supervisor
     group.wait()
     outs = Group(args(tmp_path, "resumed", ckpt), 2, worker_env()).wait_ok()
-    resumed_from = (kill_at - 1) // SAVE_EVERY * SAVE_EVERY  # latest save committed before the kill
+    # Saves run at the boundary after every SAVE_EVERY-th step, and the worker waits for the
+    # commit before the kill, so the resume step is the last multiple of SAVE_EVERY <= kill_at.
+    resumed_from = kill_at // SAVE_EVERY * SAVE_EVERY
     assert f"rank 0 resumed {resumed_from}" in outs[0], (kill_at, outs[0])
     rows = step_records(tmp_path, "killed", 2) + step_records(tmp_path, "resumed", 2)
     check_records(rows, ref_ids)
