@@ -138,7 +138,7 @@ def elastic_run(*argv, cwd):
     return subprocess.run(
         [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", "2", *map(str, argv)],
         env=dict(worker_env(), OMP_NUM_THREADS="1"), cwd=cwd, capture_output=True, text=True,
-        timeout=120,
+        timeout=240,
     )
 
 
