@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any, Protocol
@@ -58,6 +59,20 @@ class Checkpointer(Protocol):
     def set_commit_guard(self, guard: Callable[[], None]) -> None: ...
 
 
+STOP_CHECK_SECONDS = 0.25  # default wall time between SIGTERM agreements (well inside --grace)
+MAX_CHECK_INTERVAL = 1000  # steps
+
+
+def check_interval(mean_step_seconds: float, every: int | None) -> int:
+    """Steps until the next SIGTERM agreement: `every` if given, else about STOP_CHECK_SECONDS
+    worth of steps (at least 1; at most MAX_CHECK_INTERVAL)."""
+    if every is not None:
+        return every
+    if mean_step_seconds <= 0.0:
+        return 1
+    return max(1, min(MAX_CHECK_INTERVAL, int(STOP_CHECK_SECONDS / mean_step_seconds)))
+
+
 class Step:
     """One global optimizer step as seen by one rank.
 
@@ -65,15 +80,18 @@ class Step:
     the micro-batch's mean loss. A rank whose share of the global batch is shorter than the
     accumulation steps gets a zero-weight micro-batch (a repeat of one of its own samples):
     every rank must run the same forwards and the last backward, because DDP buffer
-    broadcasts and FSDP2 all-gathers are collectives. Multiplying by 0.0 adds exact zeros to
-    the gradient, so the result is bitwise the same as skipping it; an explicit gradient
-    all-reduce would instead give up DDP's bucketed overlap and its reduction order.
+    broadcasts and FSDP2 all-gathers are collectives. Multiplying the loss by 0.0 adds exact
+    zeros to the gradient (for a finite forward), and the plan is a pure function of
+    (G, m, W), so a rerun at the same world size repeats exactly the same operations: that is
+    what makes resume bitwise. An explicit gradient all-reduce would also be exact, but it
+    gives up DDP's bucketed overlap of communication with backward and needs a second code
+    path for FSDP2's reduce-scatter.
     """
 
     def __init__(self, loop: TrainLoop, samples: StepSamples) -> None:
         self._loop = loop
         self._samples = samples
-        self._micro_batches = loop.plan.micro_batches(loop.rank)
+        self._micro_batches = loop.micro_batches
         self._current: MicroBatch | None = None
         self._backward_calls = 0
         self._finished = False
@@ -107,7 +125,7 @@ class Step:
     @property
     def sample_ids(self) -> tuple[int, ...]:
         """The sample ids this rank consumes in this step (zero-weight repeats excluded)."""
-        start, stop = self._loop.plan.rank_range(self._loop.rank)
+        start, stop = self._loop.rank_range
         return self._samples.ids[start:stop]
 
     @property
@@ -194,8 +212,15 @@ def _set_local_rng_state(saved: Sequence[Any]) -> None:
 class TrainLoop:
     """Owns the step counter, the elastic sampler, accumulation, checkpoints and resume.
 
-    Not thread-safe; one per process. `checkpoint` is a CheckpointManager (or None to train
-    without checkpoints). All options are keyword-only and checked here, at the boundary.
+    Not thread-safe; one per process, created on every rank (it makes a small gloo group).
+    All options are keyword-only and checked here, at the boundary:
+    - `checkpoint`: a CheckpointManager, or None to train without checkpoints;
+    - `save_every`: also save after every n-th optimizer step (None: only at the end, on
+      SIGTERM and when `save()` is called);
+    - `extra_state`: more entries for the checkpoint (objects with state_dict() and
+      load_state_dict(), tensors, JSON values), restored on resume like the model;
+    - `stop_check_every`: agree on SIGTERM every n steps (None: about every
+      STOP_CHECK_SECONDS, adapted to the measured step time).
     """
 
     def __init__(
@@ -213,6 +238,7 @@ class TrainLoop:
         scheduler: Any = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         extra_state: Mapping[str, Any] | None = None,
+        stop_check_every: int | None = None,
     ) -> None:
         self.rank, self.world_size = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -221,8 +247,15 @@ class TrainLoop:
             raise ConfigError(f"max_steps={max_steps}: it must be >= 0")
         if save_every is not None and save_every <= 0:
             raise ConfigError(f"save_every={save_every}: it must be >= 1, or None for no periodic saves")
+        if stop_check_every is not None and stop_check_every <= 0:
+            raise ConfigError(
+                f"stop_check_every={stop_check_every}: it must be >= 1, or None to agree on "
+                f"SIGTERM about every {STOP_CHECK_SECONDS} s"
+            )
         if save_every is not None and checkpoint is None:
             raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
+        self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
+        self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
         if self.world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
             raise ConfigError(
                 f"the model is a plain {type(model).__name__} at world size {self.world_size}: "
@@ -238,8 +271,8 @@ class TrainLoop:
         self.save_every = save_every
         self.seed = seed
         self.checkpoint = checkpoint
-        self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
-        self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
+        self.micro_batches = self.plan.micro_batches(self.rank)  # this rank's, the same every step
+        self.rank_range = self.plan.rank_range(self.rank)
 
         self._loop_state = _LoopState()
         self._state: dict[str, Any] = {
@@ -261,12 +294,13 @@ class TrainLoop:
         if guard is not None and checkpoint is not None:
             checkpoint.set_commit_guard(guard)
 
-        # A separate gloo group carries the per-step stop flag, so it never queues behind
-        # (or between) the model's gradient buckets, and works when the main group is NCCL.
+        # A separate gloo group carries the SIGTERM agreement and the RNG gather, so they never
+        # queue behind (or between) the model's gradient buckets, and work under NCCL too.
         self._flag_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
-        self._flag_work: Any = None
-        self._flag_buf = torch.zeros(1, dtype=torch.int32)
         self._sigterm = False
+        self._stop_check_every = stop_check_every
+        self._next_check = 0  # the completed-step count at which ranks next agree on SIGTERM
+        self._last_check: tuple[int, float] | None = None  # (completed steps, perf_counter)
 
         self._completed = 0
         self._resumed: int | None = None
@@ -277,6 +311,13 @@ class TrainLoop:
     def step(self) -> int:
         """Optimizer steps completed so far (the step a checkpoint taken now would carry)."""
         return self._completed
+
+    def extra(self, name: str) -> Any:
+        """The `extra_state` entry `name` as it is now: after a resume, JSON values are the
+        loaded ones (objects and tensors are restored in place)."""
+        if name in ("model", "optimizer", "loop", "scheduler") or name not in self._state:
+            raise KeyError(f"{name!r} is not an extra_state entry of this loop")
+        return self._state[name]
 
     def resume(self) -> int | None:
         """Load the latest committed checkpoint (once); return its step, or None."""
@@ -313,10 +354,12 @@ class TrainLoop:
         log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
 
     def __iter__(self) -> Iterator[Step]:
-        self.resume()
-        report_progress(self._completed)
+        # Installed before the (possibly long) resume, so a SIGTERM during the load is
+        # answered at the first boundary instead of killing the worker.
         previous = self._install_sigterm()
         try:
+            self.resume()
+            report_progress(self._completed)
             while self._completed < self.max_steps:
                 if self._stop_agreed():
                     self._stop()
@@ -326,7 +369,6 @@ class TrainLoop:
                 yield step
                 self._rng_at_boundary = None
                 self._finish(step)
-            self._drain_flag()
             if self.checkpoint is not None:
                 if self._last_saved != self._completed:
                     self.save()
@@ -363,25 +405,27 @@ class TrainLoop:
             return None
 
     def _stop_agreed(self) -> bool:
-        """Whether every rank stops now. The MAX all-reduce of the local SIGTERM flag is
-        pipelined one step (started at this boundary, read at the next) so it costs no wait."""
+        """Whether every rank stops now (called at each step boundary, same on all ranks).
+
+        The ranks agree by a MAX all-reduce of [local SIGTERM flag, local mean step time]. A
+        collective costs ranks a rendezvous, so it runs only every `stop_check_every` steps,
+        or by default every STOP_CHECK_SECONDS of training: the interval to the next check is
+        computed from the reduced (hence identical) step time, so all ranks check, and stop,
+        after the same step.
+        """
         if self._flag_group is None:
             return self._sigterm
-        stop = False
-        if self._flag_work is not None:
-            self._flag_work.wait()
-            stop = bool(self._flag_buf.item())
-        if not stop:
-            self._flag_buf.fill_(int(self._sigterm))
-            self._flag_work = dist.all_reduce(
-                self._flag_buf, op=dist.ReduceOp.MAX, group=self._flag_group, async_op=True
-            )
-        return stop
-
-    def _drain_flag(self) -> None:
-        if self._flag_work is not None:
-            self._flag_work.wait()
-            self._flag_work = None
+        if self._completed < self._next_check:
+            return False
+        now = time.perf_counter()
+        mean = 0.0
+        if self._last_check is not None and self._completed > self._last_check[0]:
+            mean = (now - self._last_check[1]) / (self._completed - self._last_check[0])
+        agreed = torch.tensor([float(self._sigterm), mean], dtype=torch.float64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._flag_group)
+        self._last_check = (self._completed, now)
+        self._next_check = self._completed + check_interval(agreed[1].item(), self._stop_check_every)
+        return bool(agreed[0].item())
 
     def _stop(self) -> None:
         log.warning("rank %d: preempted (SIGTERM); saving step %d and exiting", self.rank, self._completed)

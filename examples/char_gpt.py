@@ -7,8 +7,9 @@ Run (two workers on one machine, checkpoints kept best-3 by validation loss):
 The corpus is the .py files of the running interpreter's standard library (found with
 sysconfig), so nothing is downloaded. The last 10% of the text is held out; every
 --eval-every steps each rank computes the validation loss on the same held-out sequences and
-the loop saves a checkpoint with metrics={"val_loss": ...}, which the CheckpointManager uses
-for best-k retention. Kill a worker or the whole job and run the command again: training
+saves a checkpoint with metrics={"val_loss": ...}, which the CheckpointManager uses for
+best-k retention (save_every=None: these are the periodic saves, so no step is written
+twice; the loop also saves the last step and on SIGTERM). Kill a worker or the whole job and run the command again: training
 resumes from the latest checkpoint, at whatever world size the new run has.
 """
 
@@ -93,18 +94,15 @@ def main() -> None:
     loop = elastic.TrainLoop(model=model, optimizer=optimizer, dataset=train,
                              global_batch_size=args.global_batch,
                              micro_batch_size=args.micro_batch, checkpoint=ckpt,
-                             save_every=args.eval_every, max_steps=args.max_steps, seed=0,
+                             save_every=None, max_steps=args.max_steps, seed=0,
                              scheduler=scheduler)
     if ctx.rank == 0:
         print(f"corpus {len(text)} chars, vocab {len(chars)}, {len(train)} training windows, "
-              f"resuming from step {loop.resume()}")
+              f"resuming from step {loop.resume() or 0}")
     for step in loop:
-        for x, y in step:
-            logits = model(x)
-            step.backward(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
         if step.index % args.eval_every == 0:
-            # Parameters are those after step.index optimizer steps, which is what
-            # loop.save() stores, so the metric and the checkpoint match.
+            # Before this step's forwards: the parameters are those after step.index
+            # optimizer steps, exactly what loop.save() stores, so metric and checkpoint match.
             net.eval()
             with torch.no_grad():
                 val_loss = F.cross_entropy(net(val_x).flatten(0, 1), val_y.flatten()).item()
@@ -113,6 +111,9 @@ def main() -> None:
             if ctx.rank == 0:
                 print(f"step {step.index:4d}  world {step.world_size}  accumulation "
                       f"{step.accumulation_steps}  val_loss {val_loss:.4f}", flush=True)
+        for x, y in step:
+            logits = model(x)
+            step.backward(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
     ckpt.close()
     if ctx.rank == 0:
         print(f"done at step {loop.step}; best checkpoints by val_loss: {ckpt.best()}")

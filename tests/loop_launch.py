@@ -43,7 +43,7 @@ class Group:
                 stdout=subprocess.PIPE, stderr=self.stderr[rank],
             ))
 
-    def wait(self, timeout: float = 90) -> list[tuple[int, str, str]]:
+    def wait(self, timeout: float = 200) -> list[tuple[int, str, str]]:
         """(returncode, stdout, stderr) per rank; kills every process on a timeout."""
         try:
             outs = [p.communicate(timeout=timeout)[0] for p in self.procs]
@@ -56,7 +56,7 @@ class Group:
             err.close()
         return results
 
-    def wait_ok(self, timeout: float = 90) -> list[str]:
+    def wait_ok(self, timeout: float = 200) -> list[str]:
         results = self.wait(timeout)
         for rank, (rc, out, err) in enumerate(results):
             assert rc == 0, f"rank {rank} exited {rc}\n{out}\n{err[-4000:]}"

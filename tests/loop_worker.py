@@ -79,7 +79,7 @@ def main() -> int:
         model=model, optimizer=optimizer, dataset=build_dataset(),
         global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
         checkpoint=ckpt, save_every=args.save_every, max_steps=args.max_steps, seed=5,
-        scheduler=scheduler,
+        scheduler=scheduler, stop_check_every=1,  # deterministic stop step for the SIGTERM test
     )
     print(f"rank {ctx.rank} resumed {loop.resume()}", flush=True)
     records = open(os.path.join(args.out, f"ids.{tag}.rank{ctx.rank}.jsonl"), "a")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import elastic
 from elastic.context import ProgressFile, context_from_env
+from elastic.train_loop import check_interval
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 
 N = 23
@@ -97,11 +98,21 @@ def test_backward_outside_and_twice():
         ({"g": 24}, r"the dataset has 23 samples, fewer than global_batch_size=24"),
         ({"max_steps": -1}, r"max_steps=-1"),
         ({"save_every": 0}, r"save_every=0"),
+        ({"save_every": 2}, r"save_every=2 needs a checkpoint manager"),
+        ({"stop_check_every": 0}, r"stop_check_every=0: it must be >= 1"),
     ],
 )
 def test_bad_options(kw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         make_loop(**kw)
+
+
+@pytest.mark.parametrize(
+    "seconds, every, interval",
+    [(0.0, None, 1), (0.001, None, 250), (1e-9, None, 1000), (2.0, None, 1), (0.001, 3, 3)],
+)
+def test_sigterm_check_interval(seconds, every, interval):
+    assert check_interval(seconds, every) == interval
 
 
 def test_save_without_manager():
@@ -140,6 +151,17 @@ def test_progress_file(tmp_path):
     assert path.read_text() == "3\n"
 
 
+class Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
 def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5):
     """Train in this process with a CheckpointManager; stop_at leaves the loop early (as a crash
     would, minus the process exit). Returns the parameters and the sample ids per step."""
@@ -149,12 +171,18 @@ def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden
     model = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    counter = Counter()
     seen = {}
     with CheckpointManager(str(directory), keep_last=2) as ckpt:
         loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
                                  micro_batch_size=m, max_steps=max_steps, checkpoint=ckpt,
-                                 save_every=2, scheduler=sched)
+                                 save_every=2, scheduler=sched,
+                                 extra_state={"counter": counter, "config": {"hidden": hidden}})
+        resumed = loop.resume()
+        assert counter.count == (resumed or 0)  # user extras come back with the checkpoint
+        assert loop.extra("config") == {"hidden": hidden}
         for step in loop:
+            counter.count += 1
             if step.index == stop_at:
                 break
             ids = []
@@ -190,3 +218,51 @@ def test_checkpoint_with_another_sample_order_is_refused(tmp_path):
     run_with_checkpoints(tmp_path, max_steps=2)
     with pytest.raises(StateMismatchError, match=r"global_batch_size: checkpoint 7 != now 8"):
         run_with_checkpoints(tmp_path, max_steps=4, g=8)
+
+
+def test_sigterm_in_one_process_saves_the_next_boundary_and_exits_143(tmp_path):
+    import os
+    import signal
+
+    from checkpoint import CheckpointManager
+
+    model, opt = model_and_opt()
+    previous = signal.getsignal(signal.SIGTERM)
+    with CheckpointManager(str(tmp_path)) as ckpt:
+        loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=7,
+                                 micro_batch_size=7, max_steps=10, checkpoint=ckpt)
+        with pytest.raises(SystemExit) as exit_info:
+            for step in loop:
+                if step.index == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled: the step still completes
+                for x, y, _ in step:
+                    step.backward(F.mse_loss(model(x), y))
+        assert exit_info.value.code == 143
+        assert ckpt.steps() == [3]
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_world_size_checks_in_a_two_rank_group(tmp_path):
+    """G < W and an unwrapped model at W > 1, checked in a (fake, in-process) group of 2."""
+    import subprocess
+    import sys
+
+    from helpers import child_env
+
+    script = '''
+import pytest, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+import elastic
+dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+model = torch.nn.Linear(2, 1)
+kw = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+          dataset=[(torch.zeros(2), torch.zeros(1))] * 8, micro_batch_size=1, max_steps=1)
+with pytest.raises(elastic.ConfigError, match="global_batch_size=1 is smaller than the world size 2"):
+    elastic.TrainLoop(global_batch_size=1, **kw)
+with pytest.raises(elastic.ConfigError, match="plain Linear at world size 2"):
+    elastic.TrainLoop(global_batch_size=4, **kw)
+print("checked")
+'''
+    done = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "checked" in done.stdout, done.stdout + done.stderr
