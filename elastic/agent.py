@@ -19,6 +19,7 @@ save the step they are on, and SIGKILL after `--grace`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import signal
@@ -128,11 +129,9 @@ class Agent:
             if exits is not None:
                 if all(e.ok for e in exits):
                     return _Watched(_Outcome.SUCCEEDED, exits)
-                failed = group.first_failure(exits)
-                error = group.error_message(failed.rank)
-                detail = f"rank {failed.rank} {failed.describe()}" + (f" ({error})" if error else "")
-                return _Watched(_Outcome.FAILED, exits, detail, failed_node=self._rdzv.node_id,
-                                step=group.progress.steps().get(failed.rank))
+                # Which rank failed first is decided after the group is stopped (see
+                # _restart_after_failure): a rank that raised may still be cleaning up.
+                return _Watched(_Outcome.FAILED, exits, failed_node=self._rdzv.node_id)
             hangs = group.progress.hung()
             if hangs:
                 # A rank stuck in a collective looks the same from outside as the rank that
@@ -193,6 +192,7 @@ class Agent:
     def _restart_after_failure(self, group: WorkerGroup, assignment: Assignment,
                                watched: _Watched) -> RunResult | None:
         round_ = assignment.round
+        error = None
         exits = group.stop(0)
         if group.unkillable:
             # A worker stuck in the kernel (D state) ignores SIGKILL: this node cannot run a
@@ -201,8 +201,10 @@ class Agent:
             self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
             self._events.emit("node_bad", round=round_, pids=group.unkillable)
             return self._finish(ok=False, reason=reason, code=1)
-        failed = group.first_failure(watched.exits) if watched.exits else None
+        failed, error = group.first_failure(watched.exits, exits) if watched.exits else (None, None)
         if failed is not None:
+            detail = f"rank {failed.rank} raised {error}" if error else f"rank {failed.rank} {failed.describe()}"
+            watched = dataclasses.replace(watched, detail=detail, step=group.progress.steps().get(failed.rank))
             self._result.failures.append((round_, failed))
         self._result.exits = exits
         self._events.emit("failure", round=round_, reason=watched.detail, node=watched.failed_node,
@@ -211,7 +213,10 @@ class Agent:
         self._rdzv.bump_round(round_, reason=watched.detail, failed_node=watched.failed_node)
         restarts = self._rdzv.restart_count()
         signature = (watched.detail, watched.step)
-        if watched.step is not None and signature == self._last_failure:
+        # Only an exception or a hang can repeat deterministically; a rank killed by a signal
+        # (SIGKILL from outside, the OOM killer, a lost node) says nothing about the code.
+        killed = failed is not None and error is None and failed.returncode < 0
+        if watched.step is not None and not killed and signature == self._last_failure:
             # Resumed from the same checkpoint and failed the same way at the same step:
             # a bug, not a fault. Retrying would only burn the budget.
             final = f"{watched.detail} again at step {watched.step}; not retrying a deterministic failure"

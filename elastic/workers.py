@@ -236,16 +236,21 @@ class WorkerGroup:
             os.kill(proc.pid, signal.SIGUSR1)
             time.sleep(wait)  # faulthandler writes at once; give the output pump a moment
 
-    def error_message(self, rank: int) -> str | None:
-        error = read_error(self._run_dir, rank)
-        return error[0] if error else None
+    def first_failure(self, seen: list[WorkerExit], final: list[WorkerExit]) -> tuple[WorkerExit, str | None]:
+        """The rank whose failure came first, and the error it recorded (if it raised).
 
-    def first_failure(self, exits: list[WorkerExit]) -> WorkerExit:
-        """The failed worker that failed first: the others often died of its death (a peer
-        gone under a collective), so the earliest recorded error is the one to report."""
-        failed = [e for e in exits if not e.ok]
-        errors = {e.rank: read_error(self._run_dir, e.rank) for e in failed}
-        return min(failed, key=lambda e: errors[e.rank][1] if errors[e.rank] else float("inf"))
+        `seen` are the exits that made us stop the group, `final` every exit after stop().
+        Other ranks often die of the first one's death (a peer gone under a collective), and
+        a rank that raised may still be in its exit handlers when a peer's exit is seen, so
+        the earliest recorded exception wins; without one, the first exit we saw.
+        """
+        errors = {e.rank: read_error(self._run_dir, e.rank) for e in final}
+        early = [e.rank for e in seen if not e.ok]
+        candidates = [e for e in final if e.rank in early or errors[e.rank]]
+        first = min(candidates, key=lambda e: (errors[e.rank][1] if errors[e.rank] else float("inf"),
+                                               early.index(e.rank) if e.rank in early else len(early)))
+        error = errors[first.rank]
+        return first, error[0] if error else None
 
     def wait_output(self) -> None:
         """After every worker exited: let the output threads drain, then close the logs."""

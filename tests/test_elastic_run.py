@@ -156,7 +156,7 @@ def test_same_error_at_same_step_stops_at_once(tmp_path):
                        str(tmp_path), "raise", "3")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert "rank 1 exit code 1 (RuntimeError: boom at step 3) again at step 2" in err
+    assert "rank 1 raised RuntimeError: boom at step 3 again at step 2" in err
     assert "not retrying a deterministic failure" in err
     assert "restarts: 1" in err  # stopped after the second identical failure, not after 5 restarts
 

@@ -8,6 +8,7 @@ MODE: spin   - in the first attempt, rank 1 spins forever (holding the GIL) at S
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,5 +34,6 @@ for step in range(1, steps + 1):
             raise RuntimeError(f"boom at step {step}")
     t = torch.ones(1)
     dist.all_reduce(t)
+    time.sleep(0.05)  # a step's compute: lets the agent see steps go by (goodput accounting)
     report_progress(step)
 open(os.path.join(outdir, f"done-rank{ctx.rank}-restart{ctx.restart_count}"), "w").close()
