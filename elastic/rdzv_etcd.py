@@ -54,6 +54,7 @@ class EtcdBackend:
         self._watch_id = None
         self._watch_broken = False
         self.writes = 0  # etcd write requests made (for benchmarks)
+        self.failed_txns = 0  # transactions whose compare failed: lost CAS races (for benchmarks)
         self.retry_for = 10.0  # how long one request may wait out an etcd outage
 
     # -- lease -------------------------------------------------------------------------------
@@ -210,6 +211,8 @@ class EtcdBackend:
         self.writes += 1
         ok, _ = self._retry("a transaction", lambda: self._client.transaction(
             compare=compare, success=success, failure=[]))
+        if not ok:
+            self.failed_txns += 1
         self._catch_up()
         return ok
 
