@@ -1,7 +1,7 @@
 """Rendezvous at scale: our etcd v3 rendezvous vs torch.distributed.elastic's c10d rendezvous.
 
     python benchmarks/bench_rendezvous.py --agents 8,64,256,1024 --trials 20
-    python benchmarks/bench_rendezvous.py --quick            # ~1 minute: 8,64 agents, 5 trials
+    python benchmarks/bench_rendezvous.py --quick            # ~1 minute: 8,64 agents, 3 trials
 
 Simulated agents are real `EtcdBackend` + `EtcdRendezvous` objects, each with its own etcd
 client (its own gRPC connection, lease, keep-alive thread and watch), run as threads spread
@@ -116,13 +116,16 @@ class EtcdAgent:
 
         self.idx = idx
         self.node = f"n{idx:05d}"
-        self.client = _SharedClient(connect(EtcdConfig(endpoint), check=False))
+        # A long request timeout: hundreds of agents on two cores can take seconds to get a
+        # watch created; the default 5 s makes setup fail rather than measure anything.
+        self.client = _SharedClient(connect(EtcdConfig(endpoint, timeout=30.0), check=False))
         self.endpoint = endpoint
         self.dead = threading.Event()
         self.joins: list[tuple] = []
         self.rdzv = self.backend = None
 
     def setup(self, params: RunParams) -> None:
+        from elastic.etcd_client import TRANSIENT_ERRORS
         from elastic.launch_config import LaunchConfig, RendezvousSettings
         from elastic.rdzv_etcd import EtcdBackend
         from elastic.rendezvous import EtcdRendezvous
@@ -138,7 +141,13 @@ class EtcdAgent:
         self.backend = EtcdBackend(self.client, "bench", params.run_id, self.node)
         self.rdzv = EtcdRendezvous(self.backend, config, "127.0.0.1", lambda: 10000 + self.idx)
         self.rdzv.should_abort = lambda: _raise_if(dead, self.node)
-        self.rdzv.start()
+        for attempt in range(3):  # on a busy machine, creating hundreds of watches can time out
+            try:
+                self.rdzv.start()
+                return
+            except TRANSIENT_ERRORS:
+                if attempt == 2:
+                    raise
 
     def counters(self) -> tuple[int, int]:
         return self.backend.writes, self.backend.failed_txns
@@ -276,7 +285,7 @@ def worker_main(conn, impl: str, endpoint: str) -> None:
     agents: dict[int, object] = {}
     changed = threading.Condition()
     errors: list[str] = []
-    pool = ThreadPoolExecutor(max_workers=32)
+    pool = ThreadPoolExecutor(max_workers=16)
 
     def record(joins: list, result: tuple) -> None:
         with changed:
@@ -296,13 +305,15 @@ def worker_main(conn, impl: str, endpoint: str) -> None:
                     changed.notify_all()
 
     def handle(cmd: str, kw: dict):
-        if cmd == "setup":
+        if cmd in ("connect", "setup"):
             for idx in kw["idxs"]:
                 if idx not in agents:
                     agents[idx] = None
             missing = [i for i, a in agents.items() if a is None]
             for idx, agent in zip(missing, pool.map(lambda i: kind(i, endpoint), missing)):
                 agents[idx] = agent
+            if cmd == "connect":
+                return {}
             errors.clear()
             list(pool.map(lambda i: agents[i].setup(kw["params"]), kw["idxs"]))
             return {}
@@ -365,11 +376,16 @@ class TrialFailed(Exception):
     pass
 
 
+class OutOfTime(RuntimeError):
+    """One N used up its --n-cap seconds; its workers are killed and the next N runs."""
+
+
 class Workers:
     """A few worker processes holding the simulated agents; agent i lives in worker i % n."""
 
-    def __init__(self, impl: str, endpoint: str, count: int) -> None:
+    def __init__(self, impl: str, endpoint: str, count: int, deadline: float) -> None:
         ctx = mp.get_context("spawn")
+        self.deadline = deadline  # time.monotonic() after which every call fails (caps one N)
         self.conns, self.procs = [], []
         for _ in range(count):
             parent, child = ctx.Pipe()
@@ -392,6 +408,8 @@ class Workers:
             self.conns[w].send((cmd, dict(kw, idxs=part) if part is not None else kw))
         replies = []
         for w in targets:
+            if not self.conns[w].poll(max(0.0, self.deadline - time.monotonic())):
+                raise OutOfTime(f"{cmd} did not finish within the cap for this N (--n-cap)")
             status, reply = self.conns[w].recv()
             if status != "ok":
                 raise RuntimeError(f"worker {w} failed on {cmd}:\n{reply}")
@@ -425,7 +443,7 @@ class Workers:
             except (BrokenPipeError, OSError):
                 pass
         for proc in self.procs:
-            proc.join(5)
+            proc.join(3)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -536,8 +554,10 @@ class Bench:
         self.args, self.impl, self.n, self.observer = args, impl, n, observer
         extra = max(1, round(0.1 * n))  # churn arrivals
         self.pool = n + extra if impl == "etcd" else n
-        self.workers = Workers(impl, endpoint, procs)
+        self.workers = Workers(impl, endpoint, procs, time.monotonic() + args.n_cap)
         self.rng = random.Random(n)
+        self.out_of_time = False
+        self.workers.call("connect", range(self.pool))  # processes and clients, before any timing
 
     def close(self) -> None:
         self.workers.close()
@@ -628,6 +648,9 @@ class Bench:
     def run_series(self, name: str, trials: int, budget: float, one_trial) -> Series:
         """Run up to `trials` trials (fewer if `budget` seconds run out); a failure is recorded."""
         out = Series()
+        if self.out_of_time:
+            out.note = "not run: --n-cap reached"
+            return out
         start = time.monotonic()
         for _ in range(trials):
             if out.trials and time.monotonic() - start > budget:
@@ -641,8 +664,15 @@ class Bench:
                 print(f"  {self.impl} N={self.n} {name}: trial failed: {exc}", flush=True)
                 if len(out.failures) >= 2:
                     break
+            except OutOfTime:
+                out.trials -= 1  # the unfinished trial does not count
+                out.note = (out.note + "; " if out.note else "") + f"cut by --n-cap {self.args.n_cap:g}s"
+                print(f"  {self.impl} N={self.n} {name}: --n-cap reached", flush=True)
+                self.out_of_time = True
+                break
             finally:
-                self.workers.call("teardown")
+                if not self.out_of_time:
+                    self.workers.call("teardown")
         return out
 
 
@@ -703,7 +733,7 @@ def bench_c10d(args, endpoint: str, observer, n: int) -> dict[str, Series]:
 
 
 def procs_for(args, n: int) -> int:
-    return args.procs or max(1, min(4, n // 128))
+    return args.procs or max(1, min(4, n // 64))
 
 
 # == report ===================================================================================
@@ -788,6 +818,11 @@ def targets(ours: dict[int, dict[str, Series]]) -> list[str]:
     return lines
 
 
+def _last_error_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and line.strip()[0] not in "^~>"]
+    return lines[-1] if lines else type(exc).__name__
+
+
 # == main =====================================================================================
 
 
@@ -804,13 +839,15 @@ def parse_args(argv=None):
     p.add_argument("--c10d-keepalive", type=float, default=1.0,
                    help="c10d keep-alive interval, s (default 5); below its 1 s polling, live nodes get dropped")
     p.add_argument("--c10d-attempts", type=int, default=3, help="c10d keep-alive attempts (default 3)")
-    p.add_argument("--procs", type=int, default=0, help="worker processes (default: N/128, 1..4)")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds per series before trials are cut")
+    p.add_argument("--procs", type=int, default=0, help="worker processes (default: N/64, 1..4)")
+    p.add_argument("--budget", type=float, default=40.0, help="seconds per series before trials are cut")
+    p.add_argument("--n-cap", type=float, default=120.0,
+                   help="seconds one N may take in all; past it, what ran is kept and the rest is cut")
     p.add_argument("--quick", action="store_true", help="8 and 64 agents, 5 trials; c10d at 8 (~1 min)")
     args = p.parse_args(argv)
     if args.quick:
-        quick = {"agents": "8,64", "trials": 5, "trials_1024": 3, "ttl_trials": 2, "c10d_agents": "8",
-                 "c10d_trials": 5, "budget": 10.0}
+        quick = {"agents": "8,64", "trials": 3, "trials_1024": 3, "ttl_trials": 2, "c10d_agents": "8",
+                 "c10d_trials": 3, "budget": 8.0, "n_cap": 40.0}
         for key, value in quick.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
@@ -839,7 +876,8 @@ def main(argv=None) -> int:
                 try:
                     ours[n] = bench_etcd(args, server.endpoint, observer, n)
                 except (RuntimeError, OSError) as exc:
-                    notes.append(f"etcd N={n} did not run: {str(exc).splitlines()[-1]}")
+                    print(exc, flush=True)
+                    notes.append(f"etcd N={n} did not run: " + _last_error_line(exc))
                 print(f"etcd N={n}: {time.monotonic() - t:.0f}s", flush=True)
         finally:
             observer.close()
@@ -855,7 +893,8 @@ def main(argv=None) -> int:
             try:
                 theirs[n] = bench_c10d(args, endpoint, observer, n)
             except (RuntimeError, OSError) as exc:
-                notes.append(f"c10d N={n} did not run: {str(exc).splitlines()[-1]}")
+                print(exc, flush=True)
+                notes.append(f"c10d N={n} did not run: " + _last_error_line(exc))
             print(f"c10d N={n}: {time.monotonic() - t:.0f}s", flush=True)
         del master
     skipped = sorted(set(args.agent_counts) - set(args.c10d_counts))
