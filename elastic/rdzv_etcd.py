@@ -21,6 +21,7 @@ Sealing round r deletes round r-2, so the mirror stays small however long the jo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -34,6 +35,18 @@ from elastic.rdzv_protocol import Member, NodeRecord, RunState, SealedRound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@functools.lru_cache(maxsize=8192)
+def _member(raw: bytes) -> Member:
+    """Parse a member record once: every agent re-reads all members on each change."""
+    return Member(**json.loads(raw))
+
+
+@functools.lru_cache(maxsize=64)
+def _sealed(raw: bytes) -> SealedRound:
+    """Parse a sealed record once (it never changes; every decision of the next round reads it)."""
+    return SealedRound.from_json(raw)
 
 
 class EtcdBackend:
@@ -54,6 +67,7 @@ class EtcdBackend:
         self._watch_id = None
         self._watch_broken = False
         self.writes = 0  # etcd write requests made (for benchmarks)
+        self.failed_txns = 0  # transactions whose compare failed: lost CAS races (for benchmarks)
         self.retry_for = 10.0  # how long one request may wait out an etcd outage
 
     # -- lease -------------------------------------------------------------------------------
@@ -155,7 +169,7 @@ class EtcdBackend:
 
     def sealed(self, round_: int) -> SealedRound | None:
         raw = self._get(f"rounds/{round_}/sealed")
-        return SealedRound.from_json(raw) if raw is not None else None
+        return _sealed(raw) if raw is not None else None
 
     def round_end(self, round_: int) -> dict | None:
         raw = self._get(f"rounds/{round_}/end")
@@ -173,14 +187,14 @@ class EtcdBackend:
         round_ = self.current_round()
         previous = self.sealed(round_ - 1) if round_ > 0 else None
         alive = self.alive()
+        gone_on_purpose = self.finished(round_ - 1) if previous else set()
         previous_alive = frozenset(
-            n for n in (previous.node_ids if previous else ()) if n in alive
-            and n not in self.finished(round_ - 1))
+            n for n in (previous.node_ids if previous else ()) if n in alive and n not in gone_on_purpose)
         return RunState(
             round=round_,
             closed=self.closed(),
             sealed=self.sealed(round_),
-            members={n: Member(**json.loads(v)) for n, v in self._children(f"rounds/{round_}/members/").items()},
+            members={n: _member(v) for n, v in self._children(f"rounds/{round_}/members/").items()},
             previous=previous,
             previous_alive=previous_alive,
             waiting=frozenset(self._children("waiting/")),
@@ -210,6 +224,8 @@ class EtcdBackend:
         self.writes += 1
         ok, _ = self._retry("a transaction", lambda: self._client.transaction(
             compare=compare, success=success, failure=[]))
+        if not ok:
+            self.failed_txns += 1
         self._catch_up()
         return ok
 

@@ -35,6 +35,13 @@ from elastic.workers import Assignment
 
 log = logging.getLogger(__name__)
 
+# When a round can be sealed (or a member is gone), every agent sees it by the same watch
+# event. Only one agent acts at once: the first node of the record to seal (or the first live
+# member of the running round); the others act only if nothing happened for this long (the
+# designated one may itself have died and its lease not yet expired). Without this, all N
+# agents send the same compare-and-swap and N-1 of them fail.
+TAKEOVER_DELAY = 1.0
+
 
 class EtcdRendezvous:
     """One agent's handle on the job's rendezvous. Call order: start, join, (watch...), shutdown."""
@@ -54,7 +61,9 @@ class EtcdRendezvous:
         )
         self._stop = threading.Event()
         self._keepalive: threading.Thread | None = None
+        self._refreshed_at = float("-inf")  # time.monotonic() of the last lease grant or refresh
         self._growth_seen: float | None = None
+        self._gone_seen: tuple[int, float] | None = None  # (round, when a departure was first seen)
         self.lease_lost = False
         self.should_abort: Callable[[], None] = lambda: None  # raises to abort a wait (signals)
 
@@ -67,6 +76,7 @@ class EtcdRendezvous:
     def start(self) -> None:
         """Take a lease, announce this agent, and start mirroring the run's keys."""
         self._backend.open_lease(self._config.rdzv.lease_ttl)
+        self._refreshed_at = time.monotonic()
         self.lease_lost = False
         if self._keepalive is None:
             self._keepalive = threading.Thread(target=self._keep_alive, name="rdzv-keepalive", daemon=True)
@@ -94,6 +104,8 @@ class EtcdRendezvous:
 
     def _ensure_lease(self) -> None:
         """Before joining: if this agent was cut off (or stopped) past its TTL, renew the lease."""
+        if not self.lease_lost and time.monotonic() - self._refreshed_at < self._config.rdzv.lease_ttl / 2:
+            return  # the keep-alive thread refreshed it a moment ago: no request needed
         try:
             alive = self._backend.refresh_lease()
         except TRANSIENT_ERRORS:
@@ -111,7 +123,9 @@ class EtcdRendezvous:
         interval = ttl / 3
         while not self._stop.wait(interval):
             try:
-                if not self._backend.refresh_lease():
+                if self._backend.refresh_lease():
+                    self._refreshed_at = time.monotonic()
+                else:
                     log.warning("rendezvous: node %s lost its lease (cut off from etcd for more "
                                 "than %.0fs); its workers stop and it joins again", self.node_id, ttl)
                     self.lease_lost = True
@@ -132,6 +146,7 @@ class EtcdRendezvous:
         self._ensure_lease()
         deadline = self._clock() + self._config.rdzv.join_timeout
         min_reached_at: float | None = None
+        sealable_since: float | None = None
         tracked_round = -1
         waiting = False
         while True:
@@ -140,7 +155,7 @@ class EtcdRendezvous:
             state = self._backend.state()
             now = self._clock()
             if state.round != tracked_round:
-                tracked_round, min_reached_at = state.round, None
+                tracked_round, min_reached_at, sealable_since = state.round, None, None
             if len(admissible(state, self._settings, now)) >= self._config.min_nodes:
                 min_reached_at = min_reached_at if min_reached_at is not None else now
             else:
@@ -160,6 +175,10 @@ class EtcdRendezvous:
                          self._config.run_id)
                 self._backend.wait(version, 1.0)
             elif isinstance(action, Seal):
+                sealable_since = sealable_since if sealable_since is not None else now
+                if action.record.node_ids[0] != self.node_id and now < sealable_since + TAKEOVER_DELAY:
+                    self._backend.wait(version, sealable_since + TAKEOVER_DELAY - now)
+                    continue  # the round's first node seals; take over only if it does not
                 if self._backend.seal(action.record):
                     log.info("rendezvous: sealed round %d of run %s with nodes %s", state.round,
                              self._config.run_id, ", ".join(action.record.node_ids))
@@ -205,9 +224,22 @@ class EtcdRendezvous:
         return sealed.node_ids if sealed else ()
 
     def departed_members(self, round_: int, members: tuple[str, ...]) -> list[str]:
-        """Members of a running round whose agent is gone without finishing or leaving."""
+        """Members of a running round whose agent is gone without finishing or leaving.
+
+        Reported at once to the first live member of the round, which bumps the round; to
+        the others only after TAKEOVER_DELAY (they see the bump by watch well before).
+        """
         alive, finished = self._backend.alive(), self._backend.finished(round_)
-        return [n for n in members if n not in alive and n not in finished]
+        gone = [n for n in members if n not in alive and n not in finished]
+        if not gone:
+            return []
+        now = self._clock()
+        if self._gone_seen is None or self._gone_seen[0] != round_:
+            self._gone_seen = (round_, now)
+        first_live = next((n for n in members if n not in gone), None)
+        if first_live == self.node_id or now >= self._gone_seen[1] + TAKEOVER_DELAY:
+            return gone
+        return []
 
     def should_grow(self, round_: int) -> bool:
         """True once waiting nodes have been debounced and would enlarge the running round."""
