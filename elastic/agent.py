@@ -61,6 +61,7 @@ class _Watched:
     detail: str = ""
     failed_node: str | None = None
     step: int | None = None  # the failed rank's last completed step, if it reports progress
+    at: float = dataclasses.field(default_factory=time.time)  # when we saw it (wall clock)
 
 
 class Agent:
@@ -131,7 +132,7 @@ class Agent:
                     return _Watched(_Outcome.SUCCEEDED, exits)
                 # Which rank failed first is decided after the group is stopped (see
                 # _restart_after_failure): a rank that raised may still be cleaning up.
-                return _Watched(_Outcome.FAILED, exits, failed_node=self._rdzv.node_id)
+                return _Watched(_Outcome.FAILED, exits, failed_node=self._rdzv.node_id, at=group.all_alive_at)
             hangs = group.progress.hung()
             if hangs:
                 # A rank stuck in a collective looks the same from outside as the rank that
@@ -201,11 +202,15 @@ class Agent:
             self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
             self._events.emit("node_bad", round=round_, pids=group.unkillable)
             return self._finish(ok=False, reason=reason, code=1)
-        failed, error = group.first_failure(watched.exits, exits) if watched.exits else (None, None)
+        failed, recorded = group.first_failure(watched.exits, exits) if watched.exits else (None, None)
+        error = recorded[0] if recorded else None
         if failed is not None:
             detail = f"rank {failed.rank} raised {error}" if error else f"rank {failed.rank} {failed.describe()}"
             watched = dataclasses.replace(watched, detail=detail, step=group.progress.steps().get(failed.rank))
             self._result.failures.append((round_, failed))
+        if watched.failed_node == self._rdzv.node_id:  # a local failure: was it ours, or a peer's?
+            blamed = self._rdzv.blame(round_, recorded[1] if recorded else watched.at)
+            watched = dataclasses.replace(watched, failed_node=blamed)
         self._result.exits = exits
         self._events.emit("failure", round=round_, reason=watched.detail, node=watched.failed_node,
                           rank=failed.rank if failed else None,

@@ -13,6 +13,7 @@ Keys, all under /<prefix>/<run_id>/:
   rounds/<r>/done/<node>     the node's workers all finished successfully
   rounds/<r>/left/<node>     the node left on purpose (scale-down, not a failure)
   rounds/<r>/end             JSON {"failure", "reason"}: why round r was ended
+  rounds/<r>/failed/<node>   when the node's workers failed in round r (to blame the first)
 
 Every agent keeps a mirror of these keys: one range read, then a watch from the next
 revision. Decisions read the mirror, so waiting costs no requests; only writes go to etcd.
@@ -323,6 +324,15 @@ class EtcdBackend:
         self._retry(f"marking {what}", lambda: self._client.put(self._key(f"rounds/{round_}/{what}/{self.node_id}"), "1"))
         self.writes += 1
         self._catch_up()
+
+    def claim_failure(self, round_: int, when: float) -> None:
+        """Say that this node's workers failed in `round_`, first at wall-clock time `when`."""
+        key = self._key(f"rounds/{round_}/failed/{self.node_id}")
+        self._retry("claiming a failure", lambda: self._client.put(key, json.dumps(when)))
+        self.writes += 1
+
+    def failure_claims(self, round_: int) -> dict[str, float]:
+        return {n: json.loads(v) for n, v in self._children(f"rounds/{round_}/failed/").items()}
 
     def close(self, *, ok: bool, reason: str) -> None:
         """End the job for every agent; the first reason wins."""

@@ -265,6 +265,21 @@ class EtcdRendezvous:
             log.info("rendezvous: run %s round %d -> %d: %s", self._config.run_id, round_, round_ + 1, reason)
         return won
 
+    def blame(self, round_: int, when: float, window: float = 0.3) -> str:
+        """Which node failed first in `round_`, this one having failed at time `when`.
+
+        When one rank dies, its peers die too a moment later (their collectives break), and
+        every agent sees a local failure. Each claims its failure time in etcd, waits
+        `window` seconds (or until the round has moved on), and blames the earliest claim,
+        so that failure counts and cooldowns land on the node that caused the failure.
+        """
+        self._backend.claim_failure(round_, when)
+        deadline = time.monotonic() + window
+        while (left := deadline - time.monotonic()) > 0 and self._backend.current_round() == round_:
+            self._backend.wait(self._backend.version, left)
+        claims = self._backend.failure_claims(round_) or {self.node_id: when}
+        return min(claims, key=lambda node: (claims[node], node))
+
     def mark_done(self, round_: int) -> None:
         self._backend.mark(round_, "done")
 

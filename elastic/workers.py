@@ -144,6 +144,9 @@ class WorkerGroup:
         self._procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
         self.unkillable: list[int] = []  # pids that survived SIGKILL for KILL_TIMEOUT
+        # Wall-clock time of the last poll() that found every worker running: a worker killed
+        # by a signal died after it (used to tell who failed first, see Agent.blame).
+        self.all_alive_at = time.time()
         ranks = range(assignment.rank_offset, assignment.rank_offset + config.nproc_per_node)
         self.progress = ProgressWatch({r: progress_path(run_dir, r) for r in ranks},
                                       hang_timeout=config.hang_timeout,
@@ -196,12 +199,15 @@ class WorkerGroup:
 
         The group is finished when every worker exited 0, or as soon as one failed.
         """
+        now = time.time()
         exits = [
             WorkerExit(i, self._assignment.rank_offset + i, p.returncode)
             for i, p in enumerate(self._procs) if p.poll() is not None
         ]
         if any(not e.ok for e in exits) or len(exits) == len(self._procs):
             return exits
+        if not exits:
+            self.all_alive_at = now
         return None
 
     def stop(self, grace: float) -> list[WorkerExit]:
@@ -236,8 +242,9 @@ class WorkerGroup:
             os.kill(proc.pid, signal.SIGUSR1)
             time.sleep(wait)  # faulthandler writes at once; give the output pump a moment
 
-    def first_failure(self, seen: list[WorkerExit], final: list[WorkerExit]) -> tuple[WorkerExit, str | None]:
-        """The rank whose failure came first, and the error it recorded (if it raised).
+    def first_failure(self, seen: list[WorkerExit], final: list[WorkerExit]
+                      ) -> tuple[WorkerExit, tuple[str, float] | None]:
+        """The rank whose failure came first, and (error, time) it recorded if it raised.
 
         `seen` are the exits that made us stop the group, `final` every exit after stop().
         Other ranks often die of the first one's death (a peer gone under a collective), and
@@ -249,8 +256,7 @@ class WorkerGroup:
         candidates = [e for e in final if e.rank in early or errors[e.rank]]
         first = min(candidates, key=lambda e: (errors[e.rank][1] if errors[e.rank] else float("inf"),
                                                early.index(e.rank) if e.rank in early else len(early)))
-        error = errors[first.rank]
-        return first, error[0] if error else None
+        return first, errors[first.rank]
 
     def wait_output(self) -> None:
         """After every worker exited: let the output threads drain, then close the logs."""
