@@ -215,13 +215,13 @@ class Run:
     def records(self) -> list[dict]:
         return read_records(self.tmp, self.tag)
 
-    def wait_event(self, event: str, timeout: float = 90, **match: Any) -> dict:
+    def wait_event(self, event: str, timeout: float = 240, **match: Any) -> dict:
         def find():
             return next((e for e in self.events() if e["event"] == event
                          and all(e.get(k) == v for k, v in match.items())), None)
         return wait_until(f"event {event} {match}", find, timeout, alive=self.dead)
 
-    def wait_step(self, step: int, *, restart: int = 0, rank: int | None = None, timeout: float = 90) -> dict:
+    def wait_step(self, step: int, *, restart: int = 0, rank: int | None = None, timeout: float = 240) -> dict:
         """The record of the first step >= `step` that `rank` (any rank) ran in attempt `restart`."""
         def find():
             hits = [r for r in self.records() if r["restart"] == restart and r["step"] >= step
@@ -235,7 +235,7 @@ class Run:
         os.kill(record["pid"], sig)
         return at
 
-    def finish(self, timeout: float = 150) -> int:
+    def finish(self, timeout: float = 300) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -7,15 +7,22 @@ equal, every step's samples consumed exactly once, every committed checkpoint re
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
 
 import pytest
 
-from chaos_lib import STEPS, Run, check_checkpoints, check_run, read_events, recovery, report
+from chaos_lib import (SAVE_EVERY, STEPS, Run, check_checkpoints, check_run, read_events, recovery, report,
+                       wait_until)
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
+
+# A node that fails twice waits cooldown_base (10 s by default) before it is admitted again,
+# even when it is the only node and nothing could replace it. The chaos tests fail the same
+# node on purpose, so they shorten the cooldown rather than wait it out.
+FAST_COOLDOWN = ("--rdzv-conf", "cooldown_base=0.2")
 
 
 @pytest.fixture
@@ -35,7 +42,7 @@ def test_random_sigkills_of_random_ranks(tmp_path, reference, runs):
     """Two SIGKILLs, of a seeded random rank at a seeded random step each; the supervisor
     restarts the group at the same world size and the job ends bitwise equal."""
     rng = random.Random(8)
-    run = start(runs, Run(tmp_path, flags=("--max-restarts", "3")))
+    run = start(runs, Run(tmp_path, flags=("--max-restarts", "3", *FAST_COOLDOWN)))
     times = []
     first = None
     for attempt in range(2):
@@ -80,3 +87,66 @@ def test_sigterm_preemption_then_resume(tmp_path, reference, runs):
     report("sigterm-preemption", saved_step=saved, stop_s=round(stopped[-1]["time"] - sent, 2),
            resume_first_step_s=round(min(r["t"] for r in second.records()) - second.started, 2))
     check_run(tmp_path, "b", second.ckpt_dir, reference(2), tags=("a", "b"))
+
+
+def in_flight_save(ckpt_dir, min_step: int):
+    """A step directory whose shard files are all written but whose manifest is not: a save
+    in flight, between durability of the data and the commit."""
+    for step_dir in sorted(ckpt_dir.glob("step_*")):
+        step = int(step_dir.name.split("_")[1])
+        shards = {p.name.split("-")[0] for p in step_dir.glob("rank*.safetensors")}
+        if step >= min_step and len(shards) == 2 and not (step_dir / "manifest.json").exists():
+            return step
+    return None
+
+
+def test_kill_during_checkpoint_write(tmp_path, reference, runs):
+    """Rank 0 is SIGKILLed while the async save of step S is in flight (files written, the
+    manifest commit not yet): S is never committed, the restart resumes from the previous
+    committed step, the leftover is ignored and later replaced, and the job ends bitwise."""
+    # --slow-commit holds the commit of every save of the first attempt for 2 s.
+    run = start(runs, Run(tmp_path, flags=("--max-restarts", "2"), worker_args=("--slow-commit", "2")))
+    step = wait_until("a save in flight", lambda: in_flight_save(run.ckpt_dir, 6), 240, alive=run.dead)
+    victim = next(r for r in run.records() if r["rank"] == 0 and r["restart"] == 0)
+    fault = run.kill_rank(victim)
+    committed = check_checkpoints(run.ckpt_dir, expect_latest=None)
+    assert step not in committed and committed[-1] == step - SAVE_EVERY, (step, committed)
+    assert run.finish() == 0, run.output()[-3000:]
+    records = run.records()
+    resumed = min(r["step"] for r in records if r["restart"] == 1)
+    assert resumed == step - SAVE_EVERY  # the uncommitted step was not trusted
+    report("kill-during-checkpoint-write", step=step, resumed=resumed,
+           **recovery(run.events(), records, fault, 1))
+    check_run(tmp_path, "run", run.ckpt_dir, reference(2))
+
+
+def test_sigstop_in_a_collective_is_detected_as_a_hang(tmp_path, reference, runs):
+    """Rank 1 is SIGSTOPped mid-run; rank 0 blocks in the next all-reduce. The agent sees no
+    progress for --hang-timeout, dumps stacks, kills both and restarts: bitwise."""
+    run = start(runs, Run(tmp_path, flags=("--max-restarts", "2", "--hang-timeout", "4",
+                                           "--first-step-timeout", "200")))
+    record = run.wait_step(6, rank=1)
+    fault = run.kill_rank(record, signal.SIGSTOP)
+    failure = run.wait_event("failure", round=0)
+    assert "hung" in failure["reason"], failure
+    assert run.finish() == 0, run.output()[-3000:]
+    report("sigstop-hang", step=record["step"], **recovery(run.events(), run.records(), fault, 1))
+    check_run(tmp_path, "run", run.ckpt_dir, reference(2))
+
+
+def test_second_fault_during_recovery(tmp_path, reference, runs):
+    """Rank 1 is killed; as soon as the restarted workers are spawned (before their first
+    step) rank 0 of the new group is killed too. The second restart finishes bitwise."""
+    run = start(runs, Run(tmp_path, flags=("--max-restarts", "3", *FAST_COOLDOWN)))
+    fault = run.kill_rank(run.wait_step(4, rank=1))
+    spawned = run.wait_event("workers_started", round=1)
+    second = time.time()
+    os.kill(spawned["pids"][0], signal.SIGKILL)
+    assert run.finish() == 0, run.output()[-3000:]
+    records = run.records()
+    assert not [r for r in records if r["restart"] == 1], "the second fault came after a first step"
+    failures = [e for e in run.events() if e["event"] == "failure"]
+    assert [f["round"] for f in failures] == [0, 1], failures
+    report("second-fault-during-recovery", first_fault=recovery(run.events(), records, fault, 2),
+           from_second_fault=recovery(run.events(), records, second, 2))
+    check_run(tmp_path, "run", run.ckpt_dir, reference(2))
