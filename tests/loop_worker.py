@@ -3,18 +3,23 @@
 Run under a torchrun-style environment (or none, for world size 1). Writes, per rank,
 JSON lines {"step", "world", "A", "ids", "t", "pid", "round"} to <out>/ids.<tag>.rank<r>.jsonl, where "ids" are
 the sample ids found in the batches the loop fed this rank (zero-weight repeats excluded),
-and rank 0 writes the final parameters to <out>/params.<tag>.pt. Under a supervisor
+and rank 0 writes the final parameters to <out>/params.<tag>.pt. Each process also appends its
+start-up timestamps (started, imported, initialized = process group up, resumed =
+checkpoint loaded) to <out>/boot.<tag>.rank<r>.jsonl. Under a supervisor
 restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>".
 """
 
 from __future__ import annotations
+
+import time
+
+_STARTED = time.time()  # before the heavy imports: the recovery benchmark splits spawn from import
 
 import argparse
 import json
 import os
 import signal
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +66,9 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
     args = p.parse_args()
 
+    imported = time.time()
     ctx = elastic.init()
+    initialized = time.time()
     model = build_model()
     if args.hidden != 8:
         model[0] = torch.nn.Linear(4, args.hidden).double()
@@ -98,6 +105,10 @@ def main() -> int:
         scheduler=scheduler,
     )
     print(f"rank {ctx.rank} resumed {loop.resume()}", flush=True)
+    with open(os.path.join(args.out, f"boot.{tag}.rank{ctx.rank}.jsonl"), "a") as boot:
+        boot.write(json.dumps({"started": _STARTED, "imported": imported, "initialized": initialized,
+                               "resumed": time.time(), "pid": os.getpid(),
+                               "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
     records = open(os.path.join(args.out, f"ids.{tag}.rank{ctx.rank}.jsonl"), "a")
     for step in loop:
         if step.index == kill_at:

@@ -7,9 +7,11 @@ equal, every step's samples consumed exactly once, every committed checkpoint re
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
+import subprocess
 import time
 
 import pytest
@@ -150,3 +152,61 @@ def test_second_fault_during_recovery(tmp_path, reference, runs):
     report("second-fault-during-recovery", first_fault=recovery(run.events(), records, fault, 2),
            from_second_fault=recovery(run.events(), records, second, 2))
     check_run(tmp_path, "run", run.ckpt_dir, reference(2))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted on a temporary directory (unmounted in teardown)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory) -> int:
+    """Write a file until the filesystem is full; return the bytes written."""
+    written, chunk = 0, b"\0" * 4096
+    with open(directory / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                written += f.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return written
+
+
+def test_disk_full_in_checkpoint_dir(tmp_path, reference, runs, small_disk):
+    """The checkpoint filesystem fills up mid-run. Documented behaviour: the failed save is
+    never committed (nothing half-written is listed or loaded); the rank raises an error that
+    names the problem; the restart resumes from the last committed step, hits the same full
+    disk at the same step, and the supervisor stops as a deterministic failure instead of
+    burning its restarts. With space freed, the next elastic-run resumes and ends bitwise."""
+    ckpt = small_disk / "ckpt"
+    run = start(runs, Run(tmp_path, tag="a", name="a", ckpt_dir=ckpt, flags=("--max-restarts", "3")))
+    wait_until("a committed step >= 6", lambda: (ckpt.exists() and any(
+        (d / "manifest.json").exists() and int(d.name.split("_")[1]) >= 6 for d in ckpt.glob("step_*"))),
+        240, alive=run.dead)
+    filled_at = time.time()
+    fill(small_disk)
+    assert run.finish() == 1, run.output()[-3000:]
+    out = run.output()
+    assert "No space left on device" in out, out[-3000:]
+    assert "not retrying a deterministic failure" in out, out[-3000:]
+    failures = [e for e in run.events() if e["event"] == "failure"]
+    assert failures and "No space left on device" in failures[0]["reason"], failures
+    committed = check_checkpoints(ckpt, expect_latest=None)  # every listed step reads back
+    report("disk-full", committed=committed, failures=len(failures),
+           stopped_after_s=round(run.events()[-1]["time"] - filled_at, 2),
+           reason=failures[0]["reason"][:120])
+
+    (small_disk / "filler").unlink()
+    second = start(runs, Run(tmp_path, tag="b", name="b", ckpt_dir=ckpt))
+    assert second.finish() == 0, second.output()[-3000:]
+    assert min(r["step"] for r in second.records()) == committed[-1]
+    check_run(tmp_path, "b", ckpt, reference(2), tags=("a", "b"))
