@@ -15,7 +15,7 @@ start are one "detect+stop+rendezvous+spawn" figure. Prints p50/p95 per phase an
 and the ratios ours/torchrun. Rounds of the two launchers are not interleaved: run it on an
 otherwise idle machine.
 
-Our job is run with --rdzv-conf cooldown_base=0: a standalone job has one node, and the
+Our job is run with --rdzv-conf cooldown_base=0.01: a standalone job has one node, and the
 failing-node cooldown (a multi-node policy: keep a flaky node out while others can run)
 would only add its delay; torchrun has no such policy.
 """
@@ -69,7 +69,7 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int) -> li
     if name == "elastic-run":
         cmd = [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", str(world),
                "--max-restarts", str(faults + 1), "--monitor-interval", "0.05", "--log-dir",
-               os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0", *job]
+               os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0.01", *job]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                "--max-restarts", str(faults + 1), "--monitor-interval", "0.05", *job]

@@ -215,7 +215,10 @@ class Agent:
         self._rdzv.bump_round(round_, reason=watched.detail, failed_node=watched.failed_node)
         restarts = self._rdzv.restart_count()
         signature = (watched.detail, watched.step)
-        if watched.step is not None and signature == self._last_failure:
+        # A worker killed by a signal (SIGKILL from outside, the OOM killer, a lost node) says
+        # nothing about the code: only an error exit or a hang can repeat deterministically.
+        killed = failed is not None and failed.returncode < 0
+        if watched.step is not None and not killed and signature == self._last_failure:
             # Resumed from the same checkpoint and failed the same way at the same step:
             # a bug, not a fault. Retrying would only burn the budget.
             final = f"{watched.detail} again at step {watched.step}; not retrying a deterministic failure"
