@@ -68,29 +68,37 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int) -> li
            "--save-every", "5", "--step-delay", "0.02", "--global-batch", "8", "--micro-batch", "4"]
     if name == "elastic-run":
         cmd = [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", str(world),
-               "--max-restarts", str(faults + 1), "--monitor-interval", "0.05", "--log-dir",
+               "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", "--log-dir",
                os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0.01", *job]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-               "--max-restarts", str(faults + 1), "--monitor-interval", "0.05", *job]
+               "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", *job]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     log = open(os.path.join(out, "console.log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     rng = random.Random(seed)
     results = []
     try:
-        for restart in range(faults):
-            recs = wait(f"{name}: 3 steps of attempt {restart}",
+        attempt = 0
+        for fault_no in range(faults):
+            recs = wait(f"{name}: 3 steps of attempt {attempt}",
                         lambda: (lambda rs: rs if all(len(v) >= 3 for v in rs.values()) else None)(
-                            records(out, world, restart)), proc)
+                            records(out, world, attempt)), proc)
             victim = rng.randrange(world)
             fault = time.time()
             os.kill(recs[victim][-1]["pid"], signal.SIGKILL)
-            new = wait(f"{name}: first step of attempt {restart + 1}",
-                       lambda: (lambda rs: rs if all(rs.values()) else None)(records(out, world, restart + 1)), proc)
-            boots = wait(f"{name}: boot records of attempt {restart + 1}",
+
+            def next_attempt():  # the launcher may need more than one restart to get going again
+                for later in range(attempt + 1, attempt + 2 + faults):
+                    rs = records(out, world, later)
+                    if all(rs.values()):
+                        return later, rs
+                return None
+
+            attempt, new = wait(f"{name}: first step after fault {fault_no + 1}", next_attempt, proc)
+            boots = wait(f"{name}: boot records of attempt {attempt}",
                          lambda: (lambda rs: rs if all(rs.values()) else None)(
-                             records(out, world, restart + 1, "boot")), proc)
+                             records(out, world, attempt, "boot")), proc)
             first_step = max(v[0]["t"] for v in new.values())
             boot = {k: max(v[0][k] for v in boots.values()) for k in ("started", "imported", "initialized", "resumed")}
             item = {"total": first_step - fault, "start": boot["started"] - fault,
@@ -107,7 +115,9 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int) -> li
                             spawn=at("workers_started") - at("round_sealed"),
                             exec=boot["started"] - at("workers_started"))
             results.append(item)
-            print(f"{name} fault {restart + 1}/{faults}: rank {victim} -> recovered in {item['total']:.2f}s",
+            item["attempts"] = attempt
+            print(f"{name} fault {fault_no + 1}/{faults}: rank {victim} -> recovered in {item['total']:.2f}s"
+                  f" (attempt {attempt})",
                   file=sys.stderr, flush=True)
     finally:
         if proc.poll() is None:
