@@ -49,19 +49,25 @@ def records(out: str, world: int, restart: int, kind: str = "ids") -> dict[int, 
     return {r: read_jsonl(os.path.join(out, f"{kind}.{tag}.rank{r}.jsonl")) for r in range(world)}
 
 
-def wait(what: str, check, proc: subprocess.Popen, timeout: float = 300):
+class NotRecovered(Exception):
+    pass
+
+
+def wait(what: str, check, proc: subprocess.Popen, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         if proc.poll() is not None:
-            raise SystemExit(f"{what}: the launcher exited {proc.returncode}")
+            raise NotRecovered(f"{what}: the launcher exited {proc.returncode}")
         time.sleep(0.01)
-    raise SystemExit(f"timed out waiting for {what}")
+    raise NotRecovered(f"no {what} within {timeout:g}s")
 
 
-def run_launcher(name: str, faults: int, world: int, base: str, seed: int) -> list[dict]:
+def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeout: float) -> list[dict]:
+    """One job, `faults` faults; a fault not recovered from within `timeout` ends the series
+    (recorded as {"failed": reason})."""
     out = os.path.join(base, name)
     os.makedirs(out)
     job = [WORKER, "--out", out, "--tag", "b", "--ckpt", os.path.join(out, "ckpt"), "--max-steps", "100000",
@@ -81,44 +87,49 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int) -> li
     try:
         attempt = 0
         for fault_no in range(faults):
-            recs = wait(f"{name}: 3 steps of attempt {attempt}",
-                        lambda: (lambda rs: rs if all(len(v) >= 3 for v in rs.values()) else None)(
-                            records(out, world, attempt)), proc)
-            victim = rng.randrange(world)
-            fault = time.time()
-            os.kill(recs[victim][-1]["pid"], signal.SIGKILL)
+            try:
+                recs = wait(f"{name}: 3 steps of attempt {attempt}",
+                            lambda: (lambda rs: rs if all(len(v) >= 3 for v in rs.values()) else None)(
+                                records(out, world, attempt)), proc, timeout)
+                victim = rng.randrange(world)
+                fault = time.time()
+                os.kill(recs[victim][-1]["pid"], signal.SIGKILL)
 
-            def next_attempt():  # the launcher may need more than one restart to get going again
-                for later in range(attempt + 1, attempt + 2 + faults):
-                    rs = records(out, world, later)
-                    if all(rs.values()):
-                        return later, rs
-                return None
+                def next_attempt():  # the launcher may need more than one restart to get going again
+                    for later in range(attempt + 1, attempt + 2 + faults):
+                        rs = records(out, world, later)
+                        if all(rs.values()):
+                            return later, rs
+                    return None
 
-            attempt, new = wait(f"{name}: first step after fault {fault_no + 1}", next_attempt, proc)
-            boots = wait(f"{name}: boot records of attempt {attempt}",
-                         lambda: (lambda rs: rs if all(rs.values()) else None)(
-                             records(out, world, attempt, "boot")), proc)
-            first_step = max(v[0]["t"] for v in new.values())
-            boot = {k: max(v[0][k] for v in boots.values()) for k in ("started", "imported", "initialized", "resumed")}
-            item = {"total": first_step - fault, "start": boot["started"] - fault,
-                    "import": boot["imported"] - boot["started"], "pg_init": boot["initialized"] - boot["imported"],
-                    "ckpt_load": boot["resumed"] - boot["initialized"], "first_step": first_step - boot["resumed"]}
-            events = read_jsonl(os.path.join(out, "logs", "events.jsonl"))
-            after = [e for e in events if e["time"] >= fault - 0.01]
+                attempt, new = wait(f"{name}: first step after fault {fault_no + 1}", next_attempt, proc, timeout)
+                boots = wait(f"{name}: boot records of attempt {attempt}",
+                             lambda: (lambda rs: rs if all(rs.values()) else None)(
+                                 records(out, world, attempt, "boot")), proc, timeout)
+                first_step = max(v[0]["t"] for v in new.values())
+                boot = {k: max(v[0][k] for v in boots.values()) for k in ("started", "imported", "initialized", "resumed")}
+                item = {"total": first_step - fault, "start": boot["started"] - fault,
+                        "import": boot["imported"] - boot["started"], "pg_init": boot["initialized"] - boot["imported"],
+                        "ckpt_load": boot["resumed"] - boot["initialized"], "first_step": first_step - boot["resumed"]}
+                events = read_jsonl(os.path.join(out, "logs", "events.jsonl"))
+                after = [e for e in events if e["time"] >= fault - 0.01]
 
-            def at(kind: str) -> float | None:
-                return next((e["time"] for e in after if e["event"] == kind), None)
+                def at(kind: str) -> float | None:
+                    return next((e["time"] for e in after if e["event"] == kind), None)
 
-            if at("failure") and at("round_sealed") and at("workers_started"):
-                item.update(detect=at("failure") - fault, stop_rdzv=at("round_sealed") - at("failure"),
-                            spawn=at("workers_started") - at("round_sealed"),
-                            exec=boot["started"] - at("workers_started"))
-            results.append(item)
-            item["attempts"] = attempt
-            print(f"{name} fault {fault_no + 1}/{faults}: rank {victim} -> recovered in {item['total']:.2f}s"
-                  f" (attempt {attempt})",
-                  file=sys.stderr, flush=True)
+                if at("failure") and at("round_sealed") and at("workers_started"):
+                    item.update(detect=at("failure") - fault, stop_rdzv=at("round_sealed") - at("failure"),
+                                spawn=at("workers_started") - at("round_sealed"),
+                                exec=boot["started"] - at("workers_started"))
+                results.append(item)
+                item["attempts"] = attempt
+                print(f"{name} fault {fault_no + 1}/{faults}: rank {victim} -> recovered in {item['total']:.2f}s"
+                      f" (attempt {attempt})",
+                      file=sys.stderr, flush=True)
+            except NotRecovered as exc:
+                print(f"{name} fault {fault_no + 1}/{faults}: NOT RECOVERED: {exc}", file=sys.stderr, flush=True)
+                results.append({"failed": str(exc)})
+                break
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -140,10 +151,12 @@ def main() -> int:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="keep the runs' files here (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=180, help="seconds a recovery may take before "
+                   "the launcher's series is ended as not recovered")
     p.add_argument("--json", action="store_true", help="also print the raw measurements as JSON")
     args = p.parse_args()
     base = args.out or tempfile.mkdtemp(prefix="bench-recovery-")
-    results = {name: run_launcher(name, args.faults, args.world_size, base, args.seed)
+    results = {name: run_launcher(name, args.faults, args.world_size, base, args.seed, args.timeout)
                for name in ("elastic-run", "torchrun")}
     phases = ["detect", "stop_rdzv", "spawn", "exec", "start", "import", "pg_init", "ckpt_load", "first_step", "total"]
     print(f"time to recover from a SIGKILLed rank, world size {args.world_size}, {args.faults} faults each (s)")
@@ -156,8 +169,14 @@ def main() -> int:
                     f"{pct(vals, 50):>14.2f}{pct(vals, 95):>14.2f}") if vals else \
                 (f"{'-':>10}{'-':>10}" if name == "elastic-run" else f"{'-':>14}{'-':>14}")
         print(row)
-    ours = [r["total"] for r in results["elastic-run"]]
-    theirs = [r["total"] for r in results["torchrun"]]
+    for name in ("elastic-run", "torchrun"):
+        failed = [r["failed"] for r in results[name] if "failed" in r]
+        done = len(results[name]) - len(failed)
+        print(f"{name}: {done} of {args.faults} faults recovered" + (f"; then: {failed[0]}" if failed else ""))
+    ours = [r["total"] for r in results["elastic-run"] if "total" in r]
+    theirs = [r["total"] for r in results["torchrun"] if "total" in r]
+    if not ours or not theirs:
+        return 1
     print(f"ratio ours/torchrun: p50 {pct(ours, 50) / pct(theirs, 50):.2f}x   p95 {pct(ours, 95) / pct(theirs, 95):.2f}x"
           f"   (targets: <= 0.3x; ours p95 <= 2 s)")
     print("phases: start = fault -> new worker python running (detect, stop, rendezvous, spawn); "

@@ -253,7 +253,7 @@ class Run:
 def recovery(events: list[dict], records: list[dict], fault_at: float, restart: int) -> dict[str, float]:
     """Seconds from the fault to: its detection (failure event), the next round sealed, the
     new workers started, and the first step completed by every rank of attempt `restart`."""
-    after = [e for e in events if e["time"] >= fault_at - 0.01]
+    after = [e for e in events if e["time"] >= fault_at - 0.0005]  # times are rounded to ms
 
     def first(kind: str) -> float | None:
         return next((e["time"] - fault_at for e in after if e["event"] == kind), None)
