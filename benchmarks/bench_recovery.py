@@ -15,6 +15,11 @@ start are one "detect+stop+rendezvous+spawn" figure. Prints p50/p95 per phase an
 and the ratios ours/torchrun. Rounds of the two launchers are not interleaved: run it on an
 otherwise idle machine.
 
+Observed here (torch 2.13, CPU, 2 ranks): torchrun's restarted workers of this script fail in
+gloo connectFullMesh ("Connection refused" to a peer address of the previous attempt) and
+after a few such restarts it stops making progress; such a series is reported as "not
+recovered" (see --timeout) and no ratio can be printed.
+
 Our job is run with --rdzv-conf cooldown_base=0.01: a standalone job has one node, and the
 failing-node cooldown (a multi-node policy: keep a flaky node out while others can run)
 would only add its delay; torchrun has no such policy.
