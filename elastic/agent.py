@@ -77,6 +77,9 @@ class Agent:
         self._last_failure: tuple[str, int | None] | None = None
         self._progress_step: int | None = None
         self._progress_at = 0.0
+        self._round_first_step: int | None = None  # the step the round's workers resumed at
+        self._round_advanced = False  # a step was completed in this round
+        self._stalled_failures = 0  # failures in a row of rounds that completed no step
         rendezvous.should_abort = self._raise_if_signalled
 
     def request_stop(self, signum: int) -> None:
@@ -113,6 +116,7 @@ class Agent:
             group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
             group.start()
             self._progress_step = None
+            self._round_first_step, self._round_advanced = None, False
             self._events.emit("workers_started", round=assignment.round, pids=group.pids)
             watched = self._watch(group, assignment)
             self._record_progress(group, assignment.round, force=True)
@@ -236,12 +240,16 @@ class Agent:
         self._events.emit("restart", round=round_, restarts=restarts, reason=watched.detail)
         log.warning("elastic-run: %s; restarting (restart %d of %d)", watched.detail, restarts,
                     self._config.max_restarts)
-        self._back_off(restarts)
+        # Back off only in a crash loop: a round that completed a step since it resumed
+        # proves the restart worked, so the next fault is again restarted at once.
+        self._stalled_failures = 1 if self._round_advanced else self._stalled_failures + 1
+        self._back_off(self._stalled_failures)
         return None
 
-    def _back_off(self, restarts: int) -> None:
-        """The first restart is immediate; repeated ones wait 0.5, 1, 2 ... up to 30 s."""
-        delay = 0.0 if restarts <= 1 else min(30.0, 0.5 * 2 ** (restarts - 2))
+    def _back_off(self, failures: int) -> None:
+        """After `failures` failed rounds in a row that completed no step: the first restart
+        is immediate; repeated ones wait 0.5, 1, 2 ... up to 30 s."""
+        delay = 0.0 if failures <= 1 else min(30.0, 0.5 * 2 ** (failures - 2))
         deadline = time.monotonic() + delay
         while (left := deadline - time.monotonic()) > 0:
             self._raise_if_signalled()
@@ -275,6 +283,10 @@ class Agent:
         unless `force`d at the end of a round)."""
         steps = [s for s in group.progress.steps().values() if s is not None]
         now = time.monotonic()
+        if steps and self._round_first_step is None:
+            self._round_first_step = min(steps)
+        elif steps and min(steps) > self._round_first_step:
+            self._round_advanced = True
         if not steps or min(steps) == self._progress_step:
             return
         if not force and self._progress_step is not None and now - self._progress_at < 0.5:

@@ -150,13 +150,17 @@ def admissible(state: RunState, settings: Settings, now: float) -> list[str]:
     """Registered members that may enter the round, in rank order.
 
     Survivors of the previous round keep their relative order (stable ranks); newcomers
-    follow by node id. Nodes in failure cooldown are left out; the list is cut to MAX and to
-    a multiple of `world_size_multiple`.
+    follow by node id. Nodes in failure cooldown are left out when MIN is met without them;
+    the list is cut to MAX and to a multiple of `world_size_multiple`.
     """
     present = state.members.keys()
     order = [n for n in (state.previous.node_ids if state.previous else ()) if n in present]
     order += sorted(n for n in present if n not in order)
-    order = [n for n in order if _cooled(state, n, settings, now)]
+    cooled = [n for n in order if _cooled(state, n, settings, now)]
+    # A cooling node is kept out only while the job can run without it: stalling a job
+    # that needs the node (MIN, or a single node) would turn a cooldown into an outage.
+    if len(cooled) >= settings.min_nodes:
+        order = cooled
     count = min(len(order), settings.max_nodes)
     count -= count % settings.world_size_multiple
     return order[:count]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
@@ -78,3 +80,75 @@ def wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
             return set()
         time.sleep(0.05)
     return {p for p in pids if alive(p)}
+
+
+class Job:
+    """Agents of one run on one etcd, each a real `elastic-run` process with its own node id."""
+
+    def __init__(self, endpoint: str, run_id: str, outdir: Path, nnodes: str, conf: str = "",
+                 max_restarts: int = 3, *, script: str | None = None,
+                 script_args: list[str] | None = None, flags: tuple[str, ...] = ()) -> None:
+        """`script` (default: tests/scripts/rdzv_worker.py OUTDIR) runs with `script_args`;
+        `flags` are extra elastic-run flags (e.g. --checkpoint-dir, --hang-timeout)."""
+        self.endpoint, self.run_id, self.outdir = endpoint, run_id, Path(outdir)
+        self.nnodes, self.max_restarts = nnodes, max_restarts
+        self.script = script or os.path.join(SCRIPTS, "rdzv_worker.py")
+        self.script_args = [str(outdir)] if script_args is None else list(script_args)
+        self.flags = tuple(flags)
+        self.conf = "lease_ttl=3,last_call_timeout=30,join_timeout=60" + ("," + conf if conf else "")
+        self.agents: dict[str, subprocess.Popen] = {}
+
+    def start(self, node: str) -> subprocess.Popen:
+        log = open(self.outdir / f"agent-{node}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "elastic.run", "--nnodes", self.nnodes, "--nproc-per-node", "1",
+             "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id, "--node-id", node,
+             "--rdzv-conf", self.conf, "--max-restarts", str(self.max_restarts), "--grace", "3",
+             "--log-dir", str(self.outdir / f"logs-{node}"), *self.flags, self.script, *self.script_args],
+            env=child_env(ELASTIC_LOG_LEVEL="INFO"), stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.agents[node] = proc
+        return proc
+
+    def round_view(self, round_: int) -> dict[str, dict]:
+        """node -> its worker's view, for every worker that started in `round_`."""
+        views = {}
+        for path in self.outdir.glob(f"round{round_}-rank*.json"):
+            view = json.loads(path.read_text())
+            views[view["ELASTIC_NODE_ID"]] = view
+        return views
+
+    def wait_round(self, round_: int, nodes: set[str], timeout: float = 60.0) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            views = self.round_view(round_)
+            if set(views) == nodes:
+                return views
+            assert set(views) <= nodes, f"round {round_} has unexpected nodes {set(views) - nodes}"
+            for node, proc in self.agents.items():
+                if proc.poll() is not None and node in nodes:
+                    raise AssertionError(f"agent {node} exited {proc.returncode}:\n{self.log(node)}")
+            time.sleep(0.05)
+        raise AssertionError(f"round {round_} never had nodes {nodes}; has {set(self.round_view(round_))}\n"
+                             + "\n".join(f"--- {n}\n{self.log(n)}" for n in self.agents))
+
+    def worker_pid(self, node: str, round_: int) -> int:
+        (path,) = self.outdir.glob(f"pid-{node}-round{round_}-rank*")
+        return int(path.read_text())
+
+    def finish(self, timeout: float = 60.0) -> dict[str, int]:
+        (self.outdir / "finish").touch()
+        return {n: p.wait(timeout) for n, p in self.agents.items()}
+
+    def log(self, node: str) -> str:
+        return (self.outdir / f"agent-{node}.log").read_text()
+
+    def events(self, node: str) -> list[dict]:
+        path = self.outdir / f"logs-{node}" / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def kill_all(self) -> None:
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

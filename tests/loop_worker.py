@@ -1,13 +1,19 @@
 """A tiny float64 training job driven by elastic.TrainLoop, launched by the tests.
 
 Run under a torchrun-style environment (or none, for world size 1). Writes, per rank,
-JSON lines {"step", "world", "A", "ids"} to <out>/ids.<tag>.rank<r>.jsonl, where "ids" are
+JSON lines {"step", "world", "A", "ids", "t", "pid", "round"} to <out>/ids.<tag>.rank<r>.jsonl, where "ids" are
 the sample ids found in the batches the loop fed this rank (zero-weight repeats excluded),
-and rank 0 writes the final parameters to <out>/params.<tag>.pt. Under a supervisor
+and rank 0 writes the final parameters to <out>/params.<tag>.pt. Each process also appends its
+start-up timestamps (started, imported, initialized = process group up, resumed =
+checkpoint loaded) to <out>/boot.<tag>.rank<r>.jsonl. Under a supervisor
 restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>".
 """
 
 from __future__ import annotations
+
+import time
+
+_STARTED = time.time()  # before the heavy imports: the recovery benchmark splits spawn from import
 
 import argparse
 import json
@@ -51,11 +57,18 @@ def main() -> int:
     p.add_argument("--kill-at", type=int, default=None,
                    help="rank 1 SIGKILLs itself at this step (first attempt only)")
     p.add_argument("--pause-at", type=int, default=None, help="all ranks wait for a stdin line here")
+    p.add_argument("--step-delay", type=float, default=0.0,
+                   help="seconds each step sleeps (paces a job that chaos tests interrupt)")
+    p.add_argument("--slow-commit", type=float, default=0.0,
+                   help="first attempt only: each checkpoint commit (manifest write) waits this long "
+                   "after every rank's files are written, so a test can fail a save in flight")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
     args = p.parse_args()
 
+    imported = time.time()
     ctx = elastic.init()
+    initialized = time.time()
     model = build_model()
     if args.hidden != 8:
         model[0] = torch.nn.Linear(4, args.hidden).double()
@@ -73,6 +86,16 @@ def main() -> int:
         from checkpoint import CheckpointManager
 
         ckpt = CheckpointManager(args.ckpt or ctx.checkpoint_dir, keep_last=2)
+        if args.slow_commit and ctx.restart_count == 0:
+            from checkpoint import storage
+
+            commit = storage.commit
+
+            def slow_commit(*a, **kw):
+                time.sleep(args.slow_commit)
+                return commit(*a, **kw)
+
+            storage.commit = slow_commit
     tag = args.tag if ctx.restart_count == 0 else f"{args.tag}.restart{ctx.restart_count}"
     kill_at = args.kill_at if ctx.restart_count == 0 else None
     loop = elastic.TrainLoop(
@@ -82,6 +105,10 @@ def main() -> int:
         scheduler=scheduler, stop_check_every=1,  # deterministic stop step for the SIGTERM test
     )
     print(f"rank {ctx.rank} resumed {loop.resume()}", flush=True)
+    with open(os.path.join(args.out, f"boot.{tag}.rank{ctx.rank}.jsonl"), "a") as boot:
+        boot.write(json.dumps({"started": _STARTED, "imported": imported, "initialized": initialized,
+                               "resumed": time.time(), "pid": os.getpid(),
+                               "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
     records = open(os.path.join(args.out, f"ids.{tag}.rank{ctx.rank}.jsonl"), "a")
     for step in loop:
         if step.index == kill_at:
@@ -91,13 +118,17 @@ def main() -> int:
         if step.index == args.pause_at:
             print(f"paused at {step.index}", flush=True)
             sys.stdin.readline()
+        if args.step_delay:
+            time.sleep(args.step_delay)
         ids = []
         for x, y, i in step:
             step.backward(F.mse_loss(model(x), y))
             if step.micro_batch.size:
                 ids.extend(i.tolist())
         records.write(json.dumps({"step": step.index, "world": step.world_size,
-                                  "A": step.accumulation_steps, "ids": ids}) + "\n")
+                                  "A": step.accumulation_steps, "ids": ids,
+                                  "t": time.time(), "pid": os.getpid(),
+                                  "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
         records.flush()
     records.close()
     # Collective for FSDP2 (full_state_dict gathers the shards); keys without DDP's prefix.

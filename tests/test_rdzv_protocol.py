@@ -110,7 +110,7 @@ def test_world_size_multiple(registered, multiple, expected):
 
 @pytest.mark.parametrize(("failures", "now", "admitted"), [
     (1, 0.0, True),      # one failure: no cooldown
-    (2, 5.0, False),     # second failure at t=0: waits base=10s
+    (2, 5.0, False),     # second failure at t=0: waits base=10s (a and b meet MIN without c)
     (2, 10.0, True),
     (3, 19.0, False),    # third: 20s
     (3, 20.0, True),
@@ -122,9 +122,13 @@ def test_failing_node_cools_down_exponentially(failures, now, admitted):
     assert ("c" in admissible(state, S, now)) is admitted
 
 
-def test_cooled_down_node_only_delays_when_min_needs_it():
+def test_cooling_node_is_admitted_when_min_needs_it():
+    # MIN is 2 and only a and c are there: keeping c out would stall the job.
     state = RunState(members=members("a", "c"), nodes={"c": NodeRecord(2, 0.0)})
-    assert decide_join(state, "a", S, 1.0, None) == Wait(until=10.0)
+    assert admissible(state, S, 1.0) == ["a", "c"]
+    single = Settings(min_nodes=1, max_nodes=1, last_call_timeout=1.0)
+    alone = RunState(members=members("c"), nodes={"c": NodeRecord(5, 0.0)})
+    assert isinstance(decide_join(alone, "c", single, 1.0, 1.0), Seal)
 
 
 @pytest.mark.parametrize(("waiting", "running", "first_seen", "now", "grow"), [
