@@ -281,15 +281,16 @@ class Agent:
     def _record_progress(self, group: WorkerGroup, round_: int, force: bool = False) -> None:
         """Put the local ranks' slowest completed step into the events log (at most 2/s,
         unless `force`d at the end of a round)."""
-        steps = [s for s in group.progress.steps().values() if s is not None]
+        slowest = group.progress.slowest()
         now = time.monotonic()
-        if steps and self._round_first_step is None:
-            self._round_first_step = min(steps)
-        elif steps and min(steps) > self._round_first_step:
+        if slowest is not None and self._round_first_step is None:
+            self._round_first_step = slowest.step
+        elif slowest is not None and slowest.step > self._round_first_step:
             self._round_advanced = True
-        if not steps or min(steps) == self._progress_step:
+        if slowest is None or slowest.step == self._progress_step:
             return
         if not force and self._progress_step is not None and now - self._progress_at < 0.5:
             return
-        self._progress_step, self._progress_at = min(steps), now
-        self._events.emit("progress", round=round_, step=min(steps))
+        self._progress_step, self._progress_at = slowest.step, now
+        # Stamped with when the step completed (the file's mtime), not when we looked.
+        self._events.emit("progress", at=slowest.changed_at, round=round_, step=slowest.step)

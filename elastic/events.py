@@ -26,8 +26,9 @@ class EventLog:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")
 
-    def emit(self, event: str, **fields: object) -> None:
-        record = {"time": round(time.time(), 3), "event": event, **self._base, **fields}
+    def emit(self, event: str, *, at: float | None = None, **fields: object) -> None:
+        """Record `event` as of wall-clock time `at` (default: now)."""
+        record = {"time": round(time.time() if at is None else at, 3), "event": event, **self._base, **fields}
         self.records.append(record)
         if self._file is None:
             return

@@ -61,6 +61,12 @@ class ProgressWatch:
         found = {rank: read_progress(path) for rank, path in self._paths.items()}
         return {rank: p.step for rank, p in found.items() if p is not None}
 
+    def slowest(self) -> Progress | None:
+        """The least advanced rank's progress (with when it was written), among ranks that
+        have completed a step."""
+        found = [p for p in map(read_progress, self._paths.values()) if p is not None and p.step is not None]
+        return min(found, key=lambda p: (p.step, p.changed_at)) if found else None
+
     def hung(self) -> list[Hang]:
         if self._hang_timeout <= 0:
             return []
