@@ -161,9 +161,7 @@ def admissible(state: RunState, settings: Settings, now: float) -> list[str]:
     # that needs the node (MIN, or a single node) would turn a cooldown into an outage.
     if len(cooled) >= settings.min_nodes:
         order = cooled
-    count = min(len(order), settings.max_nodes)
-    count -= count % settings.world_size_multiple
-    return order[:count]
+    return order[:_allowed_size(len(order), settings)]
 
 
 def _cooled(state: RunState, node: str, settings: Settings, now: float) -> bool:
@@ -223,7 +221,10 @@ def decide_growth(state: RunState, running: SealedRound, settings: Settings, now
         return False
     candidates = [n for n in sorted(state.waiting) if n not in running.node_ids
                   and _cooled(state, n, settings, now)]
-    total = len(running.members) + len(candidates)
-    grown = min(total, settings.max_nodes)
-    grown -= grown % settings.world_size_multiple
-    return grown > len(running.members)
+    return _allowed_size(len(running.members) + len(candidates), settings) > len(running.members)
+
+
+def _allowed_size(available: int, settings: Settings) -> int:
+    """How many of `available` nodes a round may take: at most MAX, a multiple of M."""
+    size = min(available, settings.max_nodes)
+    return size - size % settings.world_size_multiple
