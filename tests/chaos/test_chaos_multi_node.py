@@ -113,3 +113,25 @@ def test_kill_during_rendezvous(loop_job, etcd_server, reference):
     report("kill-during-rendezvous", rounds=sorted({e["round"] for e in sealed}),
            first_step_after_kill_s=round(min(r["t"] for r in records) - killed, 2))
     check_run(job.outdir, "run", job.outdir / "ckpt", reference(2))
+
+
+def test_node_added_mid_run_grows_without_losing_a_step(loop_job, etcd_server, reference):
+    """2 nodes x 1 rank (nnodes 2:3) train; a third arrives. The agents see it by watch,
+    ask the workers to stop after a step they all agree on (SIGTERM: TrainLoop saves it),
+    and the job goes on at world size 3 from that step: no restart spent, no step lost or
+    repeated, within 1e-7 of the uninterrupted run."""
+    job = loop_job("2:3", etcd_server.endpoint, conf="last_call_timeout=1")
+    job.start("a")
+    job.start("b")
+    wait_records(job, "step 5 at world 2", lambda r: r["step"] >= 5 and r["world"] == 2)
+    arrived = time.time()
+    job.start("c")
+    codes = {n: p.wait(300) for n, p in job.agents.items()}
+    assert codes == {"a": 0, "b": 0, "c": 0}, job.log("a")[-4000:]
+    records = read_records(job.outdir, "run")
+    assert {r["restart"] for r in records} == {0}  # growth is not a failure
+    grown = [r for r in records if r["world"] == 3]
+    assert grown and min(r["t"] for r in grown) > arrived
+    sealed = [(e["round"], e["world_size"]) for e in job.events("a") if e["event"] == "round_sealed"]
+    assert sealed == [(0, 2), (1, 3)]
+    check_run(job.outdir, "run", job.outdir / "ckpt", reference(2), exact=False)
