@@ -49,8 +49,8 @@ def find_etcd_binary() -> str:
 class EtcdServer:
     """A private etcd on loopback with its data in a temp dir. Use as a context manager.
 
-    `stop()` kills the server and removes the data dir; `restart()` keeps the data and port
-    (to test outages). The server also dies with this process: it is started with a
+    `stop()` kills the server and removes the data dir; `kill()` and `restart()` keep the data
+    and port (to test outages). The server also dies with this process: it is started with a
     parent-death signal so that no etcd outlives a SIGKILLed supervisor.
     """
 
@@ -125,15 +125,6 @@ class EtcdServer:
         except OSError:
             return "no log"
 
-    def pause(self) -> None:
-        """SIGSTOP the server: clients see an unresponsive etcd (an outage) until resume()."""
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGCONT)
-
     def restart(self) -> None:
         """Kill the server and start it again on the same port with the same data."""
         self._kill()
@@ -146,7 +137,6 @@ class EtcdServer:
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGCONT)
             self._proc.kill()
             self._proc.wait()
         self._proc = None

@@ -77,10 +77,6 @@ class EtcdBackend:
         self._lease = self._retry("taking a lease", lambda: self._client.lease(max(2, int(round(ttl)))))
         self.writes += 1
 
-    @property
-    def lease(self):
-        return self._lease
-
     def refresh_lease(self) -> bool:
         """Keep the lease alive; False when etcd says it has expired (we were cut off too long)."""
         responses = self._lease.refresh()

@@ -153,10 +153,6 @@ class WorkerGroup:
                                       first_step_timeout=config.first_step_timeout)
 
     @property
-    def assignment(self) -> Assignment:
-        return self._assignment
-
-    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
