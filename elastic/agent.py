@@ -119,6 +119,7 @@ class Agent:
             self._round_first_step, self._round_advanced = None, False
             self._events.emit("workers_started", round=assignment.round, pids=group.pids)
             watched = self._watch(group, assignment)
+            group.progress.read()
             self._record_progress(group, assignment.round, force=True)
             result = self._after_round(group, assignment, watched)
             if result is not None:
@@ -137,6 +138,7 @@ class Agent:
                 # Which rank failed first is decided after the group is stopped (see
                 # _restart_after_failure): a rank that raised may still be cleaning up.
                 return _Watched(_Outcome.FAILED, exits, failed_node=self._rdzv.node_id, at=group.all_alive_at)
+            group.progress.read()  # one read per check: hung() and _record_progress() use it
             hangs = group.progress.hung()
             if hangs:
                 # A rank stuck in a collective looks the same from outside as the rank that

@@ -50,32 +50,35 @@ class ProgressWatch:
         self._hang_timeout = hang_timeout
         self._first_step_timeout = first_step_timeout
         self._clock = clock
+        self._latest: dict[int, Progress] = {}  # rank -> progress, from the last read()
         for path in paths.values():  # left from an earlier round: not this group's progress
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
 
-    def steps(self) -> dict[int, int | None]:
-        """rank -> last completed step, for ranks that report progress."""
+    def read(self) -> None:
+        """Read every rank's progress file once; steps(), slowest() and hung() use this."""
         found = {rank: read_progress(path) for rank, path in self._paths.items()}
-        return {rank: p.step for rank, p in found.items() if p is not None}
+        self._latest = {rank: p for rank, p in found.items() if p is not None}
+
+    def steps(self) -> dict[int, int | None]:
+        """rank -> last completed step, for ranks that report progress (as of read())."""
+        return {rank: p.step for rank, p in self._latest.items()}
 
     def slowest(self) -> Progress | None:
         """The least advanced rank's progress (with when it was written), among ranks that
-        have completed a step."""
-        found = [p for p in map(read_progress, self._paths.values()) if p is not None and p.step is not None]
+        have completed a step (as of read())."""
+        found = [p for p in self._latest.values() if p.step is not None]
         return min(found, key=lambda p: (p.step, p.changed_at)) if found else None
 
     def hung(self) -> list[Hang]:
+        """Ranks that are hung (as of read())."""
         if self._hang_timeout <= 0:
             return []
         now = self._clock()
         hangs = []
-        for rank, path in self._paths.items():
-            progress = read_progress(path)
-            if progress is None:
-                continue
+        for rank, progress in self._latest.items():
             quiet = now - progress.changed_at
             if progress.step is None and quiet > self._first_step_timeout:
                 hangs.append(Hang(rank, f"no first step within {self._first_step_timeout:g}s"))

@@ -273,6 +273,9 @@ class EtcdRendezvous:
         `window` seconds (or until the round has moved on), and blames the earliest claim,
         so that failure counts and cooldowns land on the node that caused the failure.
         """
+        sealed = self._backend.sealed(round_)
+        if sealed is not None and sealed.node_ids == (self.node_id,):
+            return self.node_id  # alone in the round: no one else to blame, no need to wait
         self._backend.claim_failure(round_, when)
         deadline = time.monotonic() + window
         while (left := deadline - time.monotonic()) > 0 and self._backend.current_round() == round_:

@@ -30,11 +30,7 @@ def run_id() -> str:
 
 @pytest.fixture
 def python_env() -> dict[str, str]:
-    """Environment for child processes: this interpreter's packages plus the repo on the path.
-
-    Kept for tests/test_checkpoint_distributed.py (branch issue-5), which main's helpers.py
-    change dropped; new tests can use helpers.child_env().
-    """
+    """Environment for child processes (helpers.child_env() as a fixture)."""
     from helpers import child_env
 
     return child_env()

@@ -21,17 +21,11 @@ import pytest
 import torch
 
 from elastic.sampler import ElasticSampler
+from helpers import child_env
 from loop_launch import Group
 
 G, M, STEPS, SAVE_EVERY = 7, 1, 12, 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def args(out, tag, ckpt, *extra):
@@ -69,7 +63,7 @@ def params(out, tag):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    Group(args(out, "ref", out / "ckpt"), 2, worker_env(), progress_dir=str(out)).wait_ok()
+    Group(args(out, "ref", out / "ckpt"), 2, child_env(), progress_dir=str(out)).wait_ok()
     rows = step_records(out, "ref", 2)
     assert [r[0] for r in rows] == list(range(STEPS))
     ids = {step: got for step, _, _, got in rows}
@@ -84,13 +78,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference):
     ref_out, ref_ids = reference
     kill_at = random.Random(os.environ.get("TEST_SEED", "6")).randint(4, STEPS - 2)
     ckpt = tmp_path / "ckpt"
-    group = Group(args(tmp_path, "killed", ckpt, "--kill-at", kill_at), 2, worker_env())
+    group = Group(args(tmp_path, "killed", ckpt, "--kill-at", kill_at), 2, child_env())
     victim = group.procs[1]
     victim.wait(timeout=200)
     assert victim.returncode == -signal.SIGKILL, f"kill_at={kill_at}: rank 1 exited {victim.returncode}"
     group.kill()  # the survivor is stuck in (or failed out of) a collective, as under a supervisor
     group.wait()
-    outs = Group(args(tmp_path, "resumed", ckpt), 2, worker_env()).wait_ok()
+    outs = Group(args(tmp_path, "resumed", ckpt), 2, child_env()).wait_ok()
     # Saves run at the boundary after every SAVE_EVERY-th step, and the worker waits for the
     # commit before the kill, so the resume step is the last multiple of SAVE_EVERY <= kill_at.
     resumed_from = kill_at // SAVE_EVERY * SAVE_EVERY
@@ -108,7 +102,7 @@ def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, referenc
     ckpt = tmp_path / "ckpt"
     # Phase 1, world size 2: both ranks pause in step 4, get SIGTERM, then continue; they
     # agree on the flag at the next boundary (stop_check_every=1) and save step 5.
-    phase1 = Group(args(tmp_path, "p1", ckpt, "--pause-at", 4), 2, worker_env(), stdin=True)
+    phase1 = Group(args(tmp_path, "p1", ckpt, "--pause-at", 4), 2, child_env(), stdin=True)
     for p in phase1.procs:
         while "paused at 4" not in (line := p.stdout.readline()):
             assert line, "worker exited before pausing"
@@ -120,10 +114,10 @@ def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, referenc
     for rank, (rc, _, err) in enumerate(phase1.wait()):
         assert rc == 143, f"rank {rank} exited {rc}: {err[-3000:]}"
     # Phase 2: one plain process (no launcher environment), up to step 9.
-    out2 = Group(args(tmp_path, "p2", ckpt, "--max-steps", 9), 1, worker_env(), torchrun_env=False).wait_ok()
+    out2 = Group(args(tmp_path, "p2", ckpt, "--max-steps", 9), 1, child_env(), torchrun_env=False).wait_ok()
     assert "rank 0 resumed 5" in out2[0]
     # Phase 3: world size 3 with FSDP2 (fully_shard): the replicated state is resharded.
-    out3 = Group(args(tmp_path, "p3", ckpt, "--fsdp"), 3, worker_env()).wait_ok()
+    out3 = Group(args(tmp_path, "p3", ckpt, "--fsdp"), 3, child_env()).wait_ok()
     assert "rank 0 resumed 9" in out3[0]
     rows = step_records(tmp_path, "p1", 2) + step_records(tmp_path, "p2", 1) + step_records(tmp_path, "p3", 3)
     assert [r[0] for r in rows] == list(range(STEPS))
@@ -137,7 +131,7 @@ def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, referenc
 def elastic_run(*argv, cwd):
     return subprocess.run(
         [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", "2", *map(str, argv)],
-        env=dict(worker_env(), OMP_NUM_THREADS="1"), cwd=cwd, capture_output=True, text=True,
+        env=dict(child_env(), OMP_NUM_THREADS="1"), cwd=cwd, capture_output=True, text=True,
         timeout=240,
     )
 
