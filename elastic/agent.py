@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import re
 import signal
 import tempfile
 import time
@@ -223,7 +224,7 @@ class Agent:
                           returncode=failed.returncode if failed else None)
         self._rdzv.bump_round(round_, reason=watched.detail, failed_node=watched.failed_node)
         restarts = self._rdzv.restart_count()
-        signature = (watched.detail, watched.step)
+        signature = (_failure_signature(error or watched.detail), watched.step)
         # Only an exception or a hang can repeat deterministically; a rank killed by a signal
         # (SIGKILL from outside, the OOM killer, a lost node) says nothing about the code.
         killed = failed is not None and error is None and failed.returncode < 0
@@ -296,3 +297,14 @@ class Agent:
         self._progress_step, self._progress_at = slowest.step, now
         # Stamped with when the step completed (the file's mtime), not when we looked.
         self._events.emit("progress", at=slowest.changed_at, round=round_, step=slowest.step)
+
+
+# Random tokens that differ between two runs of the same bug: temp/shard file suffixes,
+# uuids, addresses (e.g. "rank00001-3f9c2a1b7d4e.safetensors", "0x7f3a9c...").
+_VOLATILE = re.compile(r"\b(?:0x)?[0-9a-f]{8,}\b")
+
+
+def _failure_signature(error: str) -> str:
+    """What must be equal for two failures to count as "the same error": the message with
+    random tokens blanked, and without the rank (whichever rank raised first)."""
+    return _VOLATILE.sub("#", error)
