@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from elastic.errors import ConfigError
+from elastic.progress import HangLimits
 
 
 # torchrun's spellings of the same options.
@@ -93,8 +94,7 @@ class LaunchConfig:
     log_dir: str | None = None
     redirects: dict[int, int] = field(default_factory=dict)  # local rank -> STD bits kept off the console
     local_ranks_filter: frozenset[int] | None = None  # local ranks shown on the console (None: all)
-    hang_timeout: float = 300.0  # a rank reporting progress is hung after this long without a step
-    first_step_timeout: float = 600.0  # ... or without a first step (imports, data loading, resume)
+    hang: HangLimits = field(default_factory=HangLimits)  # when a rank reporting progress is hung
     node_id: str | None = None
     local_addr: str | None = None
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
@@ -112,9 +112,9 @@ class LaunchConfig:
             raise ConfigError(f"--monitor-interval {self.monitor_interval} must be > 0 seconds")
         if self.grace < 0:
             raise ConfigError(f"--grace {self.grace} must be >= 0 seconds")
-        if self.hang_timeout < 0 or self.first_step_timeout <= 0:
-            raise ConfigError(f"--hang-timeout {self.hang_timeout} must be >= 0 (0 disables) and "
-                              f"--first-step-timeout {self.first_step_timeout} > 0 seconds")
+        if self.hang.timeout < 0 or self.hang.first_step_timeout <= 0:
+            raise ConfigError(f"--hang-timeout {self.hang.timeout:g} must be >= 0 (0 disables) and "
+                              f"--first-step-timeout {self.hang.first_step_timeout:g} > 0 seconds")
         if not self.run_id or "/" in self.run_id:
             raise ConfigError(f"--rdzv-id {self.run_id!r} must be non-empty and contain no '/'")
         if self.rdzv_endpoint is None and self.max_nodes > 1:
@@ -147,6 +147,26 @@ def parse_nnodes(text: str) -> tuple[int, int]:
     except ValueError:
         raise ConfigError(f"--nnodes {text!r} must be N or MIN:MAX (for example 2:4)") from None
     return min_nodes, max_nodes
+
+
+def parse_hang(text: str, first_step_timeout: float) -> HangLimits:
+    """'SECONDS' (fixed) or 'auto[:FACTOR[:MIN]]' (calibrated from step times, at most the
+    default fixed timeout) -> HangLimits."""
+    usage = f"--hang-timeout {text!r} must be SECONDS, or auto[:FACTOR[:MIN_SECONDS]] (for example auto:10:30)"
+    head, _, rest = text.partition(":")
+    try:
+        if head != "auto":
+            if rest:
+                raise ValueError(text)
+            return HangLimits(timeout=float(text), first_step_timeout=first_step_timeout)
+        factor, _, floor = rest.partition(":")
+        limits = HangLimits(first_step_timeout=first_step_timeout, factor=float(factor or 10),
+                            floor=float(floor or HangLimits.floor))
+    except ValueError:
+        raise ConfigError(usage) from None
+    if limits.factor <= 1 or limits.floor <= 0:
+        raise ConfigError(f"{usage}; FACTOR must be > 1 and MIN_SECONDS > 0")
+    return limits
 
 
 STDOUT, STDERR = 1, 2  # torchrun's Std bits: 0 none, 1 stdout, 2 stderr, 3 both

@@ -3,7 +3,9 @@
 A worker that uses `elastic.TrainLoop` (or calls `elastic.context.report_progress`) creates
 its progress file at `elastic.init()` and rewrites it after every optimizer step. The agent
 judges a rank hung when the file has not changed for `hang_timeout` seconds, or when no first
-step arrived within `first_step_timeout` of the file's creation. A worker that never creates
+step arrived within `first_step_timeout` of the file's creation. With a calibration factor
+(`--hang-timeout auto`), the limit is that factor times the slowest step the rank made in this
+round, within [floor, hang_timeout], once it has made enough steps to judge. A worker that never creates
 the file (a plain torchrun script) is never judged hung. Reading the file costs one stat per
 rank per check; a hang that holds the GIL cannot fake progress.
 """
@@ -41,16 +43,36 @@ def read_progress(path: str) -> Progress | None:
     return Progress(int(text) if text.isdigit() else None, stat.st_mtime)
 
 
+@dataclass(frozen=True)
+class HangLimits:
+    """How long a rank that reports steps may stay quiet."""
+
+    timeout: float = 300.0  # without a step (0 disables); the ceiling when calibrated
+    first_step_timeout: float = 600.0  # without a first step (imports, data loading, resume)
+    factor: float = 0.0  # > 0: calibrated, factor x the slowest step seen in this round ...
+    floor: float = 30.0  # ... but at least this long (a checkpoint's first save is slow)
+
+    # Steps a rank must have made in the round before its own step times are trusted: the
+    # first ones include warm-up (allocator, first collective, staging buffers).
+    CALIBRATION_STEPS = 3
+
+    def limit(self, slowest: float | None, steps_seen: int) -> float:
+        if self.factor <= 0 or slowest is None or steps_seen < self.CALIBRATION_STEPS:
+            return self.timeout
+        return min(self.timeout, max(self.floor, self.factor * slowest))
+
+
 class ProgressWatch:
     """Judges the ranks of one worker group hung or not."""
 
-    def __init__(self, paths: dict[int, str], *, hang_timeout: float, first_step_timeout: float,
+    def __init__(self, paths: dict[int, str], limits: HangLimits,
                  clock: Callable[[], float] = time.time) -> None:
         self._paths = paths  # rank -> progress file
-        self._hang_timeout = hang_timeout
-        self._first_step_timeout = first_step_timeout
+        self._limits = limits
         self._clock = clock
         self._latest: dict[int, Progress] = {}  # rank -> progress, from the last read()
+        self._slowest: dict[int, float] = {}  # rank -> longest seconds per step seen this round
+        self._steps_seen: dict[int, int] = {}  # rank -> steps timed this round
         for path in paths.values():  # left from an earlier round: not this group's progress
             try:
                 os.unlink(path)
@@ -60,7 +82,19 @@ class ProgressWatch:
     def read(self) -> None:
         """Read every rank's progress file once; steps(), slowest() and hung() use this."""
         found = {rank: read_progress(path) for rank, path in self._paths.items()}
-        self._latest = {rank: p for rank, p in found.items() if p is not None}
+        latest = {rank: p for rank, p in found.items() if p is not None}
+        for rank, now in latest.items():
+            self._time_steps(rank, self._latest.get(rank), now)
+        self._latest = latest
+
+    def _time_steps(self, rank: int, before: Progress | None, now: Progress) -> None:
+        """Per-step time between two reads that both saw a completed step (averaged when
+        several steps went by between them)."""
+        if before is None or before.step is None or now.step is None or now.step <= before.step:
+            return
+        per_step = (now.changed_at - before.changed_at) / (now.step - before.step)
+        self._slowest[rank] = max(self._slowest.get(rank, 0.0), per_step)
+        self._steps_seen[rank] = self._steps_seen.get(rank, 0) + now.step - before.step
 
     def steps(self) -> dict[int, int | None]:
         """rank -> last completed step, for ranks that report progress (as of read())."""
@@ -74,14 +108,19 @@ class ProgressWatch:
 
     def hung(self) -> list[Hang]:
         """Ranks that are hung (as of read())."""
-        if self._hang_timeout <= 0:
+        if self._limits.timeout <= 0:
             return []
         now = self._clock()
         hangs = []
         for rank, progress in self._latest.items():
             quiet = now - progress.changed_at
-            if progress.step is None and quiet > self._first_step_timeout:
-                hangs.append(Hang(rank, f"no first step within {self._first_step_timeout:g}s"))
-            elif progress.step is not None and quiet > self._hang_timeout:
-                hangs.append(Hang(rank, f"no step for {self._hang_timeout:g}s after step {progress.step}"))
+            first = self._limits.first_step_timeout
+            if progress.step is None and quiet > first:
+                hangs.append(Hang(rank, f"no first step within {first:g}s"))
+                continue
+            limit = self._limits.limit(self._slowest.get(rank), self._steps_seen.get(rank, 0))
+            if progress.step is not None and quiet > limit:
+                calibrated = "" if limit == self._limits.timeout else (
+                    f" (calibrated: {self._limits.factor:g} x its slowest step, {self._slowest[rank]:.3g}s)")
+                hangs.append(Hang(rank, f"no step for {limit:.3g}s after step {progress.step}{calibrated}"))
         return hangs

@@ -21,7 +21,8 @@ from elastic.errors import ConfigError, ElasticError, RendezvousError
 from elastic.etcd_client import EtcdConfig, connect
 from elastic.etcd_server import EtcdServer
 from elastic.events import EventLog
-from elastic.launch_config import LaunchConfig, RendezvousSettings, parse_nnodes, parse_nproc, parse_std
+from elastic.launch_config import (LaunchConfig, RendezvousSettings, parse_hang, parse_nnodes, parse_nproc,
+                                   parse_std)
 from elastic.rdzv_etcd import EtcdBackend
 from elastic import report
 from elastic.rendezvous import EtcdRendezvous
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
           "streams always go to the log files too")
     _flag(p, "local-ranks-filter", default="", help="show only these local ranks on the console, e.g. 0 or 0,1")
     _flag(p, "hang-timeout", default="300", help="a rank that reports steps (TrainLoop) and makes none for "
-          "this long is hung: its stacks are dumped and the group restarted (0 disables)")
+          "this long is hung: its stacks are dumped and the group restarted (0 disables); auto[:F[:MIN]]: "
+          "F (10) x its slowest step in this round, at least MIN (30) s, at most 300 s")
     _flag(p, "first-step-timeout", default="600", help="like --hang-timeout, for the first step of a round")
     _flag(p, "node-id", default=None, help="stable id of this node (default: host name)")
     _flag(p, "local-addr", default=None, help="address peers reach this node at")
@@ -91,7 +93,7 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         min_nodes = max_nodes = 1
     try:
         max_restarts, monitor, grace = int(ns.max_restarts), float(ns.monitor_interval), float(ns.grace)
-        hang, first_step = float(ns.hang_timeout), float(ns.first_step_timeout)
+        hang = parse_hang(ns.hang_timeout, float(ns.first_step_timeout))
         shown = frozenset(int(r) for r in ns.local_ranks_filter.split(",")) if ns.local_ranks_filter else None
     except ValueError as exc:
         raise ConfigError(f"a numeric flag has a value that is not a number: {exc}") from None
@@ -107,7 +109,7 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         nproc_per_node=nproc, rdzv_endpoint=endpoint, run_id=run_id,
         max_restarts=max_restarts, monitor_interval=monitor, grace=grace, module=ns.module,
         no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=log_dir,
-        redirects=redirects, local_ranks_filter=shown, hang_timeout=hang, first_step_timeout=first_step,
+        redirects=redirects, local_ranks_filter=shown, hang=hang,
         node_id=ns.node_id, local_addr=ns.local_addr, rdzv=RendezvousSettings.parse(ns.rdzv_conf),
     )
 

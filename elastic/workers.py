@@ -148,9 +148,7 @@ class WorkerGroup:
         # by a signal died after it (used to tell who failed first, see Agent.blame).
         self.all_alive_at = time.time()
         ranks = range(assignment.rank_offset, assignment.rank_offset + config.nproc_per_node)
-        self.progress = ProgressWatch({r: progress_path(run_dir, r) for r in ranks},
-                                      hang_timeout=config.hang_timeout,
-                                      first_step_timeout=config.first_step_timeout)
+        self.progress = ProgressWatch({r: progress_path(run_dir, r) for r in ranks}, config.hang)
 
     @property
     def pids(self) -> list[int]:

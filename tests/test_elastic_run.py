@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,17 @@ def test_hung_rank_holding_the_gil_is_detected_dumped_and_restarted(tmp_path):
     # The 2 s between the last step and the hang's detection were lost (a discarded tail).
     assert 0 < node["goodput"] < 1 and node["lost"]["discarded tail"] >= 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrated_hang_timeout_follows_the_step_times(tmp_path):
+    # Steps take ~0.05 s: "auto:10:1" judges a quiet rank hung after max(1 s, 10 x its slowest
+    # step) instead of the fixed 300 s default.
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                       "--hang-timeout", "auto:10:1", PROGRESS, str(tmp_path), "spin", "6")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert re.search(r"hung: no step for [\d.]+s after step 5 \(calibrated: 10 x its slowest step", err), err
+    assert (tmp_path / "done-rank1-restart1").exists()
 
 
 def test_same_error_at_same_step_stops_at_once(tmp_path):

@@ -1,0 +1,101 @@
+"""Hang judgement from progress files: fixed and calibrated limits (real files, a set clock)."""
+
+import os
+
+import pytest
+
+from elastic.errors import ConfigError
+from elastic.launch_config import parse_hang
+from elastic.progress import HangLimits, ProgressWatch
+
+
+class Rank:
+    """One rank's progress file, written with chosen modification times."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def step(self, step: int, at: float) -> None:
+        with open(self.path, "w") as f:
+            f.write(str(step))
+        os.utime(self.path, (at, at))
+
+
+def watch_of(tmp_path, limits, name="rank0"):
+    now = [0.0]
+    rank = Rank(tmp_path / f"{name}.progress")
+    return ProgressWatch({0: rank.path}, limits, clock=lambda: now[0]), rank, now
+
+
+def run_steps(watch, rank, now, times, first=1):
+    """The rank completes steps first, first+1, ... at `times`; the agent reads after each."""
+    for step, at in enumerate(times, start=first):
+        rank.step(step, at)
+        now[0] = at
+        watch.read()
+
+
+def test_fixed_limit_ignores_step_times(tmp_path):
+    watch, rank, now = watch_of(tmp_path, HangLimits(timeout=5.0))
+    run_steps(watch, rank, now, [1.0, 1.1, 1.2, 1.3, 1.4])
+    now[0] = 6.3
+    assert watch.hung() == []
+    now[0] = 6.5
+    assert [h.reason for h in watch.hung()] == ["no step for 5s after step 5"]
+
+
+def test_calibrated_limit_is_factor_times_slowest_step_within_floor_and_ceiling(tmp_path):
+    watch, rank, now = watch_of(tmp_path, HangLimits(timeout=300.0, factor=10.0, floor=1.0))
+    run_steps(watch, rank, now, [1.0, 1.1, 1.3, 1.4, 1.5])  # slowest step: 0.2 s -> limit 2 s
+    now[0] = 1.5 + 1.9
+    assert watch.hung() == []
+    now[0] = 1.5 + 2.1
+    (hang,) = watch.hung()
+    assert hang.reason == "no step for 2s after step 5 (calibrated: 10 x its slowest step, 0.2s)"
+
+    floored, rank, now = watch_of(tmp_path, HangLimits(timeout=300.0, factor=10.0, floor=30.0), "floored")
+    run_steps(floored, rank, now, [1.0, 1.1, 1.2, 1.3])
+    now[0] = 1.3 + 29.0
+    assert floored.hung() == []  # 10 x 0.1 s is 1 s, but never less than the floor
+    now[0] = 1.3 + 31.0
+    assert "no step for 30s" in floored.hung()[0].reason
+
+
+def test_calibration_waits_for_enough_steps_and_never_exceeds_the_fixed_timeout(tmp_path):
+    watch, rank, now = watch_of(tmp_path, HangLimits(timeout=50.0, factor=10.0, floor=1.0))
+    run_steps(watch, rank, now, [1.0, 1.1])  # one timed step: not enough to judge by
+    now[0] = 1.1 + 45.0
+    assert watch.hung() == []
+    run_steps(watch, rank, now, [50.0, 50.1, 50.2], first=3)  # a 48.9 s step: 10x is 489 s, capped at 50
+    now[0] = 50.2 + 49.0
+    assert watch.hung() == []
+    now[0] = 50.2 + 51.0
+    assert "no step for 50s" in watch.hung()[0].reason
+
+
+def test_steps_seen_between_two_reads_are_averaged(tmp_path):
+    watch, rank, now = watch_of(tmp_path, HangLimits(timeout=300.0, factor=10.0, floor=0.1))
+    rank.step(1, 1.0)
+    watch.read()
+    rank.step(5, 2.0)  # four steps in one second between two reads: 0.25 s each
+    now[0] = 2.0
+    watch.read()
+    now[0] = 2.0 + 2.6
+    assert "no step for 2.5s" in watch.hung()[0].reason
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("120", HangLimits(timeout=120.0, first_step_timeout=600.0)),
+    ("0", HangLimits(timeout=0.0, first_step_timeout=600.0)),
+    ("auto", HangLimits(factor=10.0, floor=30.0)),
+    ("auto:5", HangLimits(factor=5.0, floor=30.0)),
+    ("auto:5:2", HangLimits(factor=5.0, floor=2.0)),
+])
+def test_parse_hang(text, expected):
+    assert parse_hang(text, 600.0) == expected
+
+
+@pytest.mark.parametrize("text", ["soon", "auto:x", "auto:1", "auto:10:0", "5:3"])
+def test_parse_hang_rejects_bad_values_with_the_accepted_forms(text):
+    with pytest.raises(ConfigError, match=r"auto\[:FACTOR\[:MIN_SECONDS\]\]"):
+        parse_hang(text, 600.0)
