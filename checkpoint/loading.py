@@ -84,16 +84,24 @@ def _direct_target(target: torch.Tensor, entry: TensorEntry, read: plan.ReadItem
 def read_state(
     loc: storage.Location, manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
-    reader = shardfile.ShardReader(loc, manifest.step, {f.path: f.size for f in manifest.files})
     keys = sorted(set().union(*(tensor_keys(manifest.state[n]) for n in state)) if state else set())
     plans = {}
     for key in keys:
         offsets, shape = plan.local_region(targets[key])
         plans[key] = (offsets, shape, plan.plan_reads(manifest.tensors[key].chunks, offsets, shape))
     jobs = [(key, r, _direct_target(targets[key], manifest.tensors[key], r)) for key in keys for r in plans[key][2]]
-    # Reading and checksumming both release the GIL: two workers overlap I/O with hashing.
-    with ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="checkpoint-read") as pool:
-        chunks = list(pool.map(lambda j: reader.read(j[1].chunk, torch_dtype(manifest.tensors[j[0]].dtype), j[2]), jobs))
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][1].chunk.file, jobs[i][1].chunk.begin))
+    chunks: list[torch.Tensor | None] = [None] * len(jobs)
+
+    def read(i: int) -> None:
+        key, r, out = jobs[i]
+        chunks[i] = reader.read(r.chunk, torch_dtype(manifest.tensors[key].dtype), out)
+
+    # Reading and checksumming both release the GIL, so the workers copy and hash in
+    # parallel; chunks are taken in file order, which keeps reads from disk sequential.
+    with shardfile.ShardReader(loc, manifest.step, {f.path: f.size for f in manifest.files}) as reader, \
+            ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="checkpoint-read") as pool:
+        list(pool.map(read, order))  # re-raises the first error
     by_key: dict[str, list[tuple[plan.ReadItem, torch.Tensor]]] = {k: [] for k in keys}
     for (key, r, _), data in zip(jobs, chunks):
         by_key[key].append((r, data))

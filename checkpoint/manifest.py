@@ -28,6 +28,11 @@ import torch
 
 from checkpoint.errors import CheckpointCorruptError
 
+try:  # the same CRC-32 as zlib's, ~8x faster (carry-less multiply); both release the GIL
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # no wheel for this platform: zlib's own, a few GB/s
+    _crc32 = zlib.crc32
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_PREFIX = "crc32:"
@@ -72,9 +77,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def checksum(data: memoryview | bytes | bytearray) -> str:
-    # zlib.crc32 releases the GIL on large buffers and runs at several GB/s: this is an
-    # integrity check against media and transfer faults, not a signature.
-    return f"{CHECKSUM_PREFIX}{zlib.crc32(data):08x}"
+    # An integrity check against media and transfer faults, not a signature. Loading hashes
+    # every byte it reads, so this speed bounds load speed (zlib-ng: ~30 GB/s, zlib: ~3.5).
+    return f"{CHECKSUM_PREFIX}{_crc32(data):08x}"
 
 
 def is_safe_name(name: str) -> bool:
