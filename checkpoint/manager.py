@@ -104,6 +104,8 @@ class CheckpointManager:
         self._job = BackgroundJob(name=f"checkpoint-writer[{self._loc.url}]")
         self._snapshot_pending: list[Any] = []
         self._closed = False
+        # Steps whose load failed on a checksum or a missing/short file: never a resume point.
+        self._found_corrupt: set[int] = set()
         # Recorded in every manifest; the run id also scopes retention (see prune()).
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
         self._round = _env_int("ELASTIC_ROUND")
@@ -207,8 +209,27 @@ class CheckpointManager:
         return storage.committed_steps(self._loc)
 
     def latest(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        """The newest committed step that looks loadable, or None.
+
+        Looks loadable: its manifest parses, a listing shows every shard with its recorded
+        size, and this manager's load() did not find it corrupt. Checksums are checked by
+        load() and verify(), not here.
+        """
+        for step in reversed(self.steps()):
+            try:
+                manifest = self.manifest(step)
+            except (CheckpointCorruptError, CheckpointNotFoundError):
+                continue
+            if self.damage(manifest) is None:
+                return step
+        return None
+
+    def damage(self, manifest: Manifest) -> str | None:
+        """Why committed `manifest.step` cannot be a resume point, by a cheap check (None: looks whole)."""
+        if manifest.step in self._found_corrupt:
+            return "found corrupt while loading"
+        problems = manifest.listing_problems(storage.file_sizes(self._loc, manifest.step))
+        return "; ".join(problems) if problems else None
 
     def best(self) -> list[int]:
         """Committed steps ranked best first by the metric (at most keep_best of them)."""
@@ -239,9 +260,10 @@ class CheckpointManager:
         """
         self._check_open()
         if step is None:
-            step = self.latest()
-            if step is None:
+            committed = self.steps()  # the newest, damaged or not: that is what is being asked
+            if not committed:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
+            step = committed[-1]
         manifest = self.manifest(step)
         per_file: dict[str, list[tuple[ChunkEntry, torch.dtype]]] = {f.path: [] for f in manifest.files}
         for entry in manifest.tensors.values():
@@ -301,6 +323,8 @@ class CheckpointManager:
             # Only a damaged or vanished checkpoint is a reason to try an older one; a model
             # that does not fit or a storage outage would fail on the older one too.
             damaged = all(e[0] in ("CheckpointCorruptError", "CheckpointNotFoundError") for _, e in bad)
+            if damaged:
+                self._found_corrupt.add(cand)
             if step is not None or not damaged:
                 raise error
             failures.append(f"step {cand}: {reason}")
@@ -340,11 +364,19 @@ class CheckpointManager:
         for step in self.steps():
             try:
                 manifest = self.manifest(step)
-                if not only_run or manifest.run_id == run_id:
-                    infos.append(retention.CheckpointInfo(step, manifest.metrics))
             except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
                 # Left alone: never delete or rank what we cannot read.
                 log.warning("checkpoint %s: skipping step %d in retention: %s", self._loc.url, step, exc)
+                continue
+            if only_run and manifest.run_id != run_id:
+                continue
+            damage = self.damage(manifest)
+            if damage is not None:
+                log.warning(
+                    "checkpoint %s: step %d is damaged (%s); retention neither counts nor deletes it",
+                    self._loc.url, step, damage,
+                )
+            infos.append(retention.CheckpointInfo(step, manifest.metrics, damaged=damage is not None))
         return infos
 
     def _write_and_commit(self, job: _SaveJob, copy: Callable[[], None] | None = None) -> None:
@@ -430,28 +462,47 @@ class CheckpointManager:
             self._loc,
             [
                 self._loc.path(committed, name)
-                for name in storage.list_files(self._loc, committed)
+                for name in storage.file_sizes(self._loc, committed)
                 if name.endswith(".safetensors") and name not in current_files
             ],
         )
-        self.prune(protect=(committed,))
+        self.prune(protect=(committed,), verify_resume_point=False)
 
-    def prune(self, *, dry_run: bool = False, all_runs: bool = False, protect: tuple[int, ...] = ()) -> list[int]:
+    def prune(
+        self,
+        *,
+        dry_run: bool = False,
+        all_runs: bool = False,
+        protect: tuple[int, ...] = (),
+        verify_resume_point: bool = True,
+    ) -> list[int]:
         """Remove uncommitted leftovers and the committed checkpoints the policy lets go.
 
-        The manager calls this after every commit with `protect` = the step just committed.
         Only checkpoints of this run (TORCHELASTIC_RUN_ID) are candidates unless `all_runs`.
-        Returns the steps removed (or that would be, with `dry_run`), ascending. Call it from
-        one process only, with no save in flight.
+        Damaged checkpoints (see `damage()`) are neither counted nor deleted. With
+        `verify_resume_point`, before anything is deleted the newest undamaged checkpoint is
+        read whole and its checksums checked (a flipped byte does not show in a listing); if
+        it fails it counts as damaged and the decision is made again. After every commit the
+        manager prunes with `protect` = the step just committed and no verification: that
+        step was hashed as it was written, so a good resume point is kept either way. Returns the steps
+        removed (or that would be, with `dry_run`), ascending. Call it from one process only,
+        with no save in flight.
         """
         committed_steps = set(self.steps())
         doomed = [s for s in storage.step_dirs(self._loc) if s not in committed_steps and s not in protect]
-        infos = self._infos(self._run_id, only_run=not all_runs)
-        doomed += [
-            info.step
-            for info, keep in zip(infos, retention.decide(infos, self._policy))
-            if not keep and info.step not in protect
-        ]
+        while True:
+            infos = self._infos(self._run_id, only_run=not all_runs)
+            dropped = [i.step for i, keep in zip(infos, retention.decide(infos, self._policy)) if not keep]
+            resume = max((i.step for i in infos if not i.damaged), default=None)
+            if not (verify_resume_point and dropped and resume is not None):
+                break
+            try:
+                self.verify(resume)
+                break
+            except CheckpointCorruptError as exc:
+                log.warning("checkpoint %s: step %d fails verification (%s); not a resume point", self._loc.url, resume, exc)
+                self._found_corrupt.add(resume)
+        doomed += [s for s in dropped if s not in protect]
         for step in sorted(doomed) if not dry_run else ():
             kind = "retention" if step in committed_steps else "uncommitted leftover"
             log.info("checkpoint %s: deleting step %d (%s)", self._loc.url, step, kind)

@@ -131,6 +131,18 @@ class Manifest:
     created: float = 0.0
     format_version: int = FORMAT_VERSION
 
+    def listing_problems(self, sizes: Mapping[str, int]) -> list[str]:
+        """What a listing of the step directory (file name -> size) shows wrong; empty if whole.
+
+        A cheap check (no byte is read): it catches missing and truncated shards, not flipped bytes.
+        """
+        return [
+            f"shard file {f.path} is missing" if f.path not in sizes
+            else f"shard file {f.path} has {sizes[f.path]} bytes, the manifest says {f.size}"
+            for f in self.files
+            if sizes.get(f.path) != f.size
+        ]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
