@@ -8,6 +8,7 @@ checksum, and rebuilds the saved tree (DTensors for DTensor targets).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,6 +31,44 @@ def tensor_keys(skeleton: Any) -> set[str]:
     if isinstance(skeleton, list):
         return set().union(*(tensor_keys(v) for v in skeleton)) if skeleton else set()
     return set()
+
+
+def rank_view(manifest: Manifest, state: Mapping[str, Any], rank: int, world_size: int) -> tuple[Manifest, dict[str, Any]]:
+    """The manifest and the state entries to load as rank `rank` of `world_size` sees them.
+
+    A PerRank entry becomes this rank's own saved skeleton, or is left out (kept as it is)
+    when the world size changed and it says on_resize="keep". Raises
+    CheckpointMismatchError when per-rank state cannot go back to its ranks, or when an
+    entry is per rank on one side only.
+    """
+    own_state, entries, problems = dict(manifest.state), {}, []
+    for name, obj in state.items():
+        saved = manifest.state.get(name)
+        saved_per_rank = isinstance(saved, dict) and set(saved) == {statedict.PER_RANK_TAG}
+        if not isinstance(obj, statedict.PerRank):
+            if saved_per_rank:
+                problems.append(f"{name!r} was saved per rank; wrap it as PerRank(...) to load it")
+            entries[name] = obj
+        elif name not in manifest.state:
+            entries[name] = obj.value  # check_fit names it as missing
+        elif not saved_per_rank:
+            problems.append(f"{name!r} was saved as state shared by all ranks; pass it without PerRank")
+        elif manifest.world_size != world_size:
+            if obj.on_resize == "error":
+                problems.append(
+                    f"{name!r} was saved per rank by {manifest.world_size} ranks and this job has "
+                    f"{world_size}, so ranks cannot get their own values back; load at world size "
+                    f"{manifest.world_size}, or pass PerRank(..., on_resize='keep') to keep the current "
+                    "values when the world size changes"
+                )
+        else:
+            own_state[name] = saved[statedict.PER_RANK_TAG][str(rank)]
+            entries[name] = obj.value
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint step {manifest.step} does not fit the state being loaded: " + "; ".join(problems)
+        )
+    return dataclasses.replace(manifest, state=own_state), entries
 
 
 def check_fit(manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> None:

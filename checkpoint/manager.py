@@ -82,6 +82,12 @@ class CheckpointManager:
     names. In a process group, plain tensors are taken as replicated (DDP): the ranks split
     the writing by bytes; DTensors (FSDP2) are saved as local shards with their offsets.
     JSON values are saved from rank 0 and, on load, replace the entries of ``state``.
+
+    State that differs between ranks (RNG streams, rank-local buffers or counters) goes in
+    as ``PerRank(value)``: every rank saves its own value and gets it back on load at the
+    same world size. At another world size load() raises CheckpointMismatchError naming
+    the entry, unless it was given as ``PerRank(value, on_resize="keep")``, which keeps the
+    current value and loads the rest.
     """
 
     def __init__(
@@ -135,9 +141,12 @@ class CheckpointManager:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative int")
         self.wait()
-        skeleton, tensors = statedict.flatten(statedict.collect(state))
-        state_json = json.dumps(skeleton)  # now, so a non-JSON value fails in the caller's frame
-        items = plan.plan_writes(tensors, self._rank, self._world)
+        skeleton, tensors, own = statedict.flatten_state(state, self._rank)
+        per_rank = {n for n, obj in state.items() if isinstance(obj, statedict.PerRank)}
+        # JSON now, so a non-JSON value fails in the caller's frame.
+        state_json = json.dumps({n: s for n, s in skeleton.items() if n not in per_rank})
+        rank_state_json = json.dumps({n: skeleton[n] for n in per_rank})
+        items = plan.plan_writes(tensors, self._rank, self._world, own)
         lay = shardfile.layout(items)
         buffer = self._staging.get(lay.total)
         meta = {k: [dtype_name(t.dtype), list(t.shape)] for k, t in tensors.items()}
@@ -146,7 +155,9 @@ class CheckpointManager:
             epoch=epoch,
             metrics=statedict.json_safe_metrics(metrics),
             state_json=state_json,
-            meta=meta,
+            rank_state_json=rank_state_json,
+            meta={k: v for k, v in meta.items() if k not in own},
+            rank_meta={k: v for k, v in meta.items() if k in own},
             layout=lay,
             buffer=buffer,
             file_name=f"rank{self._rank:05d}-{uuid.uuid4().hex[:12]}.safetensors",
@@ -158,7 +169,7 @@ class CheckpointManager:
         elif overlap:
             self._snapshot_pending = [job.snapshot] + [
                 obj.register_step_pre_hook(lambda *_: job.snapshot.wait())
-                for obj in state.values()
+                for obj in map(statedict.unwrap, state.values())
                 if isinstance(obj, torch.optim.Optimizer)
             ]
             self._job.submit(lambda: self._write_and_commit(job, copy))
@@ -280,8 +291,9 @@ class CheckpointManager:
             step = self.latest()
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
-        _, targets = statedict.flatten(statedict.collect(state))
-        loading.check_fit(self.manifest(step), state, targets)
+        _, targets, _ = statedict.flatten_state(state, self._rank)
+        manifest, entries = loading.rank_view(self.manifest(step), state, self._rank, self._world)
+        loading.check_fit(manifest, entries, targets)
 
     def load(self, state: MutableMapping[str, Any], step: int | None = None) -> int | None:
         """Load into `state`; returns the step loaded, or None when nothing is committed.
@@ -300,14 +312,14 @@ class CheckpointManager:
             candidates = [step]
         if not candidates:
             return None
-        _, targets = statedict.flatten(statedict.collect(state))
+        _, targets, _ = statedict.flatten_state(state, self._rank)
         failures = []
         for cand in candidates:
             loaded, error = None, None
             try:
-                manifest = self.manifest(cand)
-                loading.check_fit(manifest, state, targets)
-                loaded = loading.read_state(self._loc, manifest, state, targets)
+                manifest, entries = loading.rank_view(self.manifest(cand), state, self._rank, self._world)
+                loading.check_fit(manifest, entries, targets)
+                loaded = loading.read_state(self._loc, manifest, entries, targets)
             except (CheckpointError, OSError) as exc:  # every rank must reach the agreement below
                 error = exc
             errors = self._all_gather(None if error is None else [type(error).__name__, str(error)])
@@ -383,7 +395,9 @@ class CheckpointManager:
         """Stage (if `copy`), write, then commit across ranks. A failure anywhere is reported to
         rank 0 through the gather, so no rank is left waiting in a collective."""
         local_error: Exception | None = None
-        report: dict[str, Any] = {"meta": job.meta, "error": None}
+        report: dict[str, Any] = {
+            "meta": job.meta, "rank_meta": job.rank_meta, "rank_state": json.loads(job.rank_state_json), "error": None,
+        }
         try:
             if copy is not None:
                 copy()
@@ -426,7 +440,18 @@ class CheckpointManager:
                     f"rank {rank} and rank 0 disagree on the tensors to save (first: {differ[:5]}); "
                     "every rank must pass the same state names, keys, shapes and dtypes"
                 )
-        chunks: dict[str, list[ChunkEntry]] = {k: [] for k in job.meta}
+            if set(r["rank_state"]) != set(reports[0]["rank_state"]):
+                raise CheckpointError(
+                    f"rank {rank} saves {sorted(r['rank_state'])} per rank, rank 0 saves "
+                    f"{sorted(reports[0]['rank_state'])}; every rank must pass the same PerRank names"
+                )
+        meta = dict(job.meta)
+        for r in reports:
+            meta.update(r["rank_meta"])  # keys are rooted per rank: they never collide
+        state = json.loads(job.state_json)
+        for name in reports[0]["rank_state"]:
+            state[name] = {statedict.PER_RANK_TAG: {str(rank): r["rank_state"][name] for rank, r in enumerate(reports)}}
+        chunks: dict[str, list[ChunkEntry]] = {k: [] for k in meta}
         files = []
         for r in reports:
             if "file" in r:
@@ -438,10 +463,8 @@ class CheckpointManager:
             step=job.step,
             world_size=self._world,
             files=tuple(files),
-            tensors={
-                k: TensorEntry(dtype, tuple(shape), tuple(chunks[k])) for k, (dtype, shape) in job.meta.items()
-            },
-            state=json.loads(job.state_json),
+            tensors={k: TensorEntry(dtype, tuple(shape), tuple(chunks[k])) for k, (dtype, shape) in meta.items()},
+            state=state,
             metrics=job.metrics,
             epoch=job.epoch,
             run_id=self._run_id,
@@ -527,8 +550,10 @@ class _SaveJob:
     step: int
     epoch: int | None
     metrics: dict[str, float]
-    state_json: str
-    meta: dict[str, list[Any]]
+    state_json: str  # the skeleton of the state shared by all ranks
+    rank_state_json: str  # this rank's skeletons of its PerRank entries
+    meta: dict[str, list[Any]]  # key -> [dtype, shape] of the shared tensors
+    rank_meta: dict[str, list[Any]]  # the same for this rank's own tensors
     layout: shardfile.Layout
     buffer: torch.Tensor
     file_name: str

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from checkpoint.errors import CheckpointCorruptError
+from checkpoint.statedict import PER_RANK_TAG
 
 try:  # the same CRC-32 as zlib's, ~8x faster (carry-less multiply); both release the GIL
     from zlib_ng.zlib_ng import crc32 as _crc32
@@ -217,12 +218,20 @@ def _parse(raw: dict[str, Any], where: str) -> Manifest:
                 "elements; the checkpoint is incomplete"
             )
         tensors[key] = TensorEntry(dtype, shape, chunks)
+    world_size = int(raw["world_size"])
+    for name, value in raw["state"].items():
+        if isinstance(value, dict) and set(value) == {PER_RANK_TAG}:
+            if sorted(value[PER_RANK_TAG], key=int) != [str(r) for r in range(world_size)]:
+                raise CheckpointCorruptError(
+                    f"{where}: per-rank state {name!r} lists ranks {sorted(value[PER_RANK_TAG])}, "
+                    f"expected 0..{world_size - 1}"
+                )
     metrics = {str(k): float(v) for k, v in raw.get("metrics", {}).items()}
     epoch = raw.get("epoch")
     rnd = raw.get("round")
     return Manifest(
         step=int(raw["step"]),
-        world_size=int(raw["world_size"]),
+        world_size=world_size,
         files=files,
         tensors=tensors,
         state=raw["state"],

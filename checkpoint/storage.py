@@ -144,6 +144,7 @@ def commit(loc: Location, step: int, manifest_text: str) -> str:
     try:
         if loc.is_local:
             tmp = loc.path(step, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
+            os.makedirs(loc.step_dir(step), exist_ok=True)  # no shard if the state has no tensor
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
