@@ -8,6 +8,7 @@ from checkpoint.errors import (
     StorageError as StorageError,
 )
 from checkpoint.manager import CheckpointManager as CheckpointManager
+from checkpoint.statedict import PerRank as PerRank
 
 __all__ = [
     "CheckpointCorruptError",
@@ -15,5 +16,6 @@ __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "PerRank",
     "StorageError",
 ]

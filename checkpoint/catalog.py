@@ -4,7 +4,8 @@
 directories, can be listed) and raises one named error with one clear message otherwise.
 `scan` lists every step directory with its status: "committed" (a manifest that parses),
 "incomplete" (no manifest: a crash leftover or a save in flight) or "corrupt" (a manifest
-that does not parse, e.g. one naming a path outside its step directory). Manifests are read
+that does not parse, e.g. one naming a path outside its step directory, or a shard that
+the listing shows missing or of the wrong size). Manifests are read
 through the CheckpointManager, so the CLI and the manager apply the same rules.
 """
 
@@ -133,6 +134,11 @@ def scan(root: Root) -> list[StepEntry]:
                 manifest, status = root.manager.manifest(step), COMMITTED
             except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
                 error, status = str(exc), CORRUPT
+            else:
+                sizes = {storage.base_name(e["name"]): int(e.get("size") or 0) for e in files}
+                problems = manifest.listing_problems(sizes)
+                if problems:
+                    error, status = "; ".join(problems), CORRUPT
         times = [t for t in map(_mtime, files) if t is not None]
         entries.append(
             StepEntry(

@@ -8,6 +8,7 @@ checksum, and rebuilds the saved tree (DTensors for DTensor targets).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,6 +31,44 @@ def tensor_keys(skeleton: Any) -> set[str]:
     if isinstance(skeleton, list):
         return set().union(*(tensor_keys(v) for v in skeleton)) if skeleton else set()
     return set()
+
+
+def rank_view(manifest: Manifest, state: Mapping[str, Any], rank: int, world_size: int) -> tuple[Manifest, dict[str, Any]]:
+    """The manifest and the state entries to load as rank `rank` of `world_size` sees them.
+
+    A PerRank entry becomes this rank's own saved skeleton, or is left out (kept as it is)
+    when the world size changed and it says on_resize="keep". Raises
+    CheckpointMismatchError when per-rank state cannot go back to its ranks, or when an
+    entry is per rank on one side only.
+    """
+    own_state, entries, problems = dict(manifest.state), {}, []
+    for name, obj in state.items():
+        saved = manifest.state.get(name)
+        saved_per_rank = isinstance(saved, dict) and set(saved) == {statedict.PER_RANK_TAG}
+        if not isinstance(obj, statedict.PerRank):
+            if saved_per_rank:
+                problems.append(f"{name!r} was saved per rank; wrap it as PerRank(...) to load it")
+            entries[name] = obj
+        elif name not in manifest.state:
+            entries[name] = obj.value  # check_fit names it as missing
+        elif not saved_per_rank:
+            problems.append(f"{name!r} was saved as state shared by all ranks; pass it without PerRank")
+        elif manifest.world_size != world_size:
+            if obj.on_resize == "error":
+                problems.append(
+                    f"{name!r} was saved per rank by {manifest.world_size} ranks and this job has "
+                    f"{world_size}, so ranks cannot get their own values back; load at world size "
+                    f"{manifest.world_size}, or pass PerRank(..., on_resize='keep') to keep the current "
+                    "values when the world size changes"
+                )
+        else:
+            own_state[name] = saved[statedict.PER_RANK_TAG][str(rank)]
+            entries[name] = obj.value
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint step {manifest.step} does not fit the state being loaded: " + "; ".join(problems)
+        )
+    return dataclasses.replace(manifest, state=own_state), entries
 
 
 def check_fit(manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> None:
@@ -84,16 +123,24 @@ def _direct_target(target: torch.Tensor, entry: TensorEntry, read: plan.ReadItem
 def read_state(
     loc: storage.Location, manifest: Manifest, state: Mapping[str, Any], targets: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
-    reader = shardfile.ShardReader(loc, manifest.step, {f.path: f.size for f in manifest.files})
     keys = sorted(set().union(*(tensor_keys(manifest.state[n]) for n in state)) if state else set())
     plans = {}
     for key in keys:
         offsets, shape = plan.local_region(targets[key])
         plans[key] = (offsets, shape, plan.plan_reads(manifest.tensors[key].chunks, offsets, shape))
     jobs = [(key, r, _direct_target(targets[key], manifest.tensors[key], r)) for key in keys for r in plans[key][2]]
-    # Reading and checksumming both release the GIL: two workers overlap I/O with hashing.
-    with ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="checkpoint-read") as pool:
-        chunks = list(pool.map(lambda j: reader.read(j[1].chunk, torch_dtype(manifest.tensors[j[0]].dtype), j[2]), jobs))
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][1].chunk.file, jobs[i][1].chunk.begin))
+    chunks: list[torch.Tensor | None] = [None] * len(jobs)
+
+    def read(i: int) -> None:
+        key, r, out = jobs[i]
+        chunks[i] = reader.read(r.chunk, torch_dtype(manifest.tensors[key].dtype), out)
+
+    # Reading and checksumming both release the GIL, so the workers copy and hash in
+    # parallel; chunks are taken in file order, which keeps reads from disk sequential.
+    with shardfile.ShardReader(loc, manifest.step, {f.path: f.size for f in manifest.files}) as reader, \
+            ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="checkpoint-read") as pool:
+        list(pool.map(read, order))  # re-raises the first error
     by_key: dict[str, list[tuple[plan.ReadItem, torch.Tensor]]] = {k: [] for k in keys}
     for (key, r, _), data in zip(jobs, chunks):
         by_key[key].append((r, data))

@@ -82,6 +82,12 @@ class CheckpointManager:
     names. In a process group, plain tensors are taken as replicated (DDP): the ranks split
     the writing by bytes; DTensors (FSDP2) are saved as local shards with their offsets.
     JSON values are saved from rank 0 and, on load, replace the entries of ``state``.
+
+    State that differs between ranks (RNG streams, rank-local buffers or counters) goes in
+    as ``PerRank(value)``: every rank saves its own value and gets it back on load at the
+    same world size. At another world size load() raises CheckpointMismatchError naming
+    the entry, unless it was given as ``PerRank(value, on_resize="keep")``, which keeps the
+    current value and loads the rest.
     """
 
     def __init__(
@@ -104,6 +110,8 @@ class CheckpointManager:
         self._job = BackgroundJob(name=f"checkpoint-writer[{self._loc.url}]")
         self._snapshot_pending: list[Any] = []
         self._closed = False
+        # Steps whose load failed on a checksum or a missing/short file: never a resume point.
+        self._found_corrupt: set[int] = set()
         # Recorded in every manifest; the run id also scopes retention (see prune()).
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
         self._round = _env_int("ELASTIC_ROUND")
@@ -133,9 +141,12 @@ class CheckpointManager:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative int")
         self.wait()
-        skeleton, tensors = statedict.flatten(statedict.collect(state))
-        state_json = json.dumps(skeleton)  # now, so a non-JSON value fails in the caller's frame
-        items = plan.plan_writes(tensors, self._rank, self._world)
+        skeleton, tensors, own = statedict.flatten_state(state, self._rank)
+        per_rank = {n for n, obj in state.items() if isinstance(obj, statedict.PerRank)}
+        # JSON now, so a non-JSON value fails in the caller's frame.
+        state_json = json.dumps({n: s for n, s in skeleton.items() if n not in per_rank})
+        rank_state_json = json.dumps({n: skeleton[n] for n in per_rank})
+        items = plan.plan_writes(tensors, self._rank, self._world, own)
         lay = shardfile.layout(items)
         buffer = self._staging.get(lay.total)
         meta = {k: [dtype_name(t.dtype), list(t.shape)] for k, t in tensors.items()}
@@ -144,7 +155,9 @@ class CheckpointManager:
             epoch=epoch,
             metrics=statedict.json_safe_metrics(metrics),
             state_json=state_json,
-            meta=meta,
+            rank_state_json=rank_state_json,
+            meta={k: v for k, v in meta.items() if k not in own},
+            rank_meta={k: v for k, v in meta.items() if k in own},
             layout=lay,
             buffer=buffer,
             file_name=f"rank{self._rank:05d}-{uuid.uuid4().hex[:12]}.safetensors",
@@ -156,7 +169,7 @@ class CheckpointManager:
         elif overlap:
             self._snapshot_pending = [job.snapshot] + [
                 obj.register_step_pre_hook(lambda *_: job.snapshot.wait())
-                for obj in state.values()
+                for obj in map(statedict.unwrap, state.values())
                 if isinstance(obj, torch.optim.Optimizer)
             ]
             self._job.submit(lambda: self._write_and_commit(job, copy))
@@ -207,8 +220,27 @@ class CheckpointManager:
         return storage.committed_steps(self._loc)
 
     def latest(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        """The newest committed step that looks loadable, or None.
+
+        Looks loadable: its manifest parses, a listing shows every shard with its recorded
+        size, and this manager's load() did not find it corrupt. Checksums are checked by
+        load() and verify(), not here.
+        """
+        for step in reversed(self.steps()):
+            try:
+                manifest = self.manifest(step)
+            except (CheckpointCorruptError, CheckpointNotFoundError):
+                continue
+            if self.damage(manifest) is None:
+                return step
+        return None
+
+    def damage(self, manifest: Manifest) -> str | None:
+        """Why committed `manifest.step` cannot be a resume point, by a cheap check (None: looks whole)."""
+        if manifest.step in self._found_corrupt:
+            return "found corrupt while loading"
+        problems = manifest.listing_problems(storage.file_sizes(self._loc, manifest.step))
+        return "; ".join(problems) if problems else None
 
     def best(self) -> list[int]:
         """Committed steps ranked best first by the metric (at most keep_best of them)."""
@@ -239,9 +271,10 @@ class CheckpointManager:
         """
         self._check_open()
         if step is None:
-            step = self.latest()
-            if step is None:
+            committed = self.steps()  # the newest, damaged or not: that is what is being asked
+            if not committed:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
+            step = committed[-1]
         manifest = self.manifest(step)
         per_file: dict[str, list[tuple[ChunkEntry, torch.dtype]]] = {f.path: [] for f in manifest.files}
         for entry in manifest.tensors.values():
@@ -258,8 +291,9 @@ class CheckpointManager:
             step = self.latest()
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self._loc.url}")
-        _, targets = statedict.flatten(statedict.collect(state))
-        loading.check_fit(self.manifest(step), state, targets)
+        _, targets, _ = statedict.flatten_state(state, self._rank)
+        manifest, entries = loading.rank_view(self.manifest(step), state, self._rank, self._world)
+        loading.check_fit(manifest, entries, targets)
 
     def load(self, state: MutableMapping[str, Any], step: int | None = None) -> int | None:
         """Load into `state`; returns the step loaded, or None when nothing is committed.
@@ -278,14 +312,14 @@ class CheckpointManager:
             candidates = [step]
         if not candidates:
             return None
-        _, targets = statedict.flatten(statedict.collect(state))
+        _, targets, _ = statedict.flatten_state(state, self._rank)
         failures = []
         for cand in candidates:
             loaded, error = None, None
             try:
-                manifest = self.manifest(cand)
-                loading.check_fit(manifest, state, targets)
-                loaded = loading.read_state(self._loc, manifest, state, targets)
+                manifest, entries = loading.rank_view(self.manifest(cand), state, self._rank, self._world)
+                loading.check_fit(manifest, entries, targets)
+                loaded = loading.read_state(self._loc, manifest, entries, targets)
             except (CheckpointError, OSError) as exc:  # every rank must reach the agreement below
                 error = exc
             errors = self._all_gather(None if error is None else [type(error).__name__, str(error)])
@@ -301,6 +335,8 @@ class CheckpointManager:
             # Only a damaged or vanished checkpoint is a reason to try an older one; a model
             # that does not fit or a storage outage would fail on the older one too.
             damaged = all(e[0] in ("CheckpointCorruptError", "CheckpointNotFoundError") for _, e in bad)
+            if damaged:
+                self._found_corrupt.add(cand)
             if step is not None or not damaged:
                 raise error
             failures.append(f"step {cand}: {reason}")
@@ -340,18 +376,28 @@ class CheckpointManager:
         for step in self.steps():
             try:
                 manifest = self.manifest(step)
-                if not only_run or manifest.run_id == run_id:
-                    infos.append(retention.CheckpointInfo(step, manifest.metrics))
             except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
                 # Left alone: never delete or rank what we cannot read.
                 log.warning("checkpoint %s: skipping step %d in retention: %s", self._loc.url, step, exc)
+                continue
+            if only_run and manifest.run_id != run_id:
+                continue
+            damage = self.damage(manifest)
+            if damage is not None:
+                log.warning(
+                    "checkpoint %s: step %d is damaged (%s); retention neither counts nor deletes it",
+                    self._loc.url, step, damage,
+                )
+            infos.append(retention.CheckpointInfo(step, manifest.metrics, damaged=damage is not None))
         return infos
 
     def _write_and_commit(self, job: _SaveJob, copy: Callable[[], None] | None = None) -> None:
         """Stage (if `copy`), write, then commit across ranks. A failure anywhere is reported to
         rank 0 through the gather, so no rank is left waiting in a collective."""
         local_error: Exception | None = None
-        report: dict[str, Any] = {"meta": job.meta, "error": None}
+        report: dict[str, Any] = {
+            "meta": job.meta, "rank_meta": job.rank_meta, "rank_state": json.loads(job.rank_state_json), "error": None,
+        }
         try:
             if copy is not None:
                 copy()
@@ -394,7 +440,18 @@ class CheckpointManager:
                     f"rank {rank} and rank 0 disagree on the tensors to save (first: {differ[:5]}); "
                     "every rank must pass the same state names, keys, shapes and dtypes"
                 )
-        chunks: dict[str, list[ChunkEntry]] = {k: [] for k in job.meta}
+            if set(r["rank_state"]) != set(reports[0]["rank_state"]):
+                raise CheckpointError(
+                    f"rank {rank} saves {sorted(r['rank_state'])} per rank, rank 0 saves "
+                    f"{sorted(reports[0]['rank_state'])}; every rank must pass the same PerRank names"
+                )
+        meta = dict(job.meta)
+        for r in reports:
+            meta.update(r["rank_meta"])  # keys are rooted per rank: they never collide
+        state = json.loads(job.state_json)
+        for name in reports[0]["rank_state"]:
+            state[name] = {statedict.PER_RANK_TAG: {str(rank): r["rank_state"][name] for rank, r in enumerate(reports)}}
+        chunks: dict[str, list[ChunkEntry]] = {k: [] for k in meta}
         files = []
         for r in reports:
             if "file" in r:
@@ -406,10 +463,8 @@ class CheckpointManager:
             step=job.step,
             world_size=self._world,
             files=tuple(files),
-            tensors={
-                k: TensorEntry(dtype, tuple(shape), tuple(chunks[k])) for k, (dtype, shape) in job.meta.items()
-            },
-            state=json.loads(job.state_json),
+            tensors={k: TensorEntry(dtype, tuple(shape), tuple(chunks[k])) for k, (dtype, shape) in meta.items()},
+            state=state,
             metrics=job.metrics,
             epoch=job.epoch,
             run_id=self._run_id,
@@ -430,28 +485,47 @@ class CheckpointManager:
             self._loc,
             [
                 self._loc.path(committed, name)
-                for name in storage.list_files(self._loc, committed)
+                for name in storage.file_sizes(self._loc, committed)
                 if name.endswith(".safetensors") and name not in current_files
             ],
         )
-        self.prune(protect=(committed,))
+        self.prune(protect=(committed,), verify_resume_point=False)
 
-    def prune(self, *, dry_run: bool = False, all_runs: bool = False, protect: tuple[int, ...] = ()) -> list[int]:
+    def prune(
+        self,
+        *,
+        dry_run: bool = False,
+        all_runs: bool = False,
+        protect: tuple[int, ...] = (),
+        verify_resume_point: bool = True,
+    ) -> list[int]:
         """Remove uncommitted leftovers and the committed checkpoints the policy lets go.
 
-        The manager calls this after every commit with `protect` = the step just committed.
         Only checkpoints of this run (TORCHELASTIC_RUN_ID) are candidates unless `all_runs`.
-        Returns the steps removed (or that would be, with `dry_run`), ascending. Call it from
-        one process only, with no save in flight.
+        Damaged checkpoints (see `damage()`) are neither counted nor deleted. With
+        `verify_resume_point`, before anything is deleted the newest undamaged checkpoint is
+        read whole and its checksums checked (a flipped byte does not show in a listing); if
+        it fails it counts as damaged and the decision is made again. After every commit the
+        manager prunes with `protect` = the step just committed and no verification: that
+        step was hashed as it was written, so a good resume point is kept either way. Returns the steps
+        removed (or that would be, with `dry_run`), ascending. Call it from one process only,
+        with no save in flight.
         """
         committed_steps = set(self.steps())
         doomed = [s for s in storage.step_dirs(self._loc) if s not in committed_steps and s not in protect]
-        infos = self._infos(self._run_id, only_run=not all_runs)
-        doomed += [
-            info.step
-            for info, keep in zip(infos, retention.decide(infos, self._policy))
-            if not keep and info.step not in protect
-        ]
+        while True:
+            infos = self._infos(self._run_id, only_run=not all_runs)
+            dropped = [i.step for i, keep in zip(infos, retention.decide(infos, self._policy)) if not keep]
+            resume = max((i.step for i in infos if not i.damaged), default=None)
+            if not (verify_resume_point and dropped and resume is not None):
+                break
+            try:
+                self.verify(resume)
+                break
+            except CheckpointCorruptError as exc:
+                log.warning("checkpoint %s: step %d fails verification (%s); not a resume point", self._loc.url, resume, exc)
+                self._found_corrupt.add(resume)
+        doomed += [s for s in dropped if s not in protect]
         for step in sorted(doomed) if not dry_run else ():
             kind = "retention" if step in committed_steps else "uncommitted leftover"
             log.info("checkpoint %s: deleting step %d (%s)", self._loc.url, step, kind)
@@ -476,8 +550,10 @@ class _SaveJob:
     step: int
     epoch: int | None
     metrics: dict[str, float]
-    state_json: str
-    meta: dict[str, list[Any]]
+    state_json: str  # the skeleton of the state shared by all ranks
+    rank_state_json: str  # this rank's skeletons of its PerRank entries
+    meta: dict[str, list[Any]]  # key -> [dtype, shape] of the shared tensors
+    rank_meta: dict[str, list[Any]]  # the same for this rank's own tensors
     layout: shardfile.Layout
     buffer: torch.Tensor
     file_name: str

@@ -27,6 +27,12 @@ from typing import Any
 import torch
 
 from checkpoint.errors import CheckpointCorruptError
+from checkpoint.statedict import PER_RANK_TAG
+
+try:  # the same CRC-32 as zlib's, ~8x faster (carry-less multiply); both release the GIL
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # no wheel for this platform: zlib's own, a few GB/s
+    _crc32 = zlib.crc32
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -72,9 +78,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def checksum(data: memoryview | bytes | bytearray) -> str:
-    # zlib.crc32 releases the GIL on large buffers and runs at several GB/s: this is an
-    # integrity check against media and transfer faults, not a signature.
-    return f"{CHECKSUM_PREFIX}{zlib.crc32(data):08x}"
+    # An integrity check against media and transfer faults, not a signature. Loading hashes
+    # every byte it reads, so this speed bounds load speed (zlib-ng: ~30 GB/s, zlib: ~3.5).
+    return f"{CHECKSUM_PREFIX}{_crc32(data):08x}"
 
 
 def is_safe_name(name: str) -> bool:
@@ -125,6 +131,18 @@ class Manifest:
     round: int | None = None
     created: float = 0.0
     format_version: int = FORMAT_VERSION
+
+    def listing_problems(self, sizes: Mapping[str, int]) -> list[str]:
+        """What a listing of the step directory (file name -> size) shows wrong; empty if whole.
+
+        A cheap check (no byte is read): it catches missing and truncated shards, not flipped bytes.
+        """
+        return [
+            f"shard file {f.path} is missing" if f.path not in sizes
+            else f"shard file {f.path} has {sizes[f.path]} bytes, the manifest says {f.size}"
+            for f in self.files
+            if sizes.get(f.path) != f.size
+        ]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -200,12 +218,20 @@ def _parse(raw: dict[str, Any], where: str) -> Manifest:
                 "elements; the checkpoint is incomplete"
             )
         tensors[key] = TensorEntry(dtype, shape, chunks)
+    world_size = int(raw["world_size"])
+    for name, value in raw["state"].items():
+        if isinstance(value, dict) and set(value) == {PER_RANK_TAG}:
+            if sorted(value[PER_RANK_TAG], key=int) != [str(r) for r in range(world_size)]:
+                raise CheckpointCorruptError(
+                    f"{where}: per-rank state {name!r} lists ranks {sorted(value[PER_RANK_TAG])}, "
+                    f"expected 0..{world_size - 1}"
+                )
     metrics = {str(k): float(v) for k, v in raw.get("metrics", {}).items()}
     epoch = raw.get("epoch")
     rnd = raw.get("round")
     return Manifest(
         step=int(raw["step"]),
-        world_size=int(raw["world_size"]),
+        world_size=world_size,
         files=files,
         tensors=tensors,
         state=raw["state"],

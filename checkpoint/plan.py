@@ -5,7 +5,8 @@ split by bytes across ranks and every rank writes a disjoint part: tensors bigge
 piece target are cut into row blocks along dim 0, then pieces go largest-first to the least
 loaded rank. Every rank computes the same plan from the same metadata, so no communication
 is needed. A DTensor (FSDP2) contributes its local shard with its global offsets; for mesh
-dimensions where it is replicated only coordinate 0 writes.
+dimensions where it is replicated only coordinate 0 writes. A rank's own (per-rank) tensors
+are written whole by that rank.
 
 Load side: a rank needs, for each tensor, the region it holds (the whole tensor for a plain
 tensor, the local shard for a DTensor) and reads exactly the chunks that intersect it.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 import torch
@@ -83,11 +84,16 @@ def _writes_replica(t: DTensor) -> bool:
     return all(c == 0 for c, p in zip(coord, t.placements) if isinstance(p, Replicate))
 
 
+def _whole(key: str, t: torch.Tensor) -> WriteItem:
+    shape = tuple(t.shape)
+    return WriteItem(key, t.dtype, shape, (0,) * t.dim(), shape, t)
+
+
 def _row_blocks(key: str, t: torch.Tensor, target: float) -> list[WriteItem]:
     shape = tuple(t.shape)
     nbytes = t.numel() * t.element_size()
     if t.dim() == 0 or nbytes <= target or shape[0] < 2:
-        return [WriteItem(key, t.dtype, shape, (0,) * t.dim(), shape, t)]
+        return [_whole(key, t)]
     count = min(shape[0], math.ceil(nbytes / target))
     bounds = [shape[0] * i // count for i in range(count + 1)]
     return [
@@ -97,20 +103,27 @@ def _row_blocks(key: str, t: torch.Tensor, target: float) -> list[WriteItem]:
     ]
 
 
-def plan_writes(tensors: Mapping[str, torch.Tensor], rank: int, world_size: int) -> list[WriteItem]:
-    """The blocks `rank` writes. Deterministic: every rank derives the same global plan."""
+def plan_writes(
+    tensors: Mapping[str, torch.Tensor], rank: int, world_size: int, own: Set[str] = frozenset()
+) -> list[WriteItem]:
+    """The blocks `rank` writes. Deterministic: every rank derives the same global plan.
+
+    `own` are keys of this rank's own tensors (no other rank has them): written whole.
+    """
     mine: list[WriteItem] = []
     replicated: list[tuple[str, torch.Tensor]] = []
     for key in sorted(tensors):
         t = tensors[key]
-        if isinstance(t, DTensor):
+        if key in own:
+            mine.append(_whole(key, t))
+        elif isinstance(t, DTensor):
             offsets, shape = local_region(t)
             if math.prod(shape) and _writes_replica(t):
                 mine.append(WriteItem(key, t.dtype, tuple(t.shape), offsets, shape, t.to_local()))
         else:
             replicated.append((key, t))
     if world_size == 1:
-        return mine + [WriteItem(k, t.dtype, tuple(t.shape), (0,) * t.dim(), tuple(t.shape), t) for k, t in replicated]
+        return mine + [_whole(k, t) for k, t in replicated]
     total = sum(t.numel() * t.element_size() for _, t in replicated)
     # A quarter of a rank's fair share bounds the imbalance of the greedy split to ~25%.
     target = max(total / world_size / 4, MIN_PIECE_BYTES)

@@ -5,8 +5,11 @@ restarts and copied directories behave). Output: one keep flag per checkpoint. T
 deletes; nothing here touches storage.
 
 Rules, in order:
-- the newest committed checkpoint is always kept (it is the resume point);
-- the `keep_last` newest are kept;
+- a damaged checkpoint (marked by the caller: files missing or of the wrong size, or found
+  corrupt while loading) is never counted, never best and never deleted: it cannot be a
+  resume point, and it is left for `elastic-ckpt inspect/verify` to show;
+- the newest undamaged checkpoint is always kept (it is the resume point);
+- the `keep_last` newest undamaged ones are kept;
 - the `keep_best` best by `metric` are kept: ascending for mode "min", descending for
   "max"; a missing or NaN metric is never best; equal values prefer the newer step;
 - with neither `keep_last` nor `keep_best` set, everything is kept.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 class CheckpointInfo:
     step: int
     metrics: Mapping[str, float]
+    damaged: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,11 @@ class RetentionPolicy:
 
 
 def rank_best(infos: Sequence[CheckpointInfo], metric: str, mode: str) -> list[int]:
-    """Steps with a finite-or-infinite, non-NaN `metric`, best first; ties prefer newer steps."""
+    """Undamaged steps with a non-NaN `metric`, best first; ties prefer newer steps."""
     scored = [
         (i.metrics[metric], i.step)
         for i in infos
-        if metric in i.metrics and not math.isnan(i.metrics[metric])
+        if not i.damaged and metric in i.metrics and not math.isnan(i.metrics[metric])
     ]
     sign = 1.0 if mode == "min" else -1.0
     scored.sort(key=lambda vs: (sign * vs[0], -vs[1]))
@@ -68,8 +72,8 @@ def decide(infos: Sequence[CheckpointInfo], policy: RetentionPolicy) -> list[boo
         return []
     if policy.keeps_everything:
         return [True] * len(infos)
-    newest_first = sorted((i.step for i in infos), reverse=True)
+    newest_first = sorted((i.step for i in infos if not i.damaged), reverse=True)
     keep = set(newest_first[: policy.keep_last or 1])
     if policy.keep_best and policy.metric:
         keep.update(rank_best(infos, policy.metric, policy.mode)[: policy.keep_best])
-    return [i.step in keep for i in infos]
+    return [i.damaged or i.step in keep for i in infos]

@@ -9,12 +9,13 @@ checksum of each block, so a reader can fetch and verify just the blocks it need
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy
 import torch
 
 from checkpoint import storage
@@ -113,47 +114,73 @@ def write_shard(
 
 
 class ShardReader:
-    """Reads verified chunks of one checkpoint; checks each touched file's size once."""
+    """Reads verified chunks of one checkpoint; checks each touched file's size once.
+
+    Local files are opened once (the size check is an fstat of that descriptor) and read with
+    positional reads straight into the destination memory, so threads share descriptors and
+    no intermediate buffer exists. Close it (or use `with`) to release the descriptors.
+    """
 
     def __init__(self, loc: storage.Location, step: int, sizes: dict[str, int]) -> None:
         self._loc, self._step, self._sizes = loc, step, sizes
-        self._checked: set[str] = set()
+        self._checked: dict[str, int | None] = {}  # name -> descriptor (local) or None
+        self._lock = threading.Lock()
 
-    def _check_file(self, name: str) -> None:
-        if name in self._checked:
-            return
-        path = self._loc.path(self._step, name)
-        try:
-            size = storage.file_size(self._loc, path)
-        except FileNotFoundError as exc:
-            raise CheckpointCorruptError(
-                f"shard file {path} is missing; the manifest lists it with {self._sizes[name]} bytes. "
-                "The checkpoint is incomplete: load an earlier step."
-            ) from exc
-        if size != self._sizes[name]:
-            raise CheckpointCorruptError(
-                f"shard file {path} has {size} bytes, the manifest says {self._sizes[name]} "
-                "(truncated or overwritten). Load an earlier step."
-            )
-        self._checked.add(name)
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._checked = [fd for fd in self._checked.values() if fd is not None], {}
+        for fd in fds:
+            os.close(fd)
+
+    def _open(self, name: str) -> int | None:
+        """The checked file's descriptor (local) or None (other filesystems)."""
+        with self._lock:
+            if name in self._checked:
+                return self._checked[name]
+            path = self._loc.path(self._step, name)
+            fd = None
+            try:
+                if self._loc.is_local:
+                    fd = os.open(path, os.O_RDONLY)
+                    size = os.fstat(fd).st_size
+                else:
+                    size = storage.file_size(self._loc, path)
+            except FileNotFoundError as exc:
+                raise CheckpointCorruptError(
+                    f"shard file {path} is missing; the manifest lists it with {self._sizes[name]} bytes. "
+                    "The checkpoint is incomplete: load an earlier step."
+                ) from exc
+            if size != self._sizes[name]:
+                if fd is not None:
+                    os.close(fd)
+                raise CheckpointCorruptError(
+                    f"shard file {path} has {size} bytes, the manifest says {self._sizes[name]} "
+                    "(truncated or overwritten). Load an earlier step."
+                )
+            self._checked[name] = fd
+            return fd
 
     def read(self, chunk: ChunkEntry, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The verified chunk, read into `out` (contiguous CPU, the chunk's shape) if given."""
-        self._check_file(chunk.file)
+        fd = self._open(chunk.file)
         path = self._loc.path(self._step, chunk.file)
         if out is None:
             out = torch.empty(chunk.shape, dtype=dtype)
-        raw = out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else memoryview(bytearray())
+        raw = memoryview(out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else bytearray())
         nbytes = chunk.end - chunk.begin
         try:
-            if self._loc.is_local:
-                with open(path, "rb") as f:
-                    f.seek(chunk.begin)
-                    got = f.readinto(raw)
+            if fd is not None:
+                got = _pread_into(fd, raw, chunk.begin)
             else:
                 data = self._loc.fs.cat_file(path, start=chunk.begin, end=chunk.end)
                 got = len(data)
-                raw[:got] = numpy.frombuffer(data, dtype=numpy.uint8)
+                raw[:got] = data
         except FileNotFoundError as exc:
             raise CheckpointCorruptError(f"shard file {path} disappeared while loading") from exc
         if got != nbytes:
@@ -161,7 +188,7 @@ class ShardReader:
                 f"shard file {path}: chunk {chunk.name!r} at bytes {chunk.begin}-{chunk.end} "
                 f"returned {got} bytes (truncated)"
             )
-        actual = checksum(memoryview(raw))
+        actual = checksum(raw)
         if actual != chunk.checksum:
             raise CheckpointCorruptError(
                 f"shard file {path}: chunk {chunk.name!r} (bytes {chunk.begin}-{chunk.end}) has "
@@ -169,6 +196,17 @@ class ShardReader:
                 "Load an earlier step."
             )
         return out
+
+
+def _pread_into(fd: int, raw: memoryview, offset: int) -> int:
+    """Fill `raw` from `offset`; returns the bytes read (fewer only at end of file)."""
+    got = 0
+    while got < len(raw):  # one call moves at most ~2 GiB on Linux
+        n = os.preadv(fd, [raw[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def verify_file(
@@ -183,7 +221,6 @@ def verify_file(
 
     `on_chunk(nbytes)` is called after each chunk is verified (progress reporting).
     """
-    reader = ShardReader(loc, step, {entry.path: entry.size})
     path = loc.path(step, entry.path)
     covered = entry.header_size + sum(c.end - c.begin for c, _ in chunks)
     if covered != entry.size:
@@ -191,10 +228,11 @@ def verify_file(
             f"shard file {path}: header and chunks cover {covered} of {entry.size} bytes; "
             "the manifest is inconsistent"
         )
-    for chunk, dtype in chunks:
-        reader.read(chunk, dtype)
-        if on_chunk is not None:
-            on_chunk(chunk.end - chunk.begin)
+    with ShardReader(loc, step, {entry.path: entry.size}) as reader:
+        for chunk, dtype in chunks:
+            reader.read(chunk, dtype)
+            if on_chunk is not None:
+                on_chunk(chunk.end - chunk.begin)
     try:
         with loc.fs.open(path, "rb") as f:
             header = f.read(entry.header_size)

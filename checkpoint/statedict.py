@@ -9,11 +9,17 @@ indices, and DDP / FSDP2 wrappers are handled; FSDP2 state stays as DTensors (lo
 and a dict of tensors keyed by "/"-joined paths (components escaped as in JSON pointers).
 Dicts with non-string keys are stored as {"__items__": [[key, value], ...]} and tuples as
 {"__tuple__": [...]}, so a round trip gives back the same Python types.
+
+A `PerRank` entry holds a value that differs between ranks. Each rank flattens its own
+under "<name>/rank<5 digits>", so the ranks' tensor keys never collide; the manifest stores
+the entry as {"__per_rank__": {"<rank>": skeleton of that rank}}.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,16 +34,62 @@ from torch.distributed.checkpoint.state_dict import (
 TENSOR_TAG = "__tensor__"
 ITEMS_TAG = "__items__"
 TUPLE_TAG = "__tuple__"
+PER_RANK_TAG = "__per_rank__"
 _SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True)
+class PerRank:
+    """A `state` entry whose value differs between ranks (RNG streams, rank-local buffers).
+
+    In a process group each rank saves its own value (tensors and JSON alike) and, on load,
+    gets its own value back, which needs the same world size as when saving. At another
+    world size, load() raises CheckpointMismatchError naming the entry, unless
+    `on_resize="keep"`: then the entry keeps its current value and the rest is loaded.
+    `value` is anything a plain entry can be, except DTensors (already sharded: pass those
+    without PerRank). After load() a JSON value is replaced by a new PerRank wrapper.
+    """
+
+    value: Any
+    on_resize: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.on_resize not in ("error", "keep"):
+            raise ValueError(f"PerRank(on_resize={self.on_resize!r}) must be 'error' or 'keep'")
+
+
+def unwrap(obj: Any) -> Any:
+    return obj.value if isinstance(obj, PerRank) else obj
+
+
+def rank_root(name: str, rank: int) -> str:
+    """Where rank `rank`'s tensors of PerRank entry `name` are keyed."""
+    return f"{escape(name)}/rank{rank:05d}"
+
+
+def flatten_state(state: Mapping[str, Any], rank: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], set[str]]:
+    """flatten(collect(state)) with PerRank entries keyed under this rank's root.
+
+    Returns (skeleton, tensors, keys of the tensors that are this rank's own).
+    """
+    per_rank = [n for n, obj in state.items() if isinstance(obj, PerRank)]
+    plain = {n: unwrap(obj) for n, obj in state.items()}
+    skeleton, tensors = flatten(collect(plain), roots={n: rank_root(n, rank) for n in per_rank})
+    roots = {escape(n) for n in per_rank}
+    own = {k for k in tensors if k.split("/", 1)[0] in roots}
+    for key in own:
+        if is_dtensor(tensors[key]):
+            raise TypeError(
+                f"{key}: a DTensor is already sharded across ranks; pass it without PerRank"
+            )
+    return skeleton, tensors, own
 
 
 def _owner_module(name: str, optim: torch.optim.Optimizer, state: Mapping[str, Any]) -> torch.nn.Module:
     """The module whose parameter names key this optimizer's state (a ModuleDict if several)."""
     ids = {id(p) for group in optim.param_groups for p in group["params"]}
-    owners = {
-        n: m for n, m in state.items()
-        if isinstance(m, torch.nn.Module) and any(id(p) in ids for p in m.parameters())
-    }
+    modules = {n: unwrap(m) for n, m in state.items() if isinstance(unwrap(m), torch.nn.Module)}
+    owners = {n: m for n, m in modules.items() if any(id(p) in ids for p in m.parameters())}
     if not owners:
         raise ValueError(
             f"optimizer {name!r} updates no parameter of any module in `state`; put its model in "
@@ -64,10 +116,11 @@ def collect(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def apply(state: MutableMapping[str, Any], loaded: Mapping[str, Any]) -> None:
-    """Load `loaded` (same names as `state`) into the live objects; JSON values replace entries."""
-    modules_first = sorted(state, key=lambda n: not isinstance(state[n], torch.nn.Module))
+    """Load `loaded` (names of `state`) into the live objects; JSON values replace entries."""
+    modules_first = sorted(loaded, key=lambda n: not isinstance(unwrap(state[n]), torch.nn.Module))
     for name in modules_first:
-        obj, value = state[name], loaded[name]
+        wrapper, value = state[name], loaded[name]
+        obj = unwrap(wrapper)
         if isinstance(obj, torch.nn.Module):
             set_model_state_dict(obj, value)
         elif isinstance(obj, torch.optim.Optimizer):
@@ -78,6 +131,8 @@ def apply(state: MutableMapping[str, Any], loaded: Mapping[str, Any]) -> None:
             local = obj.to_local() if is_dtensor(obj) else obj
             with torch.no_grad():  # a bare nn.Parameter in `state` is a leaf that requires grad
                 local.copy_(value.to_local() if is_dtensor(value) else value)
+        elif isinstance(wrapper, PerRank):
+            state[name] = dataclasses.replace(wrapper, value=value)
         else:
             state[name] = value
 
@@ -90,7 +145,10 @@ def escape(part: str) -> str:
     return part.replace("~", "~0").replace("/", "~1")
 
 
-def flatten(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def flatten(
+    tree: Mapping[str, Any], roots: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`roots[name]` (default: the escaped name) prefixes the keys of the tensors under `name`."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(value: Any, path: str) -> Any:
@@ -101,7 +159,7 @@ def flatten(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Te
             return {TENSOR_TAG: path}
         if isinstance(value, Mapping):
             if all(isinstance(k, str) for k in value):
-                reserved = {TENSOR_TAG, ITEMS_TAG, TUPLE_TAG} & set(value)
+                reserved = {TENSOR_TAG, ITEMS_TAG, TUPLE_TAG, PER_RANK_TAG} & set(value)
                 if reserved:
                     raise ValueError(f"{path}: the keys {sorted(reserved)} are reserved by the checkpoint format")
                 return {k: walk(v, f"{path}/{escape(k)}") for k, v in value.items()}
@@ -131,7 +189,7 @@ def flatten(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Te
     for name in tree:
         if not isinstance(name, str) or not name:
             raise TypeError(f"state names must be non-empty strings, got {name!r}")
-    skeleton = {name: walk(value, escape(name)) for name, value in tree.items()}
+    skeleton = {name: walk(value, (roots or {}).get(name, escape(name))) for name, value in tree.items()}
     return skeleton, tensors
 
 

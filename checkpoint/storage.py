@@ -59,6 +59,10 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
     return Location(fs=fs, root=root.rstrip("/") or "/", url=str(url))
 
 
+def base_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _storage_error(action: str, path: str, exc: BaseException) -> StorageError:
     return StorageError(f"could not {action} {path!r}: {exc}")
 
@@ -140,6 +144,7 @@ def commit(loc: Location, step: int, manifest_text: str) -> str:
     try:
         if loc.is_local:
             tmp = loc.path(step, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
+            os.makedirs(loc.step_dir(step), exist_ok=True)  # no shard if the state has no tensor
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -177,13 +182,17 @@ def remove_files(loc: Location, paths: Iterable[str]) -> None:
             raise _storage_error("delete", path, exc) from exc
 
 
-def list_files(loc: Location, step: int) -> list[str]:
+def file_sizes(loc: Location, step: int) -> dict[str, int]:
+    """Bare name -> size of every file in the step directory (one listing; empty if absent)."""
     try:
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in loc.fs.ls(loc.step_dir(step), detail=False)]
+        entries = loc.fs.ls(loc.step_dir(step), detail=True)
     except FileNotFoundError:
-        return []
+        return {}
     except OSError as exc:
         raise _storage_error("list", loc.step_dir(step), exc) from exc
+    return {
+        base_name(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") == "file"
+    }
 
 
 def _fsync_dir(path: str) -> None:

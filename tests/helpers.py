@@ -152,3 +152,36 @@ class Job:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def fork_ranks(world: int, fn, store: str, timeout: float = 120.0) -> list[int | None]:
+    """Fork the ranks of one torchrun-like group and run `fn()` in each; their exit codes.
+
+    world 0 means one process with no process group. Each rank sees RANK, LOCAL_RANK,
+    WORLD_SIZE and CKPT_TEST_STORE (a FileStore path for init_method="file://..."). A rank
+    whose `fn` raises prints the traceback and exits 1. Forking (torch already imported by
+    the caller) spares every rank the seconds an interpreter takes to import torch.
+    """
+    import multiprocessing
+    import traceback
+
+    def rank_main(rank: int) -> None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), CKPT_TEST_STORE=store)
+        try:
+            fn()
+        except BaseException:  # report and fail this rank; the caller checks exit codes
+            traceback.print_exc()
+            sys.stdout.flush()
+            os._exit(1)
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=rank_main, args=(r,)) for r in range(max(world, 1))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]

@@ -58,7 +58,7 @@ def url(request, tmp_path):
 def test_public_names():
     assert sorted(checkpoint.__all__) == [
         "CheckpointCorruptError", "CheckpointError", "CheckpointManager",
-        "CheckpointMismatchError", "CheckpointNotFoundError", "StorageError",
+        "CheckpointMismatchError", "CheckpointNotFoundError", "PerRank", "StorageError",
     ]
     for name in checkpoint.__all__:
         if name.endswith("Error") and name != "CheckpointError":

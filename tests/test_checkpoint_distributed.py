@@ -34,23 +34,10 @@ def test_save_on_2_load_on_1_3_4_bitwise(tmp_path, python_env):
 
 def run_phases(url: str, ref: str, phases: list[str]) -> int:
     """Fork the ranks of each phase ("mode:world"; world 0 = no process group), in order."""
-    import multiprocessing
-    import traceback
-
     import torch  # noqa: F401  (imported once here, inherited by every forked rank)
 
     import checkpoint  # noqa: F401
-
-    ctx = multiprocessing.get_context("fork")
-
-    def rank_main(mode: str, world: int, rank: int, store: str) -> None:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), CKPT_TEST_STORE=store)
-        try:
-            _worker(mode, url, ref)
-        except BaseException:  # report and fail this rank; the parent checks exit codes
-            traceback.print_exc()
-            sys.stdout.flush()
-            os._exit(1)
+    from helpers import fork_ranks
 
     for phase in phases:
         mode, world = phase.split(":")
@@ -58,16 +45,8 @@ def run_phases(url: str, ref: str, phases: list[str]) -> int:
             corrupt_fsdp_step3(url)
             continue
         store = f"{url}-store-{phase.replace(':', '-')}"
-        procs = [ctx.Process(target=rank_main, args=(mode, int(world), r, store)) for r in range(max(int(world), 1))]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        codes = [p.exitcode for p in procs]
-        if codes != [0] * len(procs):
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
+        codes = fork_ranks(int(world), lambda: _worker(mode, url, ref), store)
+        if any(codes):
             print(f"phase {phase}: exit codes {codes}", flush=True)
             return 1
     return 0

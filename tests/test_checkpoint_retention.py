@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -161,3 +162,64 @@ def test_prune_dry_run_and_all_runs(tmp_path, monkeypatch):
     assert pruner.steps() == [1, 2, 3] and (tmp_path / "step_000000000009").exists()
     assert pruner.prune(all_runs=True) == [2, 9]
     assert pruner.steps() == [1, 3] and not (tmp_path / "step_000000000009").exists()
+
+
+# ----------------------------------------------------------------------- damaged checkpoints
+
+
+def test_policy_never_counts_or_deletes_damaged():
+    infos = [CheckpointInfo(1, {"loss": 0.5}), CheckpointInfo(2, {"loss": 0.1}, damaged=True)]
+    assert decide(infos, RetentionPolicy(keep_last=1)) == [True, True]
+    assert rank_best(infos, "loss", "min") == [1]  # a damaged checkpoint is never best
+    infos.append(CheckpointInfo(3, {"loss": 0.9}))
+    assert decide(infos, RetentionPolicy(keep_last=1)) == [False, True, True]
+
+
+def _damage(root, step: int, how: str) -> None:
+    d = root / f"step_{step:012d}"
+    (shard,) = d.glob("*.safetensors")
+    if how == "delete":
+        shard.unlink()
+    elif how == "truncate":
+        os.truncate(shard, shard.stat().st_size - 10)
+    else:  # flip one data byte: same size, so only reading finds it
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0xFF
+        shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
+def test_damaged_newest_never_costs_the_last_good_checkpoint(tmp_path, how, capsys):
+    from checkpoint.cli import main
+
+    with CheckpointManager(tmp_path) as ckpt:  # keeps everything while saving
+        for step in (1, 2):
+            ckpt.save(step, {"x": torch.full((1000,), float(step))})
+    _damage(tmp_path, 2, how)
+    seen_by_listing = how != "flip"
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert rows[2]["status"] == ("corrupt" if seen_by_listing else "committed")
+    assert rows[1 if seen_by_listing else 2]["latest"]
+
+    # The CLI's prune applies the same policy: the good step 1 stays, damaged step 2 too.
+    assert main(["prune", str(tmp_path), "--keep-last", "1"]) == 0
+    assert (tmp_path / "step_000000000001" / "manifest.json").exists()
+    ckpt = CheckpointManager(tmp_path, keep_last=1)
+    assert ckpt.latest() == (1 if seen_by_listing else 2)
+    assert ckpt.prune() == [] and ckpt.steps() == [1, 2]
+
+    state = {"x": torch.zeros(1000)}
+    with pytest.warns(RuntimeWarning, match="step 2 .* cannot be loaded"):
+        assert ckpt.load(state) == 1
+    assert torch.equal(state["x"], torch.full((1000,), 1.0))
+    # Found corrupt while loading: no longer the protected newest, whatever the listing says.
+    assert ckpt.latest() == 1
+    assert ckpt.prune() == [] and ckpt.steps() == [1, 2]
+
+    # A newer good checkpoint becomes the resume point; step 1 may go, damaged step 2 stays.
+    ckpt.save(3, {"x": torch.full((1000,), 3.0)})
+    ckpt.wait()
+    assert ckpt.steps() == [2, 3] and ckpt.latest() == 3
+    assert ckpt.load(state) == 3 and torch.equal(state["x"], torch.full((1000,), 3.0))
+    ckpt.close()
