@@ -14,10 +14,12 @@ Call order (every rank runs the same sequence):
 Checkpoint step numbers count completed optimizer steps. The periodic save of step S runs at
 the boundary, right after optimizer step S, so it holds exactly the state step S+1 starts
 from (parameters, optimizer, scheduler, buffers, RNG). `loop.save(metrics=...)` inside the
-body of step S also saves step S: parameters only change at optimizer.step(), and the RNG
-streams are taken from the snapshot made at the boundary; buffers that this step's forward
-passes already changed (BatchNorm statistics) are saved as they are, so save before the
-forwards when such a model must resume bitwise. Saving a step that is already saved (for
+body of step S also saves step S: parameters only change at optimizer.step(), and the torch
+RNG streams (CPU and CUDA) are taken from the snapshot made at the boundary. Python's and
+NumPy's global streams, too slow to read at every step (rng_state.py), and buffers that this
+step's forward passes already changed (BatchNorm statistics) are saved as they are at the
+call, so save before the body draws from them (before `for batch in step`) when such a job
+must resume bitwise. Saving a step that is already saved (for
 example to attach a validation loss) commits it again with the new metrics.
 """
 
@@ -38,7 +40,7 @@ from elastic.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is
 from elastic.context import report_progress
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 from elastic.fencing import commit_guard_from_env
-from elastic.rng_state import RngState, seed_all
+from elastic.rng_state import RngState, TorchStreams, seed_all
 from elastic.sampler import ElasticSampler, StepSamples
 
 log = logging.getLogger(__name__)
@@ -299,7 +301,7 @@ class TrainLoop:
         self._completed = 0
         self._resumed: int | None = None
         self._last_saved: int | None = None
-        self._rng_at_boundary: RngState | None = None  # set while a body runs
+        self._rng_at_boundary: TorchStreams | None = None  # set while a body runs
 
     @property
     def step(self) -> int:
@@ -341,7 +343,7 @@ class TrainLoop:
             "dataset_size": self.sampler.dataset_size,
             "seed": self.seed,
             "world_size": self.world_size,
-            "rng": self._gather_rng(self._rng_at_boundary or RngState.capture()),
+            "rng": self._gather_rng(RngState.capture(self._rng_at_boundary)),
         }
         self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch, overlap=self.overlap_save)
         self._last_saved = step
@@ -359,7 +361,7 @@ class TrainLoop:
                     self._stop()
                 step = Step(self, self.sampler.samples(self._completed))
                 if self.checkpoint is not None:
-                    self._rng_at_boundary = RngState.capture()
+                    self._rng_at_boundary = TorchStreams.capture()
                 yield step
                 self._rng_at_boundary = None
                 self._finish(step)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from elastic.rng_state import RngState
+from elastic.rng_state import RngState, TorchStreams
 
 
 def draws() -> tuple:
@@ -37,7 +37,7 @@ def test_without_cuda_nothing_cuda_is_touched(monkeypatch):
     for name in ("get_rng_state_all", "get_rng_state", "set_rng_state", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, forbidden)
     state = RngState.capture()
-    assert state.cuda == () and state.to_json()["cuda"] == []
+    assert state.torch_streams.cuda == () and state.to_json()["cuda"] == []
     RngState.from_json(state.to_json()).restore("test")
     assert not torch.cuda.is_initialized()
 
@@ -79,9 +79,9 @@ def test_loop_checkpoint_with_cuda_states_resumes_on_cpu(tmp_path, monkeypatch):
     from test_train_loop import run_with_checkpoints
 
     full, _ = run_with_checkpoints(tmp_path / "a", max_steps=6)
-    real_capture = RngState.capture
+    real_capture = TorchStreams.capture
     with monkeypatch.context() as patch:
-        patch.setattr(RngState, "capture", classmethod(
+        patch.setattr(TorchStreams, "capture", classmethod(
             lambda cls: dataclasses.replace(real_capture(), cuda=(torch.zeros(16, dtype=torch.uint8),))))
         run_with_checkpoints(tmp_path / "b", max_steps=6, stop_at=3)
     with pytest.warns(RuntimeWarning, match="checkpoint of step 2 holds CUDA RNG states for 1 devices"):

@@ -281,3 +281,32 @@ print("checked")
     done = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "checked" in done.stdout, done.stdout + done.stderr
+
+
+def run_saving_in_the_body(directory, *, max_steps, save_at=None, stop_after_save=False):
+    """Each body draws noise from torch's RNG before its forwards; at step `save_at` the body
+    calls loop.save() after that draw. Returns the final parameters."""
+    from checkpoint import CheckpointManager
+
+    model, opt = model_and_opt()
+    with CheckpointManager(str(directory)) as ckpt:
+        loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=7,
+                                 micro_batch_size=7, max_steps=max_steps, checkpoint=ckpt)
+        for step in loop:
+            noise = 1 + 1e-3 * torch.rand(())
+            if step.index == save_at:
+                loop.save(metrics={"val_loss": 1.0})
+                if stop_after_save:
+                    break
+            for x, y, _ in step:
+                step.backward(F.mse_loss(model(x) * noise, y))
+        ckpt.wait()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_save_in_the_body_after_torch_draws_resumes_bitwise(tmp_path):
+    """The torch streams saved are the boundary's, not those after the body's draws."""
+    full = run_saving_in_the_body(tmp_path / "a", max_steps=6)
+    run_saving_in_the_body(tmp_path / "b", max_steps=6, save_at=3, stop_after_save=True)
+    resumed = run_saving_in_the_body(tmp_path / "b", max_steps=6)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
