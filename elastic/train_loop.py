@@ -19,8 +19,8 @@ RNG streams (CPU and CUDA) are taken from the snapshot made at the boundary. Pyt
 NumPy's global streams, too slow to read at every step (rng_state.py), and buffers that this
 step's forward passes already changed (BatchNorm statistics) are saved as they are at the
 call, so save before the body draws from them (before `for batch in step`) when such a job
-must resume bitwise. Saving a step that is already saved (for
-example to attach a validation loss) commits it again with the new metrics.
+must resume bitwise. Saving a step that is already saved (for example to attach a
+validation loss) commits it again with the new metrics.
 """
 
 from __future__ import annotations
@@ -176,8 +176,7 @@ class Step:
 
 
 class _LoopState:
-    """Step position, sampler identity and every rank's RNG streams (rng_state.RngState
-    as JSON), all JSON values."""
+    """Step position, sampler identity and every rank's RNG streams, all JSON values."""
 
     def __init__(self) -> None:
         self.values: dict[str, Any] = {}
@@ -205,7 +204,9 @@ class TrainLoop:
       so only the next optimizer.step() waits for it (CheckpointManager.save(overlap=True)).
       The snapshot must not change before then, so models with buffers (BatchNorm
       statistics change in forward) are refused, and extra_state tensors must be left
-      alone until the next step boundary.
+      alone until the next step boundary. Off by default: on CPU the copy competes with
+      training for the same cores, so it shortens the stall but not the total cost
+      (benchmarks/bench_save_stall.py).
     """
 
     def __init__(
