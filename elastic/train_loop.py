@@ -14,24 +14,24 @@ Call order (every rank runs the same sequence):
 Checkpoint step numbers count completed optimizer steps. The periodic save of step S runs at
 the boundary, right after optimizer step S, so it holds exactly the state step S+1 starts
 from (parameters, optimizer, scheduler, buffers, RNG). `loop.save(metrics=...)` inside the
-body of step S also saves step S: parameters only change at optimizer.step(), and the RNG
-streams are taken from the snapshot made at the boundary; buffers that this step's forward
-passes already changed (BatchNorm statistics) are saved as they are, so save before the
-forwards when such a model must resume bitwise. Saving a step that is already saved (for
-example to attach a validation loss) commits it again with the new metrics.
+body of step S also saves step S: parameters only change at optimizer.step(), and the torch
+RNG streams (CPU and CUDA) are taken from the snapshot made at the boundary. Python's and
+NumPy's global streams, too slow to read at every step (rng_state.py), and buffers that this
+step's forward passes already changed (BatchNorm statistics) are saved as they are at the
+call, so save before the body draws from them (before `for batch in step`) when such a job
+must resume bitwise. Saving a step that is already saved (for example to attach a
+validation loss) commits it again with the new metrics.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from types import FrameType
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
@@ -40,6 +40,7 @@ from elastic.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is
 from elastic.context import report_progress
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 from elastic.fencing import commit_guard_from_env
+from elastic.rng_state import RngState, TorchStreams, seed_all
 from elastic.sampler import ElasticSampler, StepSamples
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class Checkpointer(Protocol):
 
     def save(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
-        *, epoch: int | None = None,
+        *, epoch: int | None = None, overlap: bool = False,
     ) -> None: ...
+    def wait_snapshot(self) -> None: ...
     def wait(self) -> None: ...
     def load(self, state: Mapping[str, Any], step: int | None = None) -> int | None: ...
     def set_commit_guard(self, guard: Callable[[], None]) -> None: ...
@@ -186,29 +188,6 @@ class _LoopState:
         self.values = dict(state)
 
 
-def _rng_snapshot() -> tuple[Any, Any, Any]:
-    return torch.get_rng_state(), random.getstate(), np.random.get_state()
-
-
-def _rng_as_json(snapshot: tuple[Any, Any, Any]) -> list[Any]:
-    torch_state, python_state, np_state = snapshot
-    return [
-        torch_state.tolist(),
-        list(python_state[1]),
-        [np_state[0], np_state[1].tolist(), *[float(v) for v in np_state[2:]]],
-    ]
-
-
-def _set_local_rng_state(saved: Sequence[Any]) -> None:
-    torch_state, python_state, np_state = saved
-    torch.set_rng_state(torch.tensor(torch_state, dtype=torch.uint8))
-    random.setstate((3, tuple(python_state), None))
-    np.random.set_state(
-        (np_state[0], np.array(np_state[1], dtype=np.uint32), int(np_state[2]),
-         int(np_state[3]), np_state[4])
-    )
-
-
 class TrainLoop:
     """Owns the step counter, the elastic sampler, accumulation, checkpoints and resume.
 
@@ -220,7 +199,14 @@ class TrainLoop:
     - `extra_state`: more entries for the checkpoint (objects with state_dict() and
       load_state_dict(), tensors, JSON values), restored on resume like the model;
     - `stop_check_every`: agree on SIGTERM every n steps (None: about every
-      STOP_CHECK_SECONDS, adapted to the measured step time).
+      STOP_CHECK_SECONDS, adapted to the measured step time);
+    - `overlap_save`: let a save's snapshot copy run during the next forwards/backwards,
+      so only the next optimizer.step() waits for it (CheckpointManager.save(overlap=True)).
+      The snapshot must not change before then, so models with buffers (BatchNorm
+      statistics change in forward) are refused, and extra_state tensors must be left
+      alone until the next step boundary. Off by default: on CPU the copy competes with
+      training for the same cores, so it shortens the stall but not the total cost
+      (benchmarks/bench_save_stall.py).
     """
 
     def __init__(
@@ -239,6 +225,7 @@ class TrainLoop:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         extra_state: Mapping[str, Any] | None = None,
         stop_check_every: int | None = None,
+        overlap_save: bool = False,
     ) -> None:
         self.rank, self.world_size = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -254,6 +241,15 @@ class TrainLoop:
             )
         if save_every is not None and checkpoint is None:
             raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
+        if overlap_save and checkpoint is None:
+            raise ConfigError("overlap_save=True needs a checkpoint manager: pass checkpoint=...")
+        buffers = [name for name, _ in model.named_buffers()]
+        if overlap_save and buffers:
+            raise ConfigError(
+                f"overlap_save=True, but the model has buffers ({', '.join(buffers[:3])}"
+                f"{', ...' if len(buffers) > 3 else ''}) that a forward pass may change while the "
+                "snapshot is copied (BatchNorm statistics); use overlap_save=False"
+            )
         self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
         self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
         if self.world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
@@ -271,6 +267,7 @@ class TrainLoop:
         self.save_every = save_every
         self.seed = seed
         self.checkpoint = checkpoint
+        self.overlap_save = overlap_save
         self.micro_batches = self.plan.micro_batches(self.rank)  # this rank's, the same every step
         self.rank_range = self.plan.rank_range(self.rank)
 
@@ -305,7 +302,7 @@ class TrainLoop:
         self._completed = 0
         self._resumed: int | None = None
         self._last_saved: int | None = None
-        self._rng_at_boundary: tuple[Any, Any, Any] | None = None  # set while a body runs
+        self._rng_at_boundary: TorchStreams | None = None  # set while a body runs
 
     @property
     def step(self) -> int:
@@ -347,9 +344,9 @@ class TrainLoop:
             "dataset_size": self.sampler.dataset_size,
             "seed": self.seed,
             "world_size": self.world_size,
-            "rng": self._gather_rng(self._rng_at_boundary or _rng_snapshot()),
+            "rng": self._gather_rng(RngState.capture(self._rng_at_boundary)),
         }
-        self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch)
+        self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch, overlap=self.overlap_save)
         self._last_saved = step
         log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
 
@@ -365,7 +362,7 @@ class TrainLoop:
                     self._stop()
                 step = Step(self, self.sampler.samples(self._completed))
                 if self.checkpoint is not None:
-                    self._rng_at_boundary = _rng_snapshot()
+                    self._rng_at_boundary = TorchStreams.capture()
                 yield step
                 self._rng_at_boundary = None
                 self._finish(step)
@@ -385,6 +382,8 @@ class TrainLoop:
                 f"step {step.index}: the loop advanced before all {step.accumulation_steps} "
                 "micro-batches were iterated; run `for batch in step:` to the end"
             )
+        if self.overlap_save and self.checkpoint is not None:
+            self.checkpoint.wait_snapshot()  # parameters must not change under the copy
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
@@ -437,8 +436,8 @@ class TrainLoop:
 
     # -- resume ---------------------------------------------------------------------------
 
-    def _gather_rng(self, snapshot: tuple[Any, Any, Any]) -> list[Any]:
-        local = _rng_as_json(snapshot)
+    def _gather_rng(self, snapshot: RngState) -> list[Any]:
+        local = snapshot.to_json()
         if self._flag_group is None:
             return [local]
         gathered: list[Any] = [None] * self.world_size
@@ -467,10 +466,8 @@ class TrainLoop:
             )
         rng = saved["rng"]
         if self.rank < len(rng):
-            _set_local_rng_state(rng[self.rank])
+            RngState.from_json(rng[self.rank]).restore(f"the checkpoint of step {step}")
         else:
             # A rank that did not exist when the checkpoint was written gets a fresh,
             # deterministic stream rather than a copy of another rank's.
-            torch.manual_seed(self.seed + 1_000_003 * self.rank + step)
-            random.seed(self.seed + 1_000_003 * self.rank + step)
-            np.random.seed((self.seed + 1_000_003 * self.rank + step) % 2**32)
+            seed_all(self.seed + 1_000_003 * self.rank + step)

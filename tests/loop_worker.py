@@ -63,6 +63,7 @@ def main() -> int:
                    help="first attempt only: each checkpoint commit (manifest write) waits this long "
                    "after every rank's files are written, so a test can fail a save in flight")
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--overlap-save", action="store_true", help="TrainLoop(overlap_save=True)")
     p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
     args = p.parse_args()
 
@@ -103,6 +104,7 @@ def main() -> int:
         global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
         checkpoint=ckpt, save_every=args.save_every, max_steps=args.max_steps, seed=5,
         scheduler=scheduler, stop_check_every=1,  # deterministic stop step for the SIGTERM test
+        overlap_save=args.overlap_save,
     )
     print(f"rank {ctx.rank} resumed {loop.resume()}", flush=True)
     with open(os.path.join(args.out, f"boot.{tag}.rank{ctx.rank}.jsonl"), "a") as boot:

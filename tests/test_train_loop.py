@@ -100,11 +100,25 @@ def test_backward_outside_and_twice():
         ({"save_every": 0}, r"save_every=0"),
         ({"save_every": 2}, r"save_every=2 needs a checkpoint manager"),
         ({"stop_check_every": 0}, r"stop_check_every=0: it must be >= 1"),
+        ({"overlap_save": True}, r"overlap_save=True needs a checkpoint manager"),
     ],
 )
 def test_bad_options(kw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         make_loop(**kw)
+
+
+def test_overlap_save_refuses_a_model_with_buffers(tmp_path):
+    from checkpoint import CheckpointManager
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double()
+    with CheckpointManager(str(tmp_path)) as ckpt, pytest.raises(
+        ConfigError, match=r"overlap_save=True, but the model has buffers \(1\.running_mean, "
+        r"1\.running_var, 1\.num_batches_tracked\)"
+    ):
+        elastic.TrainLoop(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          dataset=dataset(), global_batch_size=7, micro_batch_size=2, max_steps=3,
+                          checkpoint=ckpt, overlap_save=True)
 
 
 @pytest.mark.parametrize(
@@ -162,7 +176,7 @@ class Counter:
         self.count = state["count"]
 
 
-def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5):
+def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5, overlap_save=False):
     """Train in this process with a CheckpointManager; stop_at leaves the loop early (as a crash
     would, minus the process exit). Returns the parameters and the sample ids per step."""
     from checkpoint import CheckpointManager
@@ -176,7 +190,7 @@ def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden
     with CheckpointManager(str(directory), keep_last=2) as ckpt:
         loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
                                  micro_batch_size=m, max_steps=max_steps, checkpoint=ckpt,
-                                 save_every=2, scheduler=sched,
+                                 save_every=2, scheduler=sched, overlap_save=overlap_save,
                                  extra_state={"counter": counter, "config": {"hidden": hidden}})
         resumed = loop.resume()
         assert counter.count == (resumed or 0)  # user extras come back with the checkpoint
@@ -196,10 +210,11 @@ def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden
     return [p.detach().clone() for p in model.parameters()], seen
 
 
-def test_resume_in_one_process_is_bitwise(tmp_path):
+@pytest.mark.parametrize("overlap_save", [False, True])
+def test_resume_in_one_process_is_bitwise(tmp_path, overlap_save):
     full, full_ids = run_with_checkpoints(tmp_path / "a", max_steps=9)
-    _, first_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, stop_at=5)
-    resumed, resumed_ids = run_with_checkpoints(tmp_path / "b", max_steps=9)
+    _, first_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, stop_at=5, overlap_save=overlap_save)
+    resumed, resumed_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, overlap_save=overlap_save)
     assert min(resumed_ids) == 4  # saves every 2 steps: step 4 was the last one committed
     for a, b in zip(full, resumed):
         assert torch.equal(a, b)
@@ -266,3 +281,32 @@ print("checked")
     done = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "checked" in done.stdout, done.stdout + done.stderr
+
+
+def run_saving_in_the_body(directory, *, max_steps, save_at=None, stop_after_save=False):
+    """Each body draws noise from torch's RNG before its forwards; at step `save_at` the body
+    calls loop.save() after that draw. Returns the final parameters."""
+    from checkpoint import CheckpointManager
+
+    model, opt = model_and_opt()
+    with CheckpointManager(str(directory)) as ckpt:
+        loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=7,
+                                 micro_batch_size=7, max_steps=max_steps, checkpoint=ckpt)
+        for step in loop:
+            noise = 1 + 1e-3 * torch.rand(())
+            if step.index == save_at:
+                loop.save(metrics={"val_loss": 1.0})
+                if stop_after_save:
+                    break
+            for x, y, _ in step:
+                step.backward(F.mse_loss(model(x) * noise, y))
+        ckpt.wait()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_save_in_the_body_after_torch_draws_resumes_bitwise(tmp_path):
+    """The torch streams saved are the boundary's, not those after the body's draws."""
+    full = run_saving_in_the_body(tmp_path / "a", max_steps=6)
+    run_saving_in_the_body(tmp_path / "b", max_steps=6, save_at=3, stop_after_save=True)
+    resumed = run_saving_in_the_body(tmp_path / "b", max_steps=6)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))

@@ -74,17 +74,19 @@ def reference(tmp_path_factory):
     return out, ids
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference):
+@pytest.mark.parametrize("overlap", [[], ["--overlap-save"]], ids=["copy-then-write", "overlap-save"])
+def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference, overlap):
+    """With overlap_save the snapshot copies run during the next step's forwards."""
     ref_out, ref_ids = reference
     kill_at = random.Random(os.environ.get("TEST_SEED", "6")).randint(4, STEPS - 2)
     ckpt = tmp_path / "ckpt"
-    group = Group(args(tmp_path, "killed", ckpt, "--kill-at", kill_at), 2, child_env())
+    group = Group(args(tmp_path, "killed", ckpt, "--kill-at", kill_at, *overlap), 2, child_env())
     victim = group.procs[1]
     victim.wait(timeout=200)
     assert victim.returncode == -signal.SIGKILL, f"kill_at={kill_at}: rank 1 exited {victim.returncode}"
     group.kill()  # the survivor is stuck in (or failed out of) a collective, as under a supervisor
     group.wait()
-    outs = Group(args(tmp_path, "resumed", ckpt), 2, child_env()).wait_ok()
+    outs = Group(args(tmp_path, "resumed", ckpt, *overlap), 2, child_env()).wait_ok()
     # Saves run at the boundary after every SAVE_EVERY-th step, and the worker waits for the
     # commit before the kill, so the resume step is the last multiple of SAVE_EVERY <= kill_at.
     resumed_from = kill_at // SAVE_EVERY * SAVE_EVERY
