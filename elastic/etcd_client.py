@@ -40,6 +40,18 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 # Anything the client raises for a failed request (for best-effort calls such as cleanup).
 ANY_ETCD_ERROR: tuple[type[BaseException], ...] = (grpc.RpcError, etcd3.exceptions.Etcd3Exception)
 
+# After an outage or a partition, reconnect within seconds of etcd answering again:
+# keepalive pings find a connection whose packets vanish (no reset ever comes), and connect
+# attempts (min_reconnect_backoff is gRPC's connect timeout) and the pauses between them
+# stay short (gRPC's defaults: 20 s and up to 2 min). etcd refuses pings more often than
+# every 5 s (its --grpc-keepalive-min-time).
+_GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 5000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 # The two client types the rendezvous backend needs beyond the client object itself.
 DeleteEvent = etcd3.events.DeleteEvent
 
@@ -94,6 +106,7 @@ def connect(config: EtcdConfig, *, check: bool = True) -> etcd3.Etcd3Client:
             user=config.user,
             password=config.password,
             timeout=config.timeout,
+            grpc_options=_GRPC_OPTIONS,
         )
         # The client marks an endpoint that failed once as unusable for 5 minutes and then
         # raises ValueError on every call; with one etcd endpoint we want gRPC to reconnect

@@ -27,6 +27,8 @@ class RendezvousSettings:
     last_call_timeout: float = 2.0  # how long to wait for newcomers once MIN have joined
     lease_ttl: float = 5.0  # a node whose agent stops keeping its lease alive is gone after this
     connect_timeout: float = 5.0  # etcd unreachable at start: fail after this
+    outage_timeout: float = 60.0  # etcd unreachable later (outage, partition): give up after this
+    probe_timeout: float = 2.0  # a peer that does not answer a TCP connect this fast is unreachable
     key_prefix: str = "elastic"
     world_size_multiple: int = 1  # allowed node counts: multiples of this
     cooldown_base: float = 10.0  # a node failing again waits base*2^(failures-2) s, up to the cap
@@ -39,7 +41,7 @@ class RendezvousSettings:
 
     def __post_init__(self) -> None:
         for name in ("join_timeout", "last_call_timeout", "lease_ttl", "connect_timeout",
-                     "cooldown_base", "cooldown_cap"):
+                     "outage_timeout", "probe_timeout", "cooldown_base", "cooldown_cap"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--rdzv-conf {name}={getattr(self, name)} must be > 0 seconds")
         if self.lease_ttl < 2:

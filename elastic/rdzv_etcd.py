@@ -32,7 +32,7 @@ from typing import TypeVar
 
 from elastic.errors import RendezvousConnectionError
 from elastic.etcd_client import ANY_ETCD_ERROR, TRANSIENT_ERRORS, DeleteEvent, prefix_range_end
-from elastic.rdzv_protocol import Member, NodeRecord, RunState, SealedRound
+from elastic.rdzv_protocol import FailureClaim, Member, NodeRecord, RunState, SealedRound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class EtcdBackend:
     """One agent's connection to the run's keys. Writes are transactions; reads use the mirror."""
 
     def __init__(self, client, key_prefix: str, run_id: str, node_id: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, retry_for: float = 10.0) -> None:
         self._client = client
         self._tx = client.transactions
         self.prefix = f"/{key_prefix.strip('/')}/{run_id}/"
@@ -69,7 +69,7 @@ class EtcdBackend:
         self._watch_broken = False
         self.writes = 0  # etcd write requests made (for benchmarks)
         self.failed_txns = 0  # transactions whose compare failed: lost CAS races (for benchmarks)
-        self.retry_for = 10.0  # how long one request may wait out an etcd outage
+        self.retry_for = retry_for  # how long one request may wait out an etcd outage
 
     # -- lease -------------------------------------------------------------------------------
 
@@ -281,11 +281,12 @@ class EtcdBackend:
         return self._txn([self._tx.create(sealed_key) == 0,
                           self._tx.value(self._key("round")) == str(r)], success)
 
-    def bump_round(self, round_: int, *, reason: str, failed_node: str | None) -> bool:
+    def bump_round(self, round_: int, *, reason: str, failed_node: str | None, restart: bool = True) -> bool:
         """Move the job to round+1 by compare-and-swap, recording why round `round_` ended.
 
-        With `failed_node`, it is a failure: the job's restart count and that node's failure
-        record move in the same transaction, so only the agent that wins the race counts it.
+        With `failed_node`, it is a failure: the job's restart count (unless not `restart`:
+        no worker had started) and that node's failure record move in the same transaction,
+        so only the agent that wins the race counts it.
         """
         end = json.dumps({"failure": failed_node is not None, "reason": reason})
         compare = [self._tx.value(self._key("round")) == str(round_)]
@@ -300,8 +301,9 @@ class EtcdBackend:
                 self._tx.version(self._key("restarts")) == (restarts_meta.version if restarts_meta else 0),
                 self._tx.version(self._key(f"nodes/{failed_node}")) == (node_meta.version if node_meta else 0),
             ]
+            restarts = (int(restarts_raw) if restarts_raw else 0) + (1 if restart else 0)
             success += [
-                self._tx.put(self._key("restarts"), str((int(restarts_raw) if restarts_raw else 0) + 1)),
+                self._tx.put(self._key("restarts"), str(restarts)),
                 self._tx.put(self._key(f"nodes/{failed_node}"), json.dumps(record.__dict__)),
             ]
         return self._txn(compare, success)
@@ -321,14 +323,14 @@ class EtcdBackend:
         self.writes += 1
         self._catch_up()
 
-    def claim_failure(self, round_: int, when: float) -> None:
-        """Say that this node's workers failed in `round_`, first at wall-clock time `when`."""
+    def claim_failure(self, round_: int, claim: FailureClaim) -> None:
+        """Say that this node's workers failed in `round_` (when, and which peers it cannot reach)."""
         key = self._key(f"rounds/{round_}/failed/{self.node_id}")
-        self._retry("claiming a failure", lambda: self._client.put(key, json.dumps(when)))
+        self._retry("claiming a failure", lambda: self._client.put(key, claim.to_json()))
         self.writes += 1
 
-    def failure_claims(self, round_: int) -> dict[str, float]:
-        return {n: json.loads(v) for n, v in self._children(f"rounds/{round_}/failed/").items()}
+    def failure_claims(self, round_: int) -> dict[str, FailureClaim]:
+        return {n: FailureClaim.from_json(v) for n, v in self._children(f"rounds/{round_}/failed/").items()}
 
     def close(self, *, ok: bool, reason: str) -> None:
         """End the job for every agent; the first reason wins."""

@@ -24,6 +24,7 @@ class Member:
     addr: str
     port: int  # a port this node reserved for the torch.distributed store, used if it is rank 0
     nproc: int
+    probe_port: int = 0  # where its agent answers reachability probes (elastic/reachability.py); 0: none
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class SealedRound:
                     round=self.round, group_rank=index, num_nodes=len(self.members),
                     world_size=sum(m.nproc for m in self.members), rank_offset=offset,
                     master_addr=first.addr, master_port=first.port,
-                    restart_count=self.restart_count,
+                    restart_count=self.restart_count, local_addr=member.addr,
                 )
             offset += member.nproc
         return None
@@ -78,6 +79,22 @@ class NodeRecord:
         if self.failures < 2:
             return 0.0
         return self.last_failure + min(cap, base * 2 ** (self.failures - 2))
+
+
+@dataclass(frozen=True)
+class FailureClaim:
+    """A node's report that round r failed for it: when, and which peers it could not reach."""
+
+    at: float  # wall-clock seconds
+    unreachable: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"at": self.at, "unreachable": list(self.unreachable)})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> FailureClaim:
+        data = json.loads(raw)
+        return cls(data["at"], tuple(data["unreachable"]))
 
 
 # -- the snapshot the decisions read -----------------------------------------------------------
@@ -222,6 +239,29 @@ def decide_growth(state: RunState, running: SealedRound, settings: Settings, now
     candidates = [n for n in sorted(state.waiting) if n not in running.node_ids
                   and _cooled(state, n, settings, now)]
     return _allowed_size(len(running.members) + len(candidates), settings) > len(running.members)
+
+
+def decide_blame(members: tuple[str, ...], claims: dict[str, FailureClaim]) -> str | None:
+    """Which member of a failed round to blame, from the members' failure claims.
+
+    When some member could not reach another, the network failed, and the node with the most
+    broken links (reported from either end) is the one cut off: in an asymmetric partition
+    the others all report it and it reports them all. Ties go to the later member, so that
+    the first ones (rank 0, the store's host) stay. Otherwise the earliest claim is blamed:
+    when one rank dies, its peers die a moment later of the broken collective.
+    """
+    claims = {n: c for n, c in claims.items() if n in members}
+    broken = {n: 0 for n in members}
+    for node, claim in claims.items():
+        for peer in claim.unreachable:
+            if peer in broken and peer != node:
+                broken[node] += 1
+                broken[peer] += 1
+    if any(broken.values()):
+        return max(reversed(members), key=lambda n: broken[n])
+    if not claims:
+        return None
+    return min(claims, key=lambda n: (claims[n].at, n))
 
 
 def _allowed_size(available: int, settings: Settings) -> int:

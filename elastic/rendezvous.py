@@ -20,17 +20,21 @@ from elastic.launch_config import LaunchConfig
 from elastic.rdzv_etcd import EtcdBackend
 from elastic.rdzv_protocol import (
     Closed,
+    FailureClaim,
     Joined,
     Member,
     Register,
     Seal,
+    SealedRound,
     Settings,
     Wait,
     WaitAsSpare,
     admissible,
+    decide_blame,
     decide_growth,
     decide_join,
 )
+from elastic.reachability import ProbeListener, unreachable
 from elastic.workers import Assignment
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,7 @@ class EtcdRendezvous:
         self._refreshed_at = float("-inf")  # time.monotonic() of the last lease grant or refresh
         self._growth_seen: float | None = None
         self._gone_seen: tuple[int, float] | None = None  # (round, when a departure was first seen)
+        self._probe: ProbeListener | None = None
         self.lease_lost = False
         self.should_abort: Callable[[], None] = lambda: None  # raises to abort a wait (signals)
 
@@ -75,6 +80,8 @@ class EtcdRendezvous:
 
     def start(self) -> None:
         """Take a lease, announce this agent, and start mirroring the run's keys."""
+        if self._probe is None:
+            self._probe = ProbeListener(self._addr)
         self._backend.open_lease(self._config.rdzv.lease_ttl)
         self._refreshed_at = time.monotonic()
         self.lease_lost = False
@@ -116,6 +123,8 @@ class EtcdRendezvous:
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self._probe is not None:
+            self._probe.close()
         self._backend.shutdown()
 
     def _keep_alive(self) -> None:
@@ -149,6 +158,7 @@ class EtcdRendezvous:
         sealable_since: float | None = None
         tracked_round = -1
         waiting = False
+        cut_off: list[str] = []
         while True:
             self.should_abort()
             version = self._backend.version
@@ -156,6 +166,7 @@ class EtcdRendezvous:
             now = self._clock()
             if state.round != tracked_round:
                 tracked_round, min_reached_at, sealable_since = state.round, None, None
+                deadline = max(deadline, now + self._config.rdzv.join_timeout)  # the job moves: not stuck
             if len(admissible(state, self._settings, now)) >= self._config.min_nodes:
                 min_reached_at = min_reached_at if min_reached_at is not None else now
             else:
@@ -164,12 +175,15 @@ class EtcdRendezvous:
             if isinstance(action, Closed):
                 raise RendezvousClosedError(action.reason)
             if isinstance(action, Joined):
+                if not self._peers_reachable(action.assignment.round):
+                    continue  # the round was ended; join the next one
                 if waiting:
                     self._backend.set_waiting(False)
                 self._growth_seen = None
                 return action.assignment
             if isinstance(action, Register):
-                member = Member(self.node_id, self._addr, self._pick_port(), self._config.nproc_per_node)
+                member = Member(self.node_id, self._addr, self._pick_port(), self._config.nproc_per_node,
+                                self._probe.port)
                 self._backend.register(state.round, member)
                 log.info("rendezvous: node %s joined round %d of run %s", self.node_id, state.round,
                          self._config.run_id)
@@ -185,6 +199,16 @@ class EtcdRendezvous:
                 self._backend.wait(version, 1.0)
             elif isinstance(action, WaitAsSpare):
                 if not waiting:
+                    # Ask to be let in only once the running round's nodes answer: admitting
+                    # a node they cannot reach would only interrupt them for nothing.
+                    unanswered = self._unreachable_peers(state.sealed) if state.sealed else []
+                    if unanswered:
+                        if unanswered != cut_off:
+                            log.info("rendezvous: node %s waits for %s to be reachable", self.node_id,
+                                     ", ".join(unanswered))
+                        cut_off = unanswered
+                        self._backend.wait(version, 1.0)
+                        continue
                     log.info("rendezvous: %s; node %s waits", action.reason, self.node_id)
                     self._backend.set_waiting(True)
                     waiting = True
@@ -258,9 +282,10 @@ class EtcdRendezvous:
             return None
         return max(0.0, self._growth_seen + self._settings.last_call_timeout - self._clock())
 
-    def bump_round(self, round_: int, *, reason: str, failed_node: str | None = None) -> bool:
-        """Move the job on from `round_`; with `failed_node` it spends one restart."""
-        won = self._backend.bump_round(round_, reason=reason, failed_node=failed_node)
+    def bump_round(self, round_: int, *, reason: str, failed_node: str | None = None,
+                   restart: bool = True) -> bool:
+        """Move the job on from `round_`; with `failed_node` it spends one restart (if `restart`)."""
+        won = self._backend.bump_round(round_, reason=reason, failed_node=failed_node, restart=restart)
         if won:
             log.info("rendezvous: run %s round %d -> %d: %s", self._config.run_id, round_, round_ + 1, reason)
         return won
@@ -269,19 +294,52 @@ class EtcdRendezvous:
         """Which node failed first in `round_`, this one having failed at time `when`.
 
         When one rank dies, its peers die too a moment later (their collectives break), and
-        every agent sees a local failure. Each claims its failure time in etcd, waits
-        `window` seconds (or until the round has moved on), and blames the earliest claim,
-        so that failure counts and cooldowns land on the node that caused the failure.
+        every agent sees a local failure. Each probes its peers, claims its failure time (and
+        the peers it cannot reach) in etcd, waits `window` seconds (or until the round has
+        moved on), and blames by `decide_blame`, so that failure counts and cooldowns land
+        on the node that caused the failure. A node that found a peer unreachable waits for
+        every member's claim (up to the probe timeout more): a partition is judged on all
+        members' views.
         """
         sealed = self._backend.sealed(round_)
-        if sealed is not None and sealed.node_ids == (self.node_id,):
+        if sealed is None or sealed.node_ids == (self.node_id,):
             return self.node_id  # alone in the round: no one else to blame, no need to wait
-        self._backend.claim_failure(round_, when)
+        cut_off = self._unreachable_peers(sealed)
+        self._backend.claim_failure(round_, FailureClaim(when, tuple(cut_off)))
+        if cut_off:
+            window += self._config.rdzv.probe_timeout
+        return self._judge(round_, sealed.node_ids, window, all_members=bool(cut_off))
+
+    def _judge(self, round_: int, members: tuple[str, ...], window: float, *, all_members: bool) -> str:
+        """Wait up to `window` for the members' failure claims (all of them, or just any more
+        within the window), then decide whom to blame."""
         deadline = time.monotonic() + window
         while (left := deadline - time.monotonic()) > 0 and self._backend.current_round() == round_:
+            if all_members and set(members) <= set(self._backend.failure_claims(round_)):
+                break
             self._backend.wait(self._backend.version, left)
-        claims = self._backend.failure_claims(round_) or {self.node_id: when}
-        return min(claims, key=lambda node: (claims[node], node))
+        return decide_blame(members, self._backend.failure_claims(round_)) or self.node_id
+
+    def _unreachable_peers(self, sealed: SealedRound) -> list[str]:
+        targets = {m.node_id: (m.addr, m.probe_port) for m in sealed.members
+                   if m.node_id != self.node_id and m.probe_port}
+        return unreachable(targets, self._config.rdzv.probe_timeout) if targets else []
+
+    def _peers_reachable(self, round_: int) -> bool:
+        """Before starting workers for a sealed round: can this node reach every peer? If not,
+        it reports whom it cannot reach, the node cut off is judged (decide_blame) and the
+        round ended with a failure against it, without spending a restart (no worker started
+        yet). Its failure record puts it in cooldown, so it is left out once it fails again."""
+        sealed = self._backend.sealed(round_)
+        cut_off = self._unreachable_peers(sealed) if sealed is not None else []
+        if not cut_off:
+            return True
+        log.warning("rendezvous: node %s cannot reach %s in round %d", self.node_id, ", ".join(cut_off), round_)
+        self._backend.claim_failure(round_, FailureClaim(self._clock(), tuple(cut_off)))
+        culprit = self._judge(round_, sealed.node_ids, self._config.rdzv.probe_timeout + 0.3, all_members=True)
+        self.bump_round(round_, reason=f"node {culprit} is unreachable from its peers", failed_node=culprit,
+                        restart=False)
+        return False
 
     def mark_done(self, round_: int) -> None:
         self._backend.mark(round_, "done")

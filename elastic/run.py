@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "rdzv-endpoint", default="", help="HOST:PORT of etcd; empty: a private etcd (standalone)")
     _flag(p, "rdzv-id", default=None, help="job id scoping every rendezvous key")
     _flag(p, "rdzv-conf", default="", help="k=v,... e.g. join_timeout=600,last_call_timeout=2,"
-          "lease_ttl=5,key_prefix=elastic,world_size_multiple=1,ca_cert=,cert=,key=,user=,password=")
+          "lease_ttl=5,outage_timeout=60,probe_timeout=2,key_prefix=elastic,world_size_multiple=1,ca_cert=,cert=,"
+          "key=,user=,password=")
     _flag(p, "standalone", action="store_true", help="single node with a private etcd on loopback")
     _flag(p, "max-restarts", default="0", help="job-wide restarts after failures (default 0)")
     _flag(p, "monitor-interval", default="0.1", help="seconds between worker checks (default 0.1)")
@@ -138,7 +139,8 @@ def run(config: LaunchConfig) -> int:
         node_id = config.node_id or socket.gethostname()
         events_path = os.path.join(config.log_dir, "events.jsonl") if config.log_dir else None
         events = EventLog(events_path, run_id=config.run_id, node_id=node_id)
-        backend = EtcdBackend(client, config.rdzv.key_prefix, config.run_id, node_id)
+        backend = EtcdBackend(client, config.rdzv.key_prefix, config.run_id, node_id,
+                              retry_for=config.rdzv.outage_timeout)
         rendezvous = EtcdRendezvous(backend, config, addr, lambda: free_port(addr))
         agent = Agent(config, rendezvous, events, endpoint)
         _install_signal_handlers(agent)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
+from elastic._net import interface_of
 from elastic._process import die_with_parent
 from elastic.fencing import fence_env
 from elastic.launch_config import STDERR, STDOUT, LaunchConfig
@@ -35,6 +36,7 @@ class Assignment:
     master_addr: str
     master_port: int
     restart_count: int
+    local_addr: str  # the address this node registered: where its peers reach it
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,12 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
     )
     env.update(fence_env(config.rdzv))
     env.setdefault("OMP_NUM_THREADS", "1")
+    if "GLOO_SOCKET_IFNAME" not in env:
+        # gloo otherwise binds to what the host name resolves to (or loopback): wrong on a
+        # node with several networks, where peers reach it only at its registered address.
+        interface = interface_of(assignment.local_addr)
+        if interface is not None:
+            env["GLOO_SOCKET_IFNAME"] = interface
     if config.checkpoint_dir:
         env["ELASTIC_CHECKPOINT_DIR"] = config.checkpoint_dir
     return env

@@ -98,13 +98,14 @@ class Job:
         self.conf = "lease_ttl=3,last_call_timeout=30,join_timeout=60" + ("," + conf if conf else "")
         self.agents: dict[str, subprocess.Popen] = {}
 
-    def start(self, node: str) -> subprocess.Popen:
+    def start(self, node: str, *extra: str) -> subprocess.Popen:
+        """Start node's agent; `extra`: flags for this node only (e.g. --local-addr)."""
         log = open(self.outdir / f"agent-{node}.log", "w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "elastic.run", "--nnodes", self.nnodes, "--nproc-per-node", "1",
              "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id, "--node-id", node,
              "--rdzv-conf", self.conf, "--max-restarts", str(self.max_restarts), "--grace", "3",
-             "--log-dir", str(self.outdir / f"logs-{node}"), *self.flags, self.script, *self.script_args],
+             "--log-dir", str(self.outdir / f"logs-{node}"), *self.flags, *extra, self.script, *self.script_args],
             env=child_env(ELASTIC_LOG_LEVEL="INFO"), stdout=log, stderr=subprocess.STDOUT,
         )
         self.agents[node] = proc

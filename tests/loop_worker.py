@@ -59,6 +59,9 @@ def main() -> int:
     p.add_argument("--pause-at", type=int, default=None, help="all ranks wait for a stdin line here")
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="seconds each step sleeps (paces a job that chaos tests interrupt)")
+    p.add_argument("--slow-while", default=None, metavar="FILE",
+                   help="each step sleeps 1 s (instead of --step-delay) while FILE exists, so that a "
+                   "test can keep the job running until a fault and its repair have played out")
     p.add_argument("--slow-commit", type=float, default=0.0,
                    help="first attempt only: each checkpoint commit (manifest write) waits this long "
                    "after every rank's files are written, so a test can fail a save in flight")
@@ -120,7 +123,9 @@ def main() -> int:
         if step.index == args.pause_at:
             print(f"paused at {step.index}", flush=True)
             sys.stdin.readline()
-        if args.step_delay:
+        if args.slow_while and os.path.exists(args.slow_while):
+            time.sleep(1.0)
+        elif args.step_delay:
             time.sleep(args.step_delay)
         ids = []
         for x, y, i in step:

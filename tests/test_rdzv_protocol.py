@@ -6,6 +6,7 @@ import pytest
 
 from elastic.rdzv_protocol import (
     Closed,
+    FailureClaim,
     Joined,
     Member,
     NodeRecord,
@@ -17,6 +18,7 @@ from elastic.rdzv_protocol import (
     Wait,
     WaitAsSpare,
     admissible,
+    decide_blame,
     decide_growth,
     decide_join,
 )
@@ -140,3 +142,32 @@ def test_cooling_node_is_admitted_when_min_needs_it():
 def test_growth_is_debounced_and_bounded_by_max(waiting, running, first_seen, now, grow):
     state = RunState(waiting=frozenset(waiting))
     assert decide_growth(state, sealed(0, *running), S, now, first_seen) is grow
+
+
+@pytest.mark.parametrize("claims, blamed", [
+    # a rank died: its peers' collectives broke a moment later; the earliest claim is blamed
+    ({"a": (5.0, ()), "b": (4.0, ()), "c": (4.5, ())}, "b"),
+    # asymmetric partition: c keeps etcd, loses its peers; everyone reports the broken links
+    ({"a": (1.0, ("c",)), "b": (2.0, ("c",)), "c": (9.0, ("a", "b"))}, "c"),
+    # only c noticed (one-way loss): it cannot reach the others, the most broken links
+    ({"a": (1.0, ()), "c": (9.0, ("a", "b"))}, "c"),
+    # one link a-c broken, both ends report: a tie, the later member goes (rank 0 stays)
+    ({"a": (1.0, ("c",)), "c": (2.0, ("a",))}, "c"),
+    # claims by nodes outside the round and links to them do not count
+    ({"a": (3.0, ("x",)), "x": (1.0, ("a",)), "b": (2.0, ())}, "b"),
+    ({}, None),
+])
+def test_blame_goes_to_the_node_cut_off_else_to_the_first_failure(claims, blamed):
+    as_claims = {n: FailureClaim(at, tuple(cut)) for n, (at, cut) in claims.items()}
+    assert decide_blame(("a", "b", "c"), as_claims) == blamed
+
+
+def test_failure_claim_round_trips_through_json():
+    claim = FailureClaim(12.5, ("b", "c"))
+    assert FailureClaim.from_json(claim.to_json()) == claim
+
+
+def test_assignment_carries_this_nodes_registered_address():
+    record = SealedRound(0, (Member("a", "10.0.0.1", 7, 1), Member("b", "10.0.0.2", 8, 1)), 0)
+    assert record.assignment_for("b").local_addr == "10.0.0.2"
+    assert record.assignment_for("b").master_addr == "10.0.0.1"

@@ -218,3 +218,16 @@ def test_two_agents_with_one_node_id_get_a_clear_error(job_factory, etcd_server)
         assert first_agent.poll() is None  # the first one is undisturbed
     finally:
         second.kill_all()
+
+
+def test_failure_found_before_workers_start_counts_against_the_node_not_the_budget(etcd_server, run_id):
+    """A node the others cannot reach is failed before any worker starts: its failure record
+    (hence cooldown) moves, the job's restart budget does not."""
+    backend = EtcdBackend(connect(EtcdConfig(etcd_server.endpoint)), "elastic", run_id, "a")
+    backend.announce()
+    backend.sync()
+    assert backend.bump_round(0, reason="node c is unreachable", failed_node="c", restart=False)
+    assert (backend.restarts(), backend.state().nodes["c"].failures) == (0, 1)
+    assert backend.bump_round(1, reason="rank 2 hung", failed_node="c")
+    assert (backend.restarts(), backend.state().nodes["c"].failures) == (1, 2)
+    backend.shutdown()
