@@ -97,6 +97,7 @@ class LaunchConfig:
     first_step_timeout: float = 600.0  # ... or without a first step (imports, data loading, resume)
     node_id: str | None = None
     local_addr: str | None = None
+    warm_pool: bool = True  # restart Python workers in spares that already imported torch
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
 
     def __post_init__(self) -> None:

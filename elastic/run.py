@@ -40,7 +40,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, *extra: str, **kwargs) -> 
     spellings = [f"--{name}"] + ([f"--{dest}"] if "-" in name else []) + list(extra)
     env = os.environ.get(f"PET_{dest.upper()}")
     if env is not None:
-        if kwargs.get("action") == "store_true":
+        if kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction):
             kwargs["default"] = env.lower() in ("1", "true", "yes")
         else:
             kwargs["default"] = env
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "hang-timeout", default="300", help="a rank that reports steps (TrainLoop) and makes none for "
           "this long is hung: its stacks are dumped and the group restarted (0 disables)")
     _flag(p, "first-step-timeout", default="600", help="like --hang-timeout, for the first step of a round")
+    _flag(p, "warm-pool", action=argparse.BooleanOptionalAction, default=True,
+          help="keep --nproc-per-node spare Python workers that have already imported torch, so "
+          "that a restart skips the imports (default on; --no-warm-pool starts workers cold)")
     _flag(p, "node-id", default=None, help="stable id of this node (default: host name)")
     _flag(p, "local-addr", default=None, help="address peers reach this node at")
     _flag(p, "module", "-m", action="store_true", help="run the entry point as a module (python -m)")
@@ -108,7 +111,7 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         max_restarts=max_restarts, monitor_interval=monitor, grace=grace, module=ns.module,
         no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=log_dir,
         redirects=redirects, local_ranks_filter=shown, hang_timeout=hang, first_step_timeout=first_step,
-        node_id=ns.node_id, local_addr=ns.local_addr, rdzv=RendezvousSettings.parse(ns.rdzv_conf),
+        node_id=ns.node_id, local_addr=ns.local_addr, warm_pool=ns.warm_pool, rdzv=RendezvousSettings.parse(ns.rdzv_conf),
     )
 
 
