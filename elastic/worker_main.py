@@ -43,7 +43,7 @@ WARM_FLAG = "--warm"
 # and this package's worker side. Installed packages only, besides our own: a module that the
 # script's directory could shadow (say its own checkpoint.py) is left for the script.
 WARM_IMPORTS = ("torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo", "torch.distributed.fsdp",
-                "torch.distributed.checkpoint.state_dict", "fsspec", "safetensors.torch",
+                "torch.distributed.checkpoint.state_dict", "fsspec.implementations.local", "safetensors.torch",
                 "elastic.context", "elastic.train_loop")
 
 
