@@ -87,18 +87,15 @@ class WarmPool:
     def launch(self, argv: list[str], env: Mapping[str, str]) -> subprocess.Popen:
         """Run `python -m elastic.worker_main ARGV` with `env` in a spare (the oldest one
         alive; a new one if none is left) and return its process."""
-        while True:
-            spare = self._spares.pop(0) if self._spares else self._start()
-            assignment = json.dumps({"argv": argv, "env": dict(env), "cwd": os.getcwd()}).encode()
-            try:
-                if spare.proc.poll() is None:
-                    spare.channel.sendall(assignment)
-                    return spare.proc
-            except OSError:
-                pass  # it died while we wrote: take the next one
-            finally:
-                spare.channel.close()
-            _discard(spare)
+        assignment = json.dumps({"argv": argv, "env": dict(env), "cwd": os.getcwd()}).encode()
+        while self._spares:
+            spare = self._spares.pop(0)
+            if _hand_over(spare, assignment):
+                return spare.proc
+            _discard(spare)  # it died while idle
+        spare = self._start()
+        _hand_over(spare, assignment)  # if it failed, the new process died: a worker failure
+        return spare.proc
 
     def close(self) -> None:
         """Stop every spare (idle ones only hold their imports: nothing to save)."""
@@ -111,6 +108,19 @@ class WarmPool:
                     pass  # exited between poll() and killpg()
             _discard(spare)
         self._spares = []
+
+
+def _hand_over(spare: _Spare, assignment: bytes) -> bool:
+    """Send the assignment and close our end; False if the spare is dead."""
+    try:
+        if spare.proc.poll() is not None:
+            return False
+        spare.channel.sendall(assignment)
+        return True
+    except OSError:
+        return False  # it died while we wrote
+    finally:
+        spare.channel.close()
 
 
 def _discard(spare: _Spare) -> None:
