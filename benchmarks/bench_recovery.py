@@ -1,24 +1,28 @@
 """Time to recover from a worker crash: elastic-run against torchrun, same script, same run.
 
-Run:  python benchmarks/bench_recovery.py [--faults 10] [--world-size 2] [--out DIR]
+Run:  python benchmarks/bench_recovery.py [--faults 10] [--world-size 2] [--cold] [--out DIR]
 
-For each launcher (ours: `elastic-run --standalone`; torchrun: `python -m torch.distributed.run
+For each launcher (ours: `elastic-run --standalone`, with its warm pool of spare workers;
+with --cold also `elastic-run --no-warm-pool`; torchrun: `python -m torch.distributed.run
 --standalone --max-restarts N`), one job of tests/loop_worker.py (tiny float64 model, CPU,
 gloo, checkpoint every 5 steps) is started and a random rank (seeded) is SIGKILLed --faults
-times; each fault comes once the previous recovery has completed 3 steps. Time to recover =
-fault -> the first optimizer step completed by every rank of the new attempt. It is split
-into phases from elastic-run's events.jsonl (detect = failure event, stop+rendezvous = next
-round sealed, spawn = workers started) and the workers' own timestamps (import = python
-started -> torch and elastic imported, pg init = elastic.init() returned, checkpoint load =
-loop resumed, first step). torchrun has no events log, so its phases before the worker
-start are one "detect+stop+rendezvous+spawn" figure. Prints p50/p95 per phase and launcher
-and the ratios ours/torchrun. Rounds of the two launchers are not interleaved: run it on an
-otherwise idle machine.
+times. Each fault comes once the previous recovery has completed 3 steps, --settle seconds
+have passed, and (warm pool) the agent logged its new spares ready: faults are hours apart
+on real clusters, a spare's imports take seconds. Time to recover = fault -> the first
+optimizer step completed by every rank of the new attempt. It is split into phases from
+elastic-run's events.jsonl (detect = failure event, stop+rendezvous = next round sealed,
+spawn = workers started, exec = workers started -> script running) and the workers' own
+timestamps (import = script running -> torch and elastic imported, pg init = elastic.init()
+returned, checkpoint load = loop built and resumed, first step). torchrun has no events log,
+so its phases before the script runs are one "start" figure. Prints p50/p95 per phase and
+launcher and the ratios ours/torchrun. The launchers run one after the other, not
+interleaved: run it on an otherwise idle machine.
 
-Observed here (torch 2.13, CPU, 2 ranks): torchrun's restarted workers of this script fail in
-gloo connectFullMesh ("Connection refused" to a peer address of the previous attempt) and
-after a few such restarts it stops making progress; such a series is reported as "not
-recovered" (see --timeout) and no ratio can be printed.
+torchrun runs with its c10d rendezvous (what --standalone selects) and
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. Without that variable (torch 2.13) its restarted
+workers reuse the rendezvous' TCP store without a per-attempt key prefix, read the previous
+attempt's gloo addresses from it, and fail in connectFullMesh ("Connection refused"): it did
+not recover from a single fault here. With it, each attempt gets a fresh store.
 
 Our job is run with --rdzv-conf cooldown_base=0.01: a standalone job has one node, and the
 failing-node cooldown (a multi-node policy: keep a flaky node out while others can run)
@@ -70,32 +74,45 @@ def wait(what: str, check, proc: subprocess.Popen, timeout: float):
     raise NotRecovered(f"no {what} within {timeout:g}s")
 
 
-def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeout: float) -> list[dict]:
+OURS, COLD, TORCHRUN = "elastic-run", "elastic-run --no-warm-pool", "torchrun"
+
+
+def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeout: float,
+                 settle: float) -> list[dict]:
     """One job, `faults` faults; a fault not recovered from within `timeout` ends the series
     (recorded as {"failed": reason})."""
-    out = os.path.join(base, name)
+    out = os.path.join(base, name.replace(" ", ""))
     os.makedirs(out)
     job = [WORKER, "--out", out, "--tag", "b", "--ckpt", os.path.join(out, "ckpt"), "--max-steps", "100000",
            "--save-every", "5", "--step-delay", "0.02", "--global-batch", "8", "--micro-batch", "4"]
-    if name == "elastic-run":
-        cmd = [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", str(world),
-               "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", "--log-dir",
-               os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0.01", *job]
-    else:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if name == TORCHRUN:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", *job]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # see the module doc
+    else:
+        cmd = [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", str(world),
+               "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", "--log-dir",
+               os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0.01",
+               "--warm-pool" if name == OURS else "--no-warm-pool", *job]
+    events_path = os.path.join(out, "logs", "events.jsonl")
+
+    def spares_ready(since: float) -> bool:
+        return name != OURS or any(e["event"] == "spares_ready" and e["time"] >= since
+                                   for e in read_jsonl(events_path))
     log = open(os.path.join(out, "console.log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     rng = random.Random(seed)
     results = []
     try:
-        attempt = 0
+        attempt, round_start = 0, 0.0
         for fault_no in range(faults):
             try:
-                recs = wait(f"{name}: 3 steps of attempt {attempt}",
-                            lambda: (lambda rs: rs if all(len(v) >= 3 for v in rs.values()) else None)(
-                                records(out, world, attempt)), proc, timeout)
+                wait(f"{name}: 3 steps of attempt {attempt}",
+                     lambda: all(len(v) >= 3 for v in records(out, world, attempt).values()), proc, timeout)
+                time.sleep(settle)
+                wait(f"{name}: spares ready", lambda: spares_ready(round_start), proc, timeout)
+                recs = records(out, world, attempt)
                 victim = rng.randrange(world)
                 fault = time.time()
                 os.kill(recs[victim][-1]["pid"], signal.SIGKILL)
@@ -108,6 +125,7 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeo
                     return None
 
                 attempt, new = wait(f"{name}: first step after fault {fault_no + 1}", next_attempt, proc, timeout)
+                round_start = fault
                 boots = wait(f"{name}: boot records of attempt {attempt}",
                              lambda: (lambda rs: rs if all(rs.values()) else None)(
                                  records(out, world, attempt, "boot")), proc, timeout)
@@ -116,7 +134,7 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeo
                 item = {"total": first_step - fault, "start": boot["started"] - fault,
                         "import": boot["imported"] - boot["started"], "pg_init": boot["initialized"] - boot["imported"],
                         "ckpt_load": boot["resumed"] - boot["initialized"], "first_step": first_step - boot["resumed"]}
-                events = read_jsonl(os.path.join(out, "logs", "events.jsonl"))
+                events = read_jsonl(events_path)
                 after = [e for e in events if e["time"] >= fault - 0.01]
 
                 def at(kind: str) -> float | None:
@@ -158,34 +176,42 @@ def main() -> int:
     p.add_argument("--out", default=None, help="keep the runs' files here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=180, help="seconds a recovery may take before "
                    "the launcher's series is ended as not recovered")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds of training between a recovery "
+                   "and the next fault")
+    p.add_argument("--cold", action="store_true", help="also run elastic-run --no-warm-pool")
     p.add_argument("--json", action="store_true", help="also print the raw measurements as JSON")
     args = p.parse_args()
     base = args.out or tempfile.mkdtemp(prefix="bench-recovery-")
-    results = {name: run_launcher(name, args.faults, args.world_size, base, args.seed, args.timeout)
-               for name in ("elastic-run", "torchrun")}
+    names = [OURS, *([COLD] if args.cold else []), TORCHRUN]
+    results = {name: run_launcher(name, args.faults, args.world_size, base, args.seed, args.timeout, args.settle)
+               for name in names}
     phases = ["detect", "stop_rdzv", "spawn", "exec", "start", "import", "pg_init", "ckpt_load", "first_step", "total"]
     print(f"time to recover from a SIGKILLed rank, world size {args.world_size}, {args.faults} faults each (s)")
-    print(f"{'phase':<11}{'ours p50':>10}{'ours p95':>10}{'torchrun p50':>14}{'torchrun p95':>14}")
+    heads = {OURS: "ours", COLD: "cold", TORCHRUN: "torchrun"}
+    print(f"{'phase':<11}" + "".join(f"{heads[n] + ' p50':>14}{heads[n] + ' p95':>14}" for n in names))
     for phase in phases:
         row = f"{phase:<11}"
-        for name in ("elastic-run", "torchrun"):
+        for name in names:
             vals = [r[phase] for r in results[name] if phase in r]
-            row += (f"{pct(vals, 50):>10.2f}{pct(vals, 95):>10.2f}" if name == "elastic-run" else
-                    f"{pct(vals, 50):>14.2f}{pct(vals, 95):>14.2f}") if vals else \
-                (f"{'-':>10}{'-':>10}" if name == "elastic-run" else f"{'-':>14}{'-':>14}")
+            row += f"{pct(vals, 50):>14.2f}{pct(vals, 95):>14.2f}" if vals else f"{'-':>14}{'-':>14}"
         print(row)
-    for name in ("elastic-run", "torchrun"):
+    for name in names:
         failed = [r["failed"] for r in results[name] if "failed" in r]
         done = len(results[name]) - len(failed)
         print(f"{name}: {done} of {args.faults} faults recovered" + (f"; then: {failed[0]}" if failed else ""))
-    ours = [r["total"] for r in results["elastic-run"] if "total" in r]
-    theirs = [r["total"] for r in results["torchrun"] if "total" in r]
-    if not ours or not theirs:
+    totals = {name: [r["total"] for r in results[name] if "total" in r] for name in names}
+    if not totals[OURS] or not totals[TORCHRUN]:
         return 1
-    print(f"ratio ours/torchrun: p50 {pct(ours, 50) / pct(theirs, 50):.2f}x   p95 {pct(ours, 95) / pct(theirs, 95):.2f}x"
-          f"   (targets: <= 0.3x; ours p95 <= 2 s)")
-    print("phases: start = fault -> new worker python running (detect, stop, rendezvous, spawn); "
-          "exec = workers_started event -> python running")
+    for name in names[:-1]:
+        if totals[name]:
+            print(f"ratio {heads[name]}/torchrun: p50 {pct(totals[name], 50) / pct(totals[TORCHRUN], 50):.2f}x   "
+                  f"p95 {pct(totals[name], 95) / pct(totals[TORCHRUN], 95):.2f}x   (targets: <= 0.3x; ours p95 <= 2 s)")
+    print("phases: start = fault -> script running (detect, stop, rendezvous, spawn, exec); "
+          "exec = workers_started event -> script running (a warm spare: its assignment taken on)")
+    try:
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    except OSError:
+        pass
     if args.json:
         print(json.dumps(results))
     return 0

@@ -106,6 +106,7 @@ class CheckpointManager:
         self._loc = storage.open_location(os.fspath(directory), storage_options)
         self._async = async_write
         self._guard = commit_guard
+        self._listener: Callable[[int, float], None] | None = None
         self._staging = StagingBuffer()
         self._job = BackgroundJob(name=f"checkpoint-writer[{self._loc.url}]")
         self._snapshot_pending: list[Any] = []
@@ -127,6 +128,12 @@ class CheckpointManager:
         """Called on rank 0 right before the manifest is written; if it raises, nothing is committed."""
         self._guard = fn
 
+    def set_commit_listener(self, fn: Callable[[int, float], None] | None) -> None:
+        """Called on every rank, from the writer thread, once a save is committed, with its
+        step and the seconds that save() held the caller (waiting for the previous save and
+        copying; with overlap=True the optimizer step's wait for the copy is not included)."""
+        self._listener = fn
+
     def save(
         self,
         step: int,
@@ -137,6 +144,7 @@ class CheckpointManager:
         overlap: bool = False,
     ) -> None:
         """Snapshot `state` as checkpoint `step` and commit it in the background (see class doc)."""
+        started = time.perf_counter()
         self._check_open()
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative int")
@@ -162,6 +170,7 @@ class CheckpointManager:
             buffer=buffer,
             file_name=f"rank{self._rank:05d}-{uuid.uuid4().hex[:12]}.safetensors",
             snapshot=Snapshot(len(lay.items), what=f"snapshot of step {step}"),
+            started=started,
         )
         copy = functools.partial(job.snapshot.run, functools.partial(_stage_block, job))
         if not self._async:
@@ -172,6 +181,7 @@ class CheckpointManager:
                 for obj in map(statedict.unwrap, state.values())
                 if isinstance(obj, torch.optim.Optimizer)
             ]
+            job.held = time.perf_counter() - started
             self._job.submit(lambda: self._write_and_commit(job, copy))
         else:
             # Copy first, then write: started together, the write competes with the copy for
@@ -179,6 +189,7 @@ class CheckpointManager:
             try:
                 copy()
             finally:  # even after a failed copy: the writer reports it, so no rank hangs
+                job.held = time.perf_counter() - started
                 self._job.submit(lambda: self._write_and_commit(job))
 
     def wait_snapshot(self) -> None:
@@ -426,6 +437,9 @@ class CheckpointManager:
             raise rank0_error
         if outcome is not None:
             raise CheckpointError(f"checkpoint step {job.step} was not committed: {outcome}")
+        if self._listener is not None:
+            # held is None for a synchronous save: the caller has been waiting all along.
+            self._listener(job.step, job.held if job.held is not None else time.perf_counter() - job.started)
 
     def _commit(self, job: _SaveJob, reports: list[dict[str, Any]]) -> None:
         errors = [r["error"] for r in reports if r["error"]]
@@ -558,6 +572,8 @@ class _SaveJob:
     buffer: torch.Tensor
     file_name: str
     snapshot: Snapshot
+    started: float  # time.perf_counter() when save() was called
+    held: float | None = None  # seconds save() held its caller (async saves)
 
 
 def _stage_block(job: _SaveJob, index: int) -> None:

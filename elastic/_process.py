@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import subprocess
+from collections.abc import Mapping
 
 _PR_SET_PDEATHSIG = 1
 
@@ -18,3 +20,12 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass  # not Linux: the parent's own cleanup still stops its children
+
+
+def spawn_worker(argv: list[str], env: Mapping[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start a worker process: in a session of its own (a signal to its process group reaches
+    anything it started), dying with us (parent-death signal), stdout and stderr piped to us."""
+    return subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True, preexec_fn=die_with_parent, pass_fds=pass_fds,
+    )

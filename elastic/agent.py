@@ -33,9 +33,14 @@ from elastic.events import EventLog, RunResult
 from elastic.launch_config import LaunchConfig
 from elastic.rendezvous import EtcdRendezvous
 from elastic.report import summarize
-from elastic.workers import Assignment, WorkerExit, WorkerGroup
+from elastic.warm_pool import WarmPool
+from elastic.workers import Assignment, WorkerExit, WorkerGroup, common_env
 
 log = logging.getLogger(__name__)
+
+# Spares are started once the round's first step is done (their imports would slow the
+# round's start), or this long after the round started, for workers that report no steps.
+REFILL_DELAY = 10.0
 
 
 class Interrupted(Exception):
@@ -78,9 +83,10 @@ class Agent:
         self._last_failure: tuple[str, int | None] | None = None
         self._progress_step: int | None = None
         self._progress_at = 0.0
-        self._round_first_step: int | None = None  # the step the round's workers resumed at
-        self._round_advanced = False  # a step was completed in this round
+        self._commit_step: int | None = None  # the last checkpoint commit put in the events log
         self._stalled_failures = 0  # failures in a row of rounds that completed no step
+        self._pool = (WarmPool(config.nproc_per_node, common_env(config, rdzv_endpoint, rendezvous.node_id))
+                      if config.warm_pool and not config.no_python else None)
         rendezvous.should_abort = self._raise_if_signalled
 
     def request_stop(self, signum: int) -> None:
@@ -96,6 +102,8 @@ class Agent:
     def run(self) -> RunResult:
         """Run the job on this node until it succeeds, fails, or is stopped."""
         try:
+            if self._pool is not None:
+                self._pool.fill()  # the first round's workers import torch during the rendezvous
             self._rdzv.start()
             return self._run_rounds()
         except RendezvousClosedError as exc:
@@ -105,6 +113,8 @@ class Agent:
             return self._finish(ok=False, reason=f"stopped by {exc} before the workers started",
                                 code=128 + exc.signum)
         finally:
+            if self._pool is not None:
+                self._pool.close()
             self._rdzv.shutdown()
 
     def _run_rounds(self) -> RunResult:
@@ -115,13 +125,13 @@ class Agent:
             self._events.emit("round_sealed", round=assignment.round, world_size=assignment.world_size,
                               group_rank=assignment.group_rank, restarts=assignment.restart_count)
             group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
-            group.start()
+            group.start(self._pool)
             self._progress_step = None
-            self._round_first_step, self._round_advanced = None, False
             self._events.emit("workers_started", round=assignment.round, pids=group.pids)
             watched = self._watch(group, assignment)
             group.progress.read()
             self._record_progress(group, assignment.round, force=True)
+            self._record_commit(group, assignment.round)
             result = self._after_round(group, assignment, watched)
             if result is not None:
                 return result
@@ -129,6 +139,7 @@ class Agent:
     def _watch(self, group: WorkerGroup, assignment: Assignment) -> _Watched:
         """Check local workers every --monitor-interval; learn of the job's changes by watch."""
         members = self._rdzv.sealed_members(assignment.round)
+        started = time.monotonic()
         while True:
             if self._signal is not None:
                 return _Watched(_Outcome.INTERRUPTED, [], signal.Signals(self._signal).name)
@@ -163,6 +174,8 @@ class Agent:
                 self._rdzv.bump_round(assignment.round, reason="nodes are waiting to join")
                 return _Watched(_Outcome.ROUND_CHANGED, [], "growing: nodes are waiting to join")
             self._record_progress(group, assignment.round)
+            self._record_commit(group, assignment.round)
+            self._tend_pool(group, started)
             pending = self._rdzv.debounce_left()
             timeout = self._config.monitor_interval if pending is None else min(pending, self._config.monitor_interval)
             self._rdzv.wait_for_change(timeout)
@@ -245,7 +258,7 @@ class Agent:
                     self._config.max_restarts)
         # Back off only in a crash loop: a round that completed a step since it resumed
         # proves the restart worked, so the next fault is again restarted at once.
-        self._stalled_failures = 1 if self._round_advanced else self._stalled_failures + 1
+        self._stalled_failures = 1 if group.progress.first_step_done() else self._stalled_failures + 1
         self._back_off(self._stalled_failures)
         return None
 
@@ -281,15 +294,30 @@ class Agent:
         self._result.goodput = summarize(self._events.records)
         return self._result
 
+    def _tend_pool(self, group: WorkerGroup, started: float) -> None:
+        """Start the next spares once the round is under way (see REFILL_DELAY); log when
+        they are ready."""
+        if self._pool is None:
+            return
+        if not self._pool.full and (group.progress.first_step_done() or time.monotonic() - started >= REFILL_DELAY):
+            self._pool.fill()
+            self._events.emit("spares_started", pids=self._pool.pids)
+        if self._pool.newly_ready():
+            self._events.emit("spares_ready", pids=self._pool.pids)
+
+    def _record_commit(self, group: WorkerGroup, round_: int) -> None:
+        """Put a checkpoint commit that every local rank has seen into the events log."""
+        commit = group.progress.committed()
+        if commit is not None and commit.step != self._commit_step:
+            self._commit_step = commit.step
+            self._events.emit("checkpoint_committed", at=commit.at, round=round_, step=commit.step,
+                              stall=round(commit.stall, 4))
+
     def _record_progress(self, group: WorkerGroup, round_: int, force: bool = False) -> None:
         """Put the local ranks' slowest completed step into the events log (at most 2/s,
         unless `force`d at the end of a round)."""
         slowest = group.progress.slowest()
         now = time.monotonic()
-        if slowest is not None and self._round_first_step is None:
-            self._round_first_step = slowest.step
-        elif slowest is not None and slowest.step > self._round_first_step:
-            self._round_advanced = True
         if slowest is None or slowest.step == self._progress_step:
             return
         if not force and self._progress_step is not None and now - self._progress_at < 0.5:

@@ -9,8 +9,11 @@ turned into a frozen `Context`.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from elastic.errors import ConfigError
+from elastic.progress import Commit, Progress
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +131,37 @@ def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Con
 
 
 class ProgressFile:
-    """The heartbeat the agent watches: the last completed optimizer step, as decimal text.
+    """The heartbeat the agent watches: one JSON record (elastic.progress.Progress) with the
+    last completed optimizer step and the newest checkpoint commit.
 
-    Overwritten in place with pwrite on a descriptor kept open (no fsync: the agent reads
-    the page cache). Steps normally only grow, so the text rarely shrinks; when it does the
-    file is truncated after the write so no stale tail stays behind.
+    Overwritten in place with pwrite on a descriptor kept open (no fsync: the agent reads the
+    page cache), padded with spaces so that it never gets shorter: a reader never finds a
+    stale tail. Steps come from the training thread, commits from the checkpoint writer.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._lock = threading.Lock()
         self._length = 0
+        self._record = Progress(step=None, changed_at=time.time())
+        self._write()
 
     def write(self, step: int) -> None:
-        data = f"{step}\n".encode()
+        with self._lock:
+            resumed = step if self._record.resumed is None else self._record.resumed
+            self._record = dataclasses.replace(self._record, step=step, changed_at=time.time(), resumed=resumed)
+            self._write()
+
+    def commit(self, step: int, stall: float) -> None:
+        with self._lock:
+            self._record = dataclasses.replace(self._record, commit=Commit(step, time.time(), stall))
+            self._write()
+
+    def _write(self) -> None:
+        data = self._record.encode().ljust(self._length) + b"\n"
         os.pwrite(self._fd, data, 0)
-        if len(data) < self._length:
-            os.ftruncate(self._fd, len(data))
-        self._length = len(data)
+        self._length = len(data) - 1
 
 
 _progress: ProgressFile | None = None
@@ -160,3 +177,10 @@ def report_progress(step: int) -> None:
     """Record `step` as the last completed optimizer step (no-op without a progress file)."""
     if _progress is not None:
         _progress.write(step)
+
+
+def report_commit(step: int, stall: float) -> None:
+    """Record that checkpoint `step` was committed, its save having held training `stall`
+    seconds (a CheckpointManager commit listener; no-op without a progress file)."""
+    if _progress is not None:
+        _progress.commit(step, stall)

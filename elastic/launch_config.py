@@ -99,6 +99,7 @@ class LaunchConfig:
     hang: HangLimits = field(default_factory=HangLimits)  # when a rank reporting progress is hung
     node_id: str | None = None
     local_addr: str | None = None
+    warm_pool: bool = True  # restart Python workers in spares that already imported torch
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
 
     def __post_init__(self) -> None:

@@ -1,29 +1,56 @@
 """Hang detection from outside the worker: watch the step counter each rank's loop reports.
 
 A worker that uses `elastic.TrainLoop` (or calls `elastic.context.report_progress`) creates
-its progress file at `elastic.init()` and rewrites it after every optimizer step. The agent
-judges a rank hung when the file has not changed for `hang_timeout` seconds, or when no first
-step arrived within `first_step_timeout` of the file's creation. With a calibration factor
-(`--hang-timeout auto`), the limit is that factor times the slowest step the rank made in this
-round, within [floor, hang_timeout], once it has made enough steps to judge. A worker that never creates
-the file (a plain torchrun script) is never judged hung. Reading the file costs one stat per
-rank per check; a hang that holds the GIL cannot fake progress.
+its progress file at `elastic.init()` and rewrites it after every optimizer step (and, from
+the checkpoint writer thread, after each checkpoint commit). The agent judges a rank hung
+when its step has not changed for `hang_timeout` seconds, or when no first step arrived
+within `first_step_timeout` of the file's creation; the times are in the record, so a commit
+written by another thread never counts as a step. With a calibration factor
+(`--hang-timeout auto`), the limit is that factor times the slowest step the rank made in
+this round, within [floor, hang_timeout], once it has made enough steps to judge. A worker
+that never creates the file (a plain torchrun script) is never judged hung. Reading the file
+costs one small read per rank per check; a hang that holds the GIL cannot fake progress.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A checkpoint commit as one rank saw it."""
+
+    step: int
+    at: float  # wall-clock time of the commit
+    stall: float  # seconds the save held this rank's training thread
 
 
 @dataclass(frozen=True)
 class Progress:
-    """What one rank's progress file says."""
+    """What one rank's progress file says: one JSON line, written by elastic.context."""
 
-    step: int | None  # last completed optimizer step; None before the first one
-    changed_at: float  # wall-clock time of the last write
+    step: int | None  # last completed optimizer step; None before the first report
+    changed_at: float  # wall-clock time `step` was reported (before that: the file's creation)
+    resumed: int | None = None  # the first step this process reported (where TrainLoop resumed)
+    commit: Commit | None = None  # the newest checkpoint commit this rank saw
+
+    def encode(self) -> bytes:
+        record = {"step": self.step, "at": self.changed_at, "resumed": self.resumed,
+                  "commit": None if self.commit is None else asdict(self.commit)}
+        return json.dumps(record).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Progress:
+        """Raises ValueError on a record read while it was being rewritten."""
+        record = json.loads(data)
+        commit = record["commit"]
+        return cls(record["step"], record["at"], record["resumed"],
+                   None if commit is None else Commit(**commit))
 
 
 @dataclass(frozen=True)
@@ -33,14 +60,15 @@ class Hang:
 
 
 def read_progress(path: str) -> Progress | None:
-    """None when the rank does not report progress (no file)."""
+    """None when the rank does not report progress (no file); ValueError when the record
+    was caught half rewritten."""
     try:
-        stat = os.stat(path)
         with open(path, "rb") as f:
-            text = f.read().strip()
+            return Progress.decode(f.read())
     except FileNotFoundError:
         return None
-    return Progress(int(text) if text.isdigit() else None, stat.st_mtime)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a progress record") from exc
 
 
 @dataclass(frozen=True)
@@ -80,12 +108,15 @@ class ProgressWatch:
                 pass
 
     def read(self) -> None:
-        """Read every rank's progress file once; steps(), slowest() and hung() use this."""
-        found = {rank: read_progress(path) for rank, path in self._paths.items()}
-        latest = {rank: p for rank, p in found.items() if p is not None}
-        for rank, now in latest.items():
-            self._time_steps(rank, self._latest.get(rank), now)
-        self._latest = latest
+        """Read every rank's progress file once; the other methods use what it read."""
+        for rank, path in self._paths.items():
+            try:
+                found = read_progress(path)
+            except ValueError:
+                continue  # caught mid-rewrite: keep what the last read saw
+            if found is not None:
+                self._time_steps(rank, self._latest.get(rank), found)
+                self._latest[rank] = found
 
     def _time_steps(self, rank: int, before: Progress | None, now: Progress) -> None:
         """Per-step time between two reads that both saw a completed step (averaged when
@@ -105,6 +136,21 @@ class ProgressWatch:
         have completed a step (as of read())."""
         found = [p for p in self._latest.values() if p.step is not None]
         return min(found, key=lambda p: (p.step, p.changed_at)) if found else None
+
+    def first_step_done(self) -> bool:
+        """Whether every rank that reports progress completed a step since it started."""
+        return bool(self._latest) and all(
+            p.step is not None and p.resumed is not None and p.step > p.resumed for p in self._latest.values())
+
+    def committed(self) -> Commit | None:
+        """The newest checkpoint commit every rank that reports commits has seen, with the
+        longest stall any of them had for it."""
+        commits = [p.commit for p in self._latest.values() if p.commit is not None]
+        if not commits:
+            return None
+        step = min(c.step for c in commits)
+        same = [c for c in commits if c.step == step]
+        return Commit(step, max(c.at for c in same), max(c.stall for c in same))
 
     def hung(self) -> list[Hang]:
         """Ranks that are hung (as of read())."""

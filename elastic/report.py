@@ -25,6 +25,8 @@ class Goodput:
     steps: int = 0
     failures: list[str] = field(default_factory=list)
     rounds: int = 0
+    commits: int = 0  # checkpoint commits
+    stall: float = 0.0  # seconds their saves held training (already inside the step time)
 
     @property
     def ratio(self) -> float:
@@ -35,6 +37,8 @@ class Goodput:
                  f"{self.steps} steps, {self.rounds} rounds)"]
         for cause, seconds in sorted(self.lost.items(), key=lambda kv: -kv[1]):
             lines.append(f"  lost to {cause:<18} {seconds:8.1f}s")
+        if self.commits:
+            lines.append(f"  checkpoints: {self.commits} committed, training held {self.stall:.2f}s by their saves")
         return "\n".join(lines)
 
 
@@ -68,6 +72,9 @@ def summarize(events: list[dict]) -> Goodput:
                      "lease_lost": "failure recovery"}.get(kind, cause)
         elif kind == "round_sealed":
             result.rounds += 1
+        elif kind == "checkpoint_committed":
+            result.commits += 1
+            result.stall += event["stall"]
     return result
 
 

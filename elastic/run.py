@@ -41,7 +41,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, *extra: str, **kwargs) -> 
     spellings = [f"--{name}"] + ([f"--{dest}"] if "-" in name else []) + list(extra)
     env = os.environ.get(f"PET_{dest.upper()}")
     if env is not None:
-        if kwargs.get("action") == "store_true":
+        if kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction):
             kwargs["default"] = env.lower() in ("1", "true", "yes")
         else:
             kwargs["default"] = env
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
           "this long is hung: its stacks are dumped and the group restarted (0 disables); auto[:F[:MIN]]: "
           "F (10) x its slowest step in this round, at least MIN (30) s, at most 300 s")
     _flag(p, "first-step-timeout", default="600", help="like --hang-timeout, for the first step of a round")
+    _flag(p, "warm-pool", action=argparse.BooleanOptionalAction, default=True,
+          help="keep --nproc-per-node spare Python workers that have already imported torch, so "
+          "that a restart skips the imports (default on; --no-warm-pool starts workers cold)")
     _flag(p, "node-id", default=None, help="stable id of this node (default: host name)")
     _flag(p, "local-addr", default=None, help="address peers reach this node at")
     _flag(p, "module", "-m", action="store_true", help="run the entry point as a module (python -m)")
@@ -110,8 +113,8 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         nproc_per_node=nproc, rdzv_endpoint=endpoint, run_id=run_id,
         max_restarts=max_restarts, monitor_interval=monitor, grace=grace, module=ns.module,
         no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=log_dir,
-        redirects=redirects, local_ranks_filter=shown, hang=hang,
-        node_id=ns.node_id, local_addr=ns.local_addr, rdzv=RendezvousSettings.parse(ns.rdzv_conf),
+        redirects=redirects, local_ranks_filter=shown, hang=hang, node_id=ns.node_id,
+        local_addr=ns.local_addr, warm_pool=ns.warm_pool, rdzv=RendezvousSettings.parse(ns.rdzv_conf),
     )
 
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from elastic.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is_ddp, is_fsdp2
-from elastic.context import report_progress
+from elastic.context import report_commit, report_progress
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 from elastic.fencing import commit_guard_from_env
 from elastic.rng_state import RngState, TorchStreams, seed_all
@@ -59,6 +59,7 @@ class Checkpointer(Protocol):
     def wait(self) -> None: ...
     def load(self, state: Mapping[str, Any], step: int | None = None) -> int | None: ...
     def set_commit_guard(self, guard: Callable[[], None]) -> None: ...
+    def set_commit_listener(self, listener: Callable[[int, float], None]) -> None: ...
 
 
 STOP_CHECK_SECONDS = 0.25  # default wall time between SIGTERM agreements (well inside --grace)
@@ -290,6 +291,8 @@ class TrainLoop:
         guard = commit_guard_from_env()
         if guard is not None and checkpoint is not None:
             checkpoint.set_commit_guard(guard)
+        if checkpoint is not None:  # commits and their stall reach the agent's events log
+            checkpoint.set_commit_listener(report_commit)
 
         # A separate gloo group carries the SIGTERM agreement and the RNG gather, so they never
         # queue behind (or between) the model's gradient buckets, and work under NCCL too.

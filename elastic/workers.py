@@ -3,7 +3,8 @@
 Each worker runs in a session of its own (so a signal to its process group reaches anything
 it started) with a parent-death signal (so a SIGKILLed agent leaves no orphans). Output is
 read line by line and shown with a rank prefix, and copied to per-rank files under
-`--log-dir` when given.
+`--log-dir` when given. Python workers are normally warm spares (elastic/warm_pool.py) that
+get their rank here; the streams are taken over the same way.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 from typing import IO
 
 from elastic._net import interface_of
-from elastic._process import die_with_parent
+from elastic._process import spawn_worker
 from elastic.fencing import fence_env
 from elastic.launch_config import STDERR, STDOUT, LaunchConfig
 from elastic.progress import ProgressWatch
+from elastic.warm_pool import WarmPool
+from elastic.worker_main import boot_command
 
 @dataclass(frozen=True)
 class Assignment:
@@ -64,39 +67,29 @@ def worker_command(config: LaunchConfig) -> list[str]:
     """The argv of a worker: the script runs as with torchrun, through elastic.worker_main."""
     if config.no_python:
         return [config.entrypoint, *config.args]
-    boot = [sys.executable, "-u", "-m", "elastic.worker_main"]
+    return boot_command(*worker_main_args(config))
+
+
+def worker_main_args(config: LaunchConfig) -> list[str]:
+    """What elastic.worker_main runs: the script (or -m module) and its arguments."""
     if config.module:
-        return [*boot, "-m", config.entrypoint, *config.args]
-    return [*boot, config.entrypoint, *config.args]
+        return ["-m", config.entrypoint, *config.args]
+    return [config.entrypoint, *config.args]
 
 
-def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, run_dir: str,
-               rdzv_endpoint: str, node_id: str) -> dict[str, str]:
-    """torchrun's worker environment plus ours (see docs/ARCHITECTURE.md, "Worker environment")."""
-    rank = assignment.rank_offset + local_rank
+def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str) -> dict[str, str]:
+    """The part of every worker's environment that is the same for all ranks and rounds
+    (a warm spare starts with it: see elastic/warm_pool.py)."""
     env = dict(os.environ)
     env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(assignment.world_size),
         LOCAL_WORLD_SIZE=str(config.nproc_per_node),
-        GROUP_RANK=str(assignment.group_rank),
-        GROUP_WORLD_SIZE=str(assignment.num_nodes),
-        ROLE_RANK=str(rank),
-        ROLE_WORLD_SIZE=str(assignment.world_size),
         ROLE_NAME="default",
-        MASTER_ADDR=assignment.master_addr,
-        MASTER_PORT=str(assignment.master_port),
-        TORCHELASTIC_RESTART_COUNT=str(assignment.restart_count),
         TORCHELASTIC_MAX_RESTARTS=str(config.max_restarts),
         TORCHELASTIC_RUN_ID=config.run_id,
         TORCHELASTIC_USE_AGENT_STORE="False",
-        ELASTIC_ROUND=str(assignment.round),
         ELASTIC_NODE_ID=node_id,
         ELASTIC_RDZV_ENDPOINT=rdzv_endpoint,
         ELASTIC_RDZV_PREFIX=config.rdzv.key_prefix,
-        ELASTIC_PROGRESS_FILE=progress_path(run_dir, rank),
-        ELASTIC_ERROR_FILE=error_path(run_dir, rank),
         PYTHONUNBUFFERED="1",
     )
     env.update(fence_env(config.rdzv))
@@ -109,6 +102,29 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
             env["GLOO_SOCKET_IFNAME"] = interface
     if config.checkpoint_dir:
         env["ELASTIC_CHECKPOINT_DIR"] = config.checkpoint_dir
+    return env
+
+
+def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, run_dir: str,
+               rdzv_endpoint: str, node_id: str) -> dict[str, str]:
+    """torchrun's worker environment plus ours (see docs/ARCHITECTURE.md, "Worker environment")."""
+    rank = assignment.rank_offset + local_rank
+    env = common_env(config, rdzv_endpoint, node_id)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(assignment.world_size),
+        GROUP_RANK=str(assignment.group_rank),
+        GROUP_WORLD_SIZE=str(assignment.num_nodes),
+        ROLE_RANK=str(rank),
+        ROLE_WORLD_SIZE=str(assignment.world_size),
+        MASTER_ADDR=assignment.master_addr,
+        MASTER_PORT=str(assignment.master_port),
+        TORCHELASTIC_RESTART_COUNT=str(assignment.restart_count),
+        ELASTIC_ROUND=str(assignment.round),
+        ELASTIC_PROGRESS_FILE=progress_path(run_dir, rank),
+        ELASTIC_ERROR_FILE=error_path(run_dir, rank),
+    )
     return env
 
 
@@ -162,7 +178,8 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def start(self) -> None:
+    def start(self, pool: WarmPool | None = None) -> None:
+        """Start the workers: in spares of `pool` if given (Python workers only), else cold."""
         cmd = worker_command(self._config)
         for local_rank in range(self._config.nproc_per_node):
             stale = error_path(self._run_dir, self._assignment.rank_offset + local_rank)
@@ -170,10 +187,10 @@ class WorkerGroup:
                 os.unlink(stale)
             env = worker_env(self._config, self._assignment, local_rank, self._run_dir,
                              self._rdzv_endpoint, self._node_id)
-            proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent,
-            )
+            if pool is not None:
+                proc = pool.launch(worker_main_args(self._config), env)
+            else:
+                proc = spawn_worker(cmd, env)
             self._procs.append(proc)
             self._pump(proc.stdout, sys.stdout.buffer, local_rank, STDOUT)
             self._pump(proc.stderr, sys.stderr.buffer, local_rank, STDERR)

@@ -192,3 +192,69 @@ def test_redirects_and_rank_filter_keep_streams_in_files(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert "[rank" not in out + err  # both streams of both ranks only in the files
     assert "elastic-run: FAILED" in err
+
+
+LOOP = os.path.join(os.path.dirname(SCRIPTS), "loop_worker.py")
+
+
+def events_of(log_dir) -> list[dict]:
+    path = log_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_event(log_dir, kind: str, proc: subprocess.Popen, after: float = 0.0, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in events_of(log_dir) if e["event"] == kind and e["time"] >= after]
+        if found:
+            return found[0]
+        assert proc.poll() is None, f"elastic-run exited {proc.returncode}:\n{proc.communicate()[1]}"
+        time.sleep(0.05)
+    raise AssertionError(f"no {kind} event within {timeout:g}s: {events_of(log_dir)}")
+
+
+def test_restart_runs_in_warm_spares_and_no_spare_outlives_a_sigkilled_supervisor(tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--log-dir", str(log_dir),
+                       LOOP, "--out", str(tmp_path), "--ckpt", str(tmp_path / "ckpt"), "--max-steps", "100000",
+                       "--save-every", "5", "--step-delay", "0.05")
+    try:
+        # Spares are started once round 0 made its first step; wait until they imported torch.
+        ready = wait_event(log_dir, "spares_ready", proc)
+        spares = set(ready["pids"])
+        before_fault = descendants(proc.pid)
+        assert spares <= before_fault and len(spares) == 2
+        victim = json.loads((tmp_path / "boot.run.rank1.jsonl").read_text().splitlines()[0])["pid"]
+        fault = time.time()
+        os.kill(victim, signal.SIGKILL)
+        restarted = wait_event(log_dir, "workers_started", proc, after=fault)
+        assert restarted["round"] == 1 and set(restarted["pids"]) == spares  # processes older than the fault
+        for rank in range(2):  # the spares ran the restarted ranks: resumed, and stepping
+            wait_for_files([str(tmp_path / f"ids.run.restart1.rank{rank}.jsonl")], proc=proc)
+        boots = [json.loads((tmp_path / f"boot.run.restart1.rank{r}.jsonl").read_text()) for r in range(2)]
+        assert {b["pid"] for b in boots} == spares and all(b["round"] == "1" for b in boots)
+        # The next spares, idle, die with a SIGKILLed supervisor like the workers do.
+        idle = set(wait_event(log_dir, "spares_ready", proc, after=fault)["pids"])
+        family = descendants(proc.pid)
+        assert idle | spares <= family
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert wait_gone(family) == set(), "processes outlived the supervisor"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_checkpoint_commits_and_their_stall_are_in_the_events_log(tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--no-warm-pool", "--log-dir", str(log_dir),
+                       LOOP, "--out", str(tmp_path), "--ckpt", str(tmp_path / "ckpt"), "--max-steps", "10",
+                       "--save-every", "5")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    commits = [e for e in events_of(log_dir) if e["event"] == "checkpoint_committed"]
+    assert [c["step"] for c in commits] == [5, 10]  # the periodic save and the final one
+    assert all(c["stall"] >= 0 and c["round"] == 0 for c in commits)
+    assert "checkpoints: 2 committed" in err
+    assert not [e for e in events_of(log_dir) if e["event"].startswith("spares")]  # --no-warm-pool

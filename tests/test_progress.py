@@ -1,24 +1,21 @@
 """Hang judgement from progress files: fixed and calibrated limits (real files, a set clock)."""
 
-import os
-
 import pytest
 
 from elastic.errors import ConfigError
 from elastic.launch_config import parse_hang
-from elastic.progress import HangLimits, ProgressWatch
+from elastic.progress import HangLimits, Progress, ProgressWatch
 
 
 class Rank:
-    """One rank's progress file, written with chosen modification times."""
+    """One rank's progress file, with chosen step times."""
 
     def __init__(self, path):
         self.path = str(path)
 
     def step(self, step: int, at: float) -> None:
-        with open(self.path, "w") as f:
-            f.write(str(step))
-        os.utime(self.path, (at, at))
+        with open(self.path, "wb") as f:
+            f.write(Progress(step, at).encode())
 
 
 def watch_of(tmp_path, limits, name="rank0"):

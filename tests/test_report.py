@@ -26,6 +26,15 @@ def test_goodput_splits_wall_time_by_cause():
     assert g.ratio == pytest.approx(12 / 20)
 
 
+def test_checkpoint_commits_and_their_stall_are_counted():
+    events = [ev(0, "round_sealed", world_size=2), ev(1, "progress", step=5),
+              ev(1.1, "checkpoint_committed", step=5, stall=0.25), ev(2, "progress", step=10),
+              ev(2.1, "checkpoint_committed", step=10, stall=0.5), ev(3, "job_end")]
+    g = summarize(events)
+    assert g.commits == 2 and g.stall == pytest.approx(0.75)
+    assert "checkpoints: 2 committed, training held 0.75s by their saves" in g.table()
+
+
 def test_no_progress_means_no_useful_time():
     g = summarize([ev(0, "round_sealed", world_size=1), ev(5, "job_end")])
     assert g.useful == 0 and g.steps == 0 and g.ratio == 0

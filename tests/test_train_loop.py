@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import elastic
 from elastic.context import ProgressFile, context_from_env
+from elastic.progress import read_progress
 from elastic.train_loop import check_interval
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 
@@ -155,14 +156,19 @@ def test_init_single_process_is_idempotent():
 
 
 def test_progress_file(tmp_path):
-    path = tmp_path / "progress"
-    progress = ProgressFile(str(path))
+    path = str(tmp_path / "progress")
+    progress = ProgressFile(path)
+    assert read_progress(path).step is None
     progress.write(9)
-    assert path.read_text() == "9\n"
-    progress.write(10)
-    assert path.read_text() == "10\n"
-    progress.write(3)
-    assert path.read_text() == "3\n"
+    first = read_progress(path)
+    assert (first.step, first.resumed, first.commit) == (9, 9, None)
+    progress.write(1000)
+    progress.commit(1000, 0.25)
+    now = read_progress(path)
+    assert (now.step, now.resumed, now.commit.step, now.commit.stall) == (1000, 9, 1000, 0.25)
+    assert now.changed_at >= first.changed_at
+    progress.write(3)  # a shorter record: no stale tail of the longer one is left behind
+    assert read_progress(path).step == 3
 
 
 class Counter:

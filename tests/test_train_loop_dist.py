@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from elastic.progress import read_progress
 from elastic.sampler import ElasticSampler
 from helpers import child_env
 from loop_launch import Group
@@ -69,8 +70,9 @@ def reference(tmp_path_factory):
     ids = {step: got for step, _, _, got in rows}
     sampler = ElasticSampler(30, G, seed=5)
     assert ids == {s: list(sampler.samples(s).ids) for s in range(STEPS)}
-    for r in range(2):  # the heartbeat file holds the last completed step
-        assert (out / f"progress.rank{r}").read_text() == f"{STEPS}\n"
+    for r in range(2):  # the heartbeat file holds the last completed step and the final commit
+        progress = read_progress(str(out / f"progress.rank{r}"))
+        assert progress.step == STEPS and progress.commit.step == STEPS and progress.commit.stall >= 0
     return out, ids
 
 
