@@ -94,12 +94,6 @@ def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str) -> dict[s
     )
     env.update(fence_env(config.rdzv))
     env.setdefault("OMP_NUM_THREADS", "1")
-    if "GLOO_SOCKET_IFNAME" not in env:
-        # gloo otherwise binds to what the host name resolves to (or loopback): wrong on a
-        # node with several networks, where peers reach it only at its registered address.
-        interface = interface_of(assignment.local_addr)
-        if interface is not None:
-            env["GLOO_SOCKET_IFNAME"] = interface
     if config.checkpoint_dir:
         env["ELASTIC_CHECKPOINT_DIR"] = config.checkpoint_dir
     return env
@@ -125,6 +119,12 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
         ELASTIC_PROGRESS_FILE=progress_path(run_dir, rank),
         ELASTIC_ERROR_FILE=error_path(run_dir, rank),
     )
+    if "GLOO_SOCKET_IFNAME" not in env:
+        # gloo otherwise binds to what the host name resolves to (or loopback): wrong on a
+        # node with several networks, where peers reach it only at its registered address.
+        interface = interface_of(assignment.local_addr)
+        if interface is not None:
+            env["GLOO_SOCKET_IFNAME"] = interface
     return env
 
 
