@@ -218,19 +218,26 @@ class EtcdBackend:
                 delay = min(delay * 2, 1.0)
 
     def _txn(self, compare, success) -> bool:
+        """Run one transaction, then wait until the mirror shows its outcome: our write if it
+        succeeded, else the compared keys as they were when the compare failed."""
         self.writes += 1
-        ok, _ = self._retry("a transaction", lambda: self._client.transaction(
-            compare=compare, success=success, failure=[]))
-        if not ok:
+        compared = list(dict.fromkeys(c.key for c in compare))
+        ok, responses = self._retry("a transaction", lambda: self._client.transaction(
+            compare=compare, success=success, failure=[self._tx.get(key) for key in compared]))
+        if ok:
+            revision = max(getattr(r, r.WhichOneof("response")).header.revision for r in responses)
+        else:
             self.failed_txns += 1
-        self._catch_up()
+            revision = max((meta.mod_revision for kvs in responses for _value, meta in kvs), default=0)
+        self._catch_up(revision)
         return ok
 
-    def _catch_up(self, timeout: float = 5.0) -> None:
-        """Read-your-writes: wait until the mirror reflects etcd as of now (after our write)."""
+    def _catch_up(self, revision: int, timeout: float = 5.0) -> None:
+        """Read-your-writes: wait until the mirror reflects `revision`, a change under the
+        run's prefix (so its watch delivers it). Not the store's current revision: writes of
+        other runs on the same etcd never reach this watch."""
         if self._watch_id is None:
             return  # no mirror yet: sync() will read everything
-        revision = self._retry("a read", lambda: self._client.get_response(self._key("round"))).header.revision
         with self._changed:
             self._changed.wait_for(lambda: self._revision >= revision or self._watch_broken, timeout)
 
@@ -310,16 +317,19 @@ class EtcdBackend:
         key = self._key(f"waiting/{self.node_id}")
         self.writes += 1
         if waiting:
-            self._retry("registering as waiting", lambda: self._client.put(key, "1", lease=self._lease))
+            put = self._retry("registering as waiting", lambda: self._client.put(key, "1", lease=self._lease))
+            self._catch_up(put.header.revision)
         else:
-            self._retry("leaving the waiting list", lambda: self._client.delete(key))
-        self._catch_up()
+            deleted = self._retry("leaving the waiting list",
+                                  lambda: self._client.delete(key, return_response=True))
+            self._catch_up(deleted.header.revision if deleted.deleted else 0)
 
     def mark(self, round_: int, what: str) -> None:
         """Record that this node is `done` with, or `left`, round `round_`."""
-        self._retry(f"marking {what}", lambda: self._client.put(self._key(f"rounds/{round_}/{what}/{self.node_id}"), "1"))
+        key = self._key(f"rounds/{round_}/{what}/{self.node_id}")
+        put = self._retry(f"marking {what}", lambda: self._client.put(key, "1"))
         self.writes += 1
-        self._catch_up()
+        self._catch_up(put.header.revision)
 
     def claim_failure(self, round_: int, when: float) -> None:
         """Say that this node's workers failed in `round_`, first at wall-clock time `when`."""

@@ -91,6 +91,10 @@ class Settings:
     world_size_multiple: int = 1
     cooldown_base: float = 10.0
     cooldown_cap: float = 600.0
+    # How long live members of the previous round are awaited before the round seals without
+    # them (they are stopping their workers; an agent that neither comes back nor loses its
+    # lease is wedged). The last-call window is only for newcomers.
+    rejoin_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,9 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
     """What a node that wants to run in round `state.round` should do next.
 
     Seal at once when every live member of the previous round is back or MAX have joined;
-    else, once MIN are admissible, wait the last-call window for newcomers, then seal.
+    else, once MIN are admissible, wait for the live members of the previous round that have
+    not registered yet (up to the rejoin timeout), or else the last-call window for
+    newcomers, then seal.
     """
     if state.closed is not None:
         return Closed(state.closed.get("reason", "closed"))
@@ -193,7 +199,11 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
     everyone_back = bool(state.previous_alive) and state.previous_alive <= set(chosen)
     if len(chosen) >= settings.max_nodes or everyone_back:
         return Seal(_record(state, chosen))
-    deadline = (min_reached_at if min_reached_at is not None else now) + settings.last_call_timeout
+    # A survivor that is slower than the last call to stop its workers must not be left out:
+    # it would come back as a spare and cost the job a second restart to grow again.
+    survivors_missing = not state.previous_alive <= state.members.keys()
+    window = settings.rejoin_timeout if survivors_missing else settings.last_call_timeout
+    deadline = (min_reached_at if min_reached_at is not None else now) + window
     if now >= deadline:
         return Seal(_record(state, chosen))
     return Wait(until=deadline)

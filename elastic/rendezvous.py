@@ -58,6 +58,7 @@ class EtcdRendezvous:
             last_call_timeout=config.rdzv.last_call_timeout,
             world_size_multiple=config.rdzv.world_size_multiple,
             cooldown_base=config.rdzv.cooldown_base, cooldown_cap=config.rdzv.cooldown_cap,
+            rejoin_timeout=config.rdzv.join_timeout,
         )
         self._stop = threading.Event()
         self._keepalive: threading.Thread | None = None

@@ -21,7 +21,8 @@ from elastic.rdzv_protocol import (
     decide_join,
 )
 
-S = Settings(min_nodes=2, max_nodes=3, last_call_timeout=10.0, cooldown_base=10.0, cooldown_cap=100.0)
+S = Settings(min_nodes=2, max_nodes=3, last_call_timeout=10.0, cooldown_base=10.0, cooldown_cap=100.0,
+             rejoin_timeout=60.0)
 
 
 def members(*names: str) -> dict[str, Member]:
@@ -62,10 +63,22 @@ def test_survivors_back_seal_at_once_without_last_call():
     assert action.record.node_ids == ("b", "a")  # survivors keep their order (stable ranks)
 
 
-def test_waits_while_a_live_survivor_is_missing():
+def test_a_live_survivor_is_awaited_past_the_last_call_up_to_the_rejoin_timeout():
+    # c is alive but still stopping its workers: the last call (10 s) is for newcomers.
     state = RunState(round=1, members=members("a", "b"), previous=sealed(0, "a", "b", "c"),
                      previous_alive=frozenset({"a", "b", "c"}))
-    assert decide_join(state, "a", S, 0.0, 0.0) == Wait(until=10.0)
+    assert decide_join(state, "a", S, 0.0, 0.0) == Wait(until=60.0)
+    assert decide_join(state, "a", S, 30.0, 0.0) == Wait(until=60.0)
+    action = decide_join(state, "a", S, 60.0, 0.0)  # c's agent is wedged: go on without it
+    assert isinstance(action, Seal) and action.record.node_ids == ("a", "b")
+
+
+def test_a_registered_survivor_kept_out_by_cooldown_waits_only_the_last_call():
+    state = RunState(round=1, members=members("a", "b", "c"), previous=sealed(0, "a", "b", "c"),
+                     previous_alive=frozenset({"a", "b", "c"}), nodes={"c": NodeRecord(3, 0.0)})
+    assert decide_join(state, "a", S, 1.0, 1.0) == Wait(until=11.0)
+    action = decide_join(state, "a", S, 11.0, 1.0)
+    assert isinstance(action, Seal) and action.record.node_ids == ("a", "b")
 
 
 def test_newcomers_follow_survivors_by_node_id():
