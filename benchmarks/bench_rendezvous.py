@@ -3,9 +3,10 @@
     python benchmarks/bench_rendezvous.py --agents 8,64,256,1024 --trials 20
     python benchmarks/bench_rendezvous.py --quick            # ~1 minute: 8,64 agents, 3 trials
 
-Simulated agents are real `EtcdBackend` + `EtcdRendezvous` objects, each with its own etcd
-client (its own gRPC connection, lease, keep-alive thread and watch), run as threads spread
-over a few worker processes (spawned, one pipe each); the coordinator (this process) starts
+Simulated agents are real `EtcdBackend` + `EtcdRendezvous` objects, each with its own lease,
+keep-alive thread, watch and mirror, run as threads spread over a few worker processes
+(spawned, one pipe each); the agents of one process share its etcd client (one gRPC
+channel), as agents on one host could; the coordinator (this process) starts
 one private etcd, tells the workers what to do and reads etcd itself to see registrations.
 Times are `time.monotonic()` (CLOCK_MONOTONIC, one clock for every process on the machine).
 
@@ -81,7 +82,7 @@ class RunParams:
     min_nodes: int
     max_nodes: int
     last_call: float
-    lease_ttl: float = 10.0  # etcd lease TTL
+    lease_ttl: float = 60.0  # etcd lease TTL: long, so that setting up 1,024 agents cannot expire one
     keepalive: float = 1.0  # c10d keep-alive interval
     keepalive_attempts: int = 3  # c10d: a node is dead after interval x attempts without a heartbeat
 
@@ -99,10 +100,21 @@ def _raise_if(dead: threading.Event, node: str) -> None:
 
 
 class _SharedClient:
-    """An etcd client kept across trials: EtcdBackend.shutdown() closes its client, not ours."""
+    """The worker process's one etcd client (one gRPC channel, one watch stream), shared by
+    its agents and kept across trials: EtcdBackend.shutdown() closes its client, not ours.
 
-    def __init__(self, client) -> None:
-        self._client = client
+    Each agent still has its own lease, keep-alive thread, watch and mirror, and runs the
+    real EtcdRendezvous code for join and seal; only the connection is shared, as the
+    agents of one host could share it. Hundreds of channels in one process starve each
+    other (and their keep-alives) on two cores.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        from elastic.etcd_client import EtcdConfig, connect
+
+        # A long request timeout: hundreds of agents on two cores can take seconds to get a
+        # watch created; the default 5 s makes setup fail rather than measure anything.
+        self._client = connect(EtcdConfig(endpoint, timeout=30.0), check=False)
 
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -114,14 +126,10 @@ class _SharedClient:
 class EtcdAgent:
     """One simulated agent: EtcdBackend + EtcdRendezvous, and the agent's watch rules."""
 
-    def __init__(self, idx: int, endpoint: str) -> None:
-        from elastic.etcd_client import EtcdConfig, connect
-
+    def __init__(self, idx: int, endpoint: str, client: _SharedClient) -> None:
         self.idx = idx
         self.node = f"n{idx:05d}"
-        # A long request timeout: hundreds of agents on two cores can take seconds to get a
-        # watch created; the default 5 s makes setup fail rather than measure anything.
-        self.client = _SharedClient(connect(EtcdConfig(endpoint, timeout=30.0), check=False))
+        self.client = client
         self.endpoint = endpoint
         self.dead = threading.Event()
         self.joins: list[tuple] = []
@@ -198,7 +206,7 @@ class EtcdAgent:
                 pass  # the lease of a killed agent is already revoked or expired
 
     def close(self) -> None:
-        self.client._client.close()  # noqa: SLF001
+        pass  # the process's client is closed when the process exits
 
 
 class C10dAgent:
@@ -284,7 +292,11 @@ def worker_main(conn, impl: str, endpoint: str) -> None:
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)
-    kind = EtcdAgent if impl == "etcd" else C10dAgent
+    if impl == "etcd":
+        client = _SharedClient(endpoint)
+        kind = lambda idx, endpoint: EtcdAgent(idx, endpoint, client)  # noqa: E731
+    else:
+        kind = C10dAgent
     agents: dict[int, object] = {}
     changed = threading.Condition()
     errors: list[str] = []
@@ -338,6 +350,14 @@ def worker_main(conn, impl: str, endpoint: str) -> None:
                 changed.wait_for(lambda: errors or all(held(a) is not None for a in want),
                                  timeout=max(0.0, deadline - time.monotonic()))
                 return {"results": {a.idx: held(a) for a in want if held(a) is not None}, "errors": list(errors)}
+        if cmd == "mirrored":  # until each agent's own mirror shows `count` members of `round`
+            deadline = time.monotonic() + kw["timeout"]
+            for idx in kw["idxs"]:
+                backend = agents[idx].backend
+                while len(backend.state().members) < kw["count"] or backend.current_round() != kw["round"]:
+                    if not backend.wait(backend.version, deadline - time.monotonic()):
+                        return {"ok": False}
+            return {"ok": True}
         if cmd == "joins":
             return {"joins": {a.idx: list(a.joins) for a in agents.values() if a is not None and a.joins}}
         if cmd == "kill":
@@ -593,6 +613,12 @@ class Bench:
         self.workers.call("start", idxs[:-1])
         wait_until(lambda: self.observer.registered(params.run_id, 0) >= n - 1, WAIT_TIMEOUT,
                    f"{n - 1} registrations")
+        if self.impl == "etcd":
+            # The last node arrives once the others are waiting, their watches caught up: the
+            # N^2 registration events of starting N-1 agents at once are setup, not the join.
+            replies = self.workers.call("mirrored", idxs[:-1], count=n - 1, round=0, timeout=WAIT_TIMEOUT)
+            if not all(r["ok"] for r in replies):
+                raise TrialFailed(f"agents' mirrors did not show {n - 1} registrations within {WAIT_TIMEOUT:g}s")
         (reply,) = self.workers.call("start", [n - 1])
         results = self.workers.wait(idxs, nth=1)
         bad = check_agreement(results, n)

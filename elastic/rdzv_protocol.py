@@ -8,7 +8,8 @@ in `elastic/rendezvous.py` reads the state from etcd, asks for a decision, and a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from elastic.workers import Assignment
 
@@ -28,38 +29,49 @@ class Member:
 
 @dataclass(frozen=True)
 class SealedRound:
-    """The fixed outcome of a round: ordered members, hence ranks, and the master address."""
+    """The fixed outcome of a round: ordered members (hence ranks), their process counts and
+    the master address. Only what a rank needs: every agent receives the record by watch, so
+    with 1,024 nodes its size is paid 1,024 times (node ids only: about 9 bytes a node)."""
 
     round: int
-    members: tuple[Member, ...]
+    node_ids: tuple[str, ...]
+    nprocs: tuple[int, ...]
+    master_addr: str
+    master_port: int
     restart_count: int
 
+    @classmethod
+    def of(cls, round_: int, members: Sequence[Member], restart_count: int) -> SealedRound:
+        """The record of `members` in rank order; the first one hosts the master."""
+        first = members[0]
+        return cls(round_, tuple(m.node_id for m in members), tuple(m.nproc for m in members),
+                   first.addr, first.port, restart_count)
+
     def to_json(self) -> str:
+        uniform = len(set(self.nprocs)) == 1
         return json.dumps({"round": self.round, "restart_count": self.restart_count,
-                           "members": [asdict(m) for m in self.members]})
+                           "master": [self.master_addr, self.master_port], "nodes": list(self.node_ids),
+                           "nproc": self.nprocs[0] if uniform else list(self.nprocs)}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> SealedRound:
         data = json.loads(raw)
-        return cls(data["round"], tuple(Member(**m) for m in data["members"]), data["restart_count"])
-
-    @property
-    def node_ids(self) -> tuple[str, ...]:
-        return tuple(m.node_id for m in self.members)
+        nodes = tuple(data["nodes"])
+        nproc = data["nproc"]
+        nprocs = tuple(nproc) if isinstance(nproc, list) else (nproc,) * len(nodes)
+        addr, port = data["master"]
+        return cls(data["round"], nodes, nprocs, addr, port, data["restart_count"])
 
     def assignment_for(self, node_id: str) -> Assignment | None:
-        offset = 0
-        for index, member in enumerate(self.members):
-            if member.node_id == node_id:
-                first = self.members[0]
-                return Assignment(
-                    round=self.round, group_rank=index, num_nodes=len(self.members),
-                    world_size=sum(m.nproc for m in self.members), rank_offset=offset,
-                    master_addr=first.addr, master_port=first.port,
-                    restart_count=self.restart_count,
-                )
-            offset += member.nproc
-        return None
+        if node_id not in self.node_ids:
+            return None
+        index = self.node_ids.index(node_id)
+        return Assignment(
+            round=self.round, group_rank=index, num_nodes=len(self.node_ids),
+            world_size=sum(self.nprocs), rank_offset=sum(self.nprocs[:index]),
+            master_addr=self.master_addr, master_port=self.master_port,
+            restart_count=self.restart_count,
+        )
 
 
 @dataclass(frozen=True)
@@ -210,7 +222,7 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
 
 
 def _record(state: RunState, chosen: list[str]) -> SealedRound:
-    return SealedRound(state.round, tuple(state.members[n] for n in chosen), state.restarts)
+    return SealedRound.of(state.round, [state.members[n] for n in chosen], state.restarts)
 
 
 def _next_cooldown_end(state: RunState, settings: Settings, now: float) -> float:
@@ -231,7 +243,7 @@ def decide_growth(state: RunState, running: SealedRound, settings: Settings, now
         return False
     candidates = [n for n in sorted(state.waiting) if n not in running.node_ids
                   and _cooled(state, n, settings, now)]
-    return _allowed_size(len(running.members) + len(candidates), settings) > len(running.members)
+    return _allowed_size(len(running.node_ids) + len(candidates), settings) > len(running.node_ids)
 
 
 def _allowed_size(available: int, settings: Settings) -> int:

@@ -30,7 +30,7 @@ def members(*names: str) -> dict[str, Member]:
 
 
 def sealed(round_: int, *names: str) -> SealedRound:
-    return SealedRound(round_, tuple(members(*names).values()), 0)
+    return SealedRound.of(round_, list(members(*names).values()), 0)
 
 
 def test_unregistered_node_registers():
@@ -89,12 +89,21 @@ def test_newcomers_follow_survivors_by_node_id():
 
 
 def test_sealed_round_gives_assignment_with_rank_offsets():
-    record = SealedRound(0, (Member("a", "h1", 7, 2), Member("b", "h2", 8, 3)), restart_count=4)
+    record = SealedRound.of(0, [Member("a", "h1", 7, 2), Member("b", "h2", 8, 3)], restart_count=4)
     action = decide_join(RunState(sealed=record, members=members("a", "b")), "b", S, 0.0, None)
     assert isinstance(action, Joined)
     a = action.assignment
     assert (a.group_rank, a.num_nodes, a.world_size, a.rank_offset) == (1, 2, 5, 2)
     assert (a.master_addr, a.master_port, a.restart_count) == ("h1", 7, 4)
+
+
+@pytest.mark.parametrize("nprocs", [(4, 4, 4), (2, 3, 1)])
+def test_sealed_record_round_trips_and_stays_small(nprocs):
+    record = SealedRound.of(7, [Member(f"node-{i}", f"10.0.0.{i}", 29500 + i, p) for i, p in enumerate(nprocs)], 2)
+    assert SealedRound.from_json(record.to_json()) == record
+    assert (record.master_addr, record.master_port) == ("10.0.0.0", 29500)
+    # Only node ids grow with N: no per-node address or port (nobody but rank 0's is used).
+    assert "10.0.0.1" not in record.to_json()
 
 
 def test_node_left_out_of_a_sealed_round_waits_as_spare():

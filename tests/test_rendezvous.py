@@ -157,12 +157,12 @@ def test_stale_round_commit_is_refused(etcd_server, run_id):
     backend.announce()
     backend.sync()
     member = Member("a", "127.0.0.1", 1, 1)
-    assert backend.seal(SealedRound(0, (member,), 0))
+    assert backend.seal(SealedRound.of(0, [member], 0))
     fence = RoundFence(EtcdConfig(etcd_server.endpoint), "elastic", run_id, 0)
     fence()  # round 0 is the newest sealed round: the commit may go ahead
     assert backend.bump_round(0, reason="test", failed_node=None)
     fence()  # moved on but not sealed yet: round 0's workers may still save their last step
-    assert backend.seal(SealedRound(1, (member,), 0))
+    assert backend.seal(SealedRound.of(1, [member], 0))
     with pytest.raises(StaleRoundError, match="belongs to rendezvous round 0 but the newest sealed round is 1"):
         fence()
     backend.shutdown()
