@@ -71,6 +71,7 @@ os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # no per-round
 
 C10D_NULL_SENTINEL = b"Y2FuaW1hZGFt"  # C10dRendezvousBackend's "no state yet"
 WAIT_TIMEOUT = 90.0  # one phase of one trial; beyond it the trial counts as failed
+SETUP_TIMEOUT = 600.0  # N-1 agents registering and their mirrors catching up (1,024 on a busy box)
 
 
 @dataclass(frozen=True)
@@ -611,14 +612,14 @@ class Bench:
         idxs = list(range(n))
         before = self._setup(params, idxs)
         self.workers.call("start", idxs[:-1])
-        wait_until(lambda: self.observer.registered(params.run_id, 0) >= n - 1, WAIT_TIMEOUT,
+        wait_until(lambda: self.observer.registered(params.run_id, 0) >= n - 1, SETUP_TIMEOUT,
                    f"{n - 1} registrations")
         if self.impl == "etcd":
             # The last node arrives once the others are waiting, their watches caught up: the
             # N^2 registration events of starting N-1 agents at once are setup, not the join.
-            replies = self.workers.call("mirrored", idxs[:-1], count=n - 1, round=0, timeout=WAIT_TIMEOUT)
+            replies = self.workers.call("mirrored", idxs[:-1], count=n - 1, round=0, timeout=SETUP_TIMEOUT)
             if not all(r["ok"] for r in replies):
-                raise TrialFailed(f"agents' mirrors did not show {n - 1} registrations within {WAIT_TIMEOUT:g}s")
+                raise TrialFailed(f"agents' mirrors did not show {n - 1} registrations within {SETUP_TIMEOUT:g}s")
         (reply,) = self.workers.call("start", [n - 1])
         results = self.workers.wait(idxs, nth=1)
         bad = check_agreement(results, n)
