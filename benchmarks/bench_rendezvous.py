@@ -142,7 +142,7 @@ class EtcdAgent:
         from elastic.rdzv_etcd import EtcdBackend
         from elastic.rendezvous import EtcdRendezvous
 
-        settings = RendezvousSettings(join_timeout=WAIT_TIMEOUT, last_call_timeout=params.last_call,
+        settings = RendezvousSettings(join_timeout=SETUP_TIMEOUT + WAIT_TIMEOUT, last_call_timeout=params.last_call,
                                       lease_ttl=params.lease_ttl, key_prefix="bench", cooldown_base=0.001)
         config = LaunchConfig(entrypoint=__file__, args=(), min_nodes=params.min_nodes,
                               max_nodes=params.max_nodes, rdzv_endpoint=self.endpoint,
