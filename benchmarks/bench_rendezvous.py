@@ -3,9 +3,10 @@
     python benchmarks/bench_rendezvous.py --agents 8,64,256,1024 --trials 20
     python benchmarks/bench_rendezvous.py --quick            # ~1 minute: 8,64 agents, 3 trials
 
-Simulated agents are real `EtcdBackend` + `EtcdRendezvous` objects, each with its own etcd
-client (its own gRPC connection, lease, keep-alive thread and watch), run as threads spread
-over a few worker processes (spawned, one pipe each); the coordinator (this process) starts
+Simulated agents are real `EtcdBackend` + `EtcdRendezvous` objects, each with its own lease,
+keep-alive thread, watch and mirror, run as threads spread over a few worker processes
+(spawned, one pipe each); the agents of one process share its etcd client (one gRPC
+channel), as agents on one host could; the coordinator (this process) starts
 one private etcd, tells the workers what to do and reads etcd itself to see registrations.
 Times are `time.monotonic()` (CLOCK_MONOTONIC, one clock for every process on the machine).
 
@@ -23,8 +24,11 @@ Every trial is a fresh run id, so every trial starts at round 0 with fresh lease
            The survivors run the agent's watch rules (elastic/agent.py `_watch`): they see
            the member's `alive` key vanish by watch and bump the round themselves.
   churn    MIN=N/2, MAX=N, last call 0.5 s: while the round forms, 10% of the agents die and
-           10% more arrive. Checked: one sealed record for the round (created once), and
-           every agent that holds it agrees on the member list and its own rank.
+           10% more arrive. A record sealed just before a death names the dead agent; the
+           survivors then bump the round as on any death. Measured: from the start to the
+           moment every agent named in the first record of live agents only holds it.
+           Checked: that record was created once, every agent named in it holds it, and
+           the holders of each round agree on its member list and their own ranks.
 
 c10d: `DynamicRendezvousHandler` over `C10dRendezvousBackend` on one TCPStore (in this
 process), one TCPStore client per agent, timeouts tuned (--c10d-last-call 0.5 s, keep-alive
@@ -67,6 +71,7 @@ os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # no per-round
 
 C10D_NULL_SENTINEL = b"Y2FuaW1hZGFt"  # C10dRendezvousBackend's "no state yet"
 WAIT_TIMEOUT = 90.0  # one phase of one trial; beyond it the trial counts as failed
+SETUP_TIMEOUT = 600.0  # N-1 agents registering and their mirrors catching up (1,024 on a busy box)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class RunParams:
     min_nodes: int
     max_nodes: int
     last_call: float
-    lease_ttl: float = 10.0  # etcd lease TTL
+    lease_ttl: float = 60.0  # etcd lease TTL: long, so that setting up 1,024 agents cannot expire one
     keepalive: float = 1.0  # c10d keep-alive interval
     keepalive_attempts: int = 3  # c10d: a node is dead after interval x attempts without a heartbeat
 
@@ -96,10 +101,21 @@ def _raise_if(dead: threading.Event, node: str) -> None:
 
 
 class _SharedClient:
-    """An etcd client kept across trials: EtcdBackend.shutdown() closes its client, not ours."""
+    """The worker process's one etcd client (one gRPC channel, one watch stream), shared by
+    its agents and kept across trials: EtcdBackend.shutdown() closes its client, not ours.
 
-    def __init__(self, client) -> None:
-        self._client = client
+    Each agent still has its own lease, keep-alive thread, watch and mirror, and runs the
+    real EtcdRendezvous code for join and seal; only the connection is shared, as the
+    agents of one host could share it. Hundreds of channels in one process starve each
+    other (and their keep-alives) on two cores.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        from elastic.etcd_client import EtcdConfig, connect
+
+        # A long request timeout: hundreds of agents on two cores can take seconds to get a
+        # watch created; the default 5 s makes setup fail rather than measure anything.
+        self._client = connect(EtcdConfig(endpoint, timeout=30.0), check=False)
 
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -111,14 +127,10 @@ class _SharedClient:
 class EtcdAgent:
     """One simulated agent: EtcdBackend + EtcdRendezvous, and the agent's watch rules."""
 
-    def __init__(self, idx: int, endpoint: str) -> None:
-        from elastic.etcd_client import EtcdConfig, connect
-
+    def __init__(self, idx: int, endpoint: str, client: _SharedClient) -> None:
         self.idx = idx
         self.node = f"n{idx:05d}"
-        # A long request timeout: hundreds of agents on two cores can take seconds to get a
-        # watch created; the default 5 s makes setup fail rather than measure anything.
-        self.client = _SharedClient(connect(EtcdConfig(endpoint, timeout=30.0), check=False))
+        self.client = client
         self.endpoint = endpoint
         self.dead = threading.Event()
         self.joins: list[tuple] = []
@@ -130,7 +142,7 @@ class EtcdAgent:
         from elastic.rdzv_etcd import EtcdBackend
         from elastic.rendezvous import EtcdRendezvous
 
-        settings = RendezvousSettings(join_timeout=WAIT_TIMEOUT, last_call_timeout=params.last_call,
+        settings = RendezvousSettings(join_timeout=SETUP_TIMEOUT + WAIT_TIMEOUT, last_call_timeout=params.last_call,
                                       lease_ttl=params.lease_ttl, key_prefix="bench", cooldown_base=0.001)
         config = LaunchConfig(entrypoint=__file__, args=(), min_nodes=params.min_nodes,
                               max_nodes=params.max_nodes, rdzv_endpoint=self.endpoint,
@@ -195,7 +207,7 @@ class EtcdAgent:
                 pass  # the lease of a killed agent is already revoked or expired
 
     def close(self) -> None:
-        self.client._client.close()  # noqa: SLF001
+        pass  # the process's client is closed when the process exits
 
 
 class C10dAgent:
@@ -281,7 +293,11 @@ def worker_main(conn, impl: str, endpoint: str) -> None:
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)
-    kind = EtcdAgent if impl == "etcd" else C10dAgent
+    if impl == "etcd":
+        client = _SharedClient(endpoint)
+        kind = lambda idx, endpoint: EtcdAgent(idx, endpoint, client)  # noqa: E731
+    else:
+        kind = C10dAgent
     agents: dict[int, object] = {}
     changed = threading.Condition()
     errors: list[str] = []
@@ -322,14 +338,27 @@ def worker_main(conn, impl: str, endpoint: str) -> None:
             for idx in kw["idxs"]:
                 threading.Thread(target=body, args=(agents[idx],), daemon=True).start()
             return {"t0": t0}
-        if cmd == "wait":
+        if cmd == "wait":  # until each agent held its nth round, or round number `round`
             deadline = time.monotonic() + kw["timeout"]
             want = [agents[i] for i in kw["idxs"]]
+
+            def held(agent):
+                if kw.get("round") is not None:
+                    return next((j for j in agent.joins if j[1] == kw["round"]), None)
+                return agent.joins[kw["nth"] - 1] if len(agent.joins) >= kw["nth"] else None
+
             with changed:
-                changed.wait_for(lambda: errors or all(len(a.joins) >= kw["nth"] for a in want),
+                changed.wait_for(lambda: errors or all(held(a) is not None for a in want),
                                  timeout=max(0.0, deadline - time.monotonic()))
-                return {"results": {a.idx: a.joins[kw["nth"] - 1] for a in want if len(a.joins) >= kw["nth"]},
-                        "errors": list(errors)}
+                return {"results": {a.idx: held(a) for a in want if held(a) is not None}, "errors": list(errors)}
+        if cmd == "mirrored":  # until each agent's own mirror shows `count` members of `round`
+            deadline = time.monotonic() + kw["timeout"]
+            for idx in kw["idxs"]:
+                backend = agents[idx].backend
+                while len(backend.state().members) < kw["count"] or backend.current_round() != kw["round"]:
+                    if not backend.wait(backend.version, deadline - time.monotonic()):
+                        return {"ok": False}
+            return {"ok": True}
         if cmd == "joins":
             return {"joins": {a.idx: list(a.joins) for a in agents.values() if a is not None and a.joins}}
         if cmd == "kill":
@@ -416,17 +445,19 @@ class Workers:
             replies.append(reply)
         return replies
 
-    def wait(self, idxs, nth: int, timeout: float = WAIT_TIMEOUT) -> dict[int, tuple]:
+    def wait(self, idxs, nth: int = 1, timeout: float = WAIT_TIMEOUT, round_: int | None = None) -> dict[int, tuple]:
+        """Each agent's nth held round (or the round numbered `round_`), once all hold it."""
         results: dict[int, tuple] = {}
         errors: list[str] = []
-        for reply in self.call("wait", idxs, nth=nth, timeout=timeout):
+        for reply in self.call("wait", idxs, nth=nth, timeout=timeout, round=round_):
             results.update(reply["results"])
             errors += reply["errors"]
         if errors:
             raise TrialFailed("agent error: " + errors[0])
         missing = sorted(set(idxs) - set(results))
         if missing:
-            raise TrialFailed(f"{len(missing)} agents did not hold round #{nth} within {timeout:g}s "
+            which = f"round {round_}" if round_ is not None else f"their round #{nth}"
+            raise TrialFailed(f"{len(missing)} agents did not hold {which} within {timeout:g}s "
                               f"(first: n{missing[0]:05d})")
         return results
 
@@ -460,6 +491,10 @@ class EtcdObserver:
     def registered(self, run_id: str, round_: int) -> int:
         prefix = f"/bench/{run_id}/rounds/{round_}/members/"
         return self.client.get_prefix_response(prefix, count_only=True).count
+
+    def current_round(self, run_id: str) -> int:
+        raw, _meta = self.client.get(f"/bench/{run_id}/round")
+        return int(raw) if raw is not None else 0
 
     def sealed(self, run_id: str, round_: int):
         """(node ids, version of the key) of round_'s sealed record, or None."""
@@ -534,6 +569,7 @@ class Series:
     writes: list[float] = field(default_factory=list)
     retries: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # churn: rounds until one held by live agents only
     trials: int = 0
     note: str = ""
 
@@ -576,8 +612,14 @@ class Bench:
         idxs = list(range(n))
         before = self._setup(params, idxs)
         self.workers.call("start", idxs[:-1])
-        wait_until(lambda: self.observer.registered(params.run_id, 0) >= n - 1, WAIT_TIMEOUT,
+        wait_until(lambda: self.observer.registered(params.run_id, 0) >= n - 1, SETUP_TIMEOUT,
                    f"{n - 1} registrations")
+        if self.impl == "etcd":
+            # The last node arrives once the others are waiting, their watches caught up: the
+            # N^2 registration events of starting N-1 agents at once are setup, not the join.
+            replies = self.workers.call("mirrored", idxs[:-1], count=n - 1, round=0, timeout=SETUP_TIMEOUT)
+            if not all(r["ok"] for r in replies):
+                raise TrialFailed(f"agents' mirrors did not show {n - 1} registrations within {SETUP_TIMEOUT:g}s")
         (reply,) = self.workers.call("start", [n - 1])
         results = self.workers.wait(idxs, nth=1)
         bad = check_agreement(results, n)
@@ -614,7 +656,12 @@ class Bench:
         out.add(max(r[0] for r in results.values()) - reply["t0"], *per_agent(before, after, survivors))
 
     def churn_trial(self, out: Series) -> None:
-        """10% leave and 10% arrive while the round forms; check one record and agreement."""
+        """10% leave and 10% arrive while the round forms; check one record per round and agreement.
+
+        A leaver may already be in the first sealed record (it died after the sealer read its
+        registration): the survivors then bump the round, as on any death, and the trial
+        waits for the round whose record names only live agents.
+        """
         n = self.n
         extra = self.pool - n
         params = self.params(min_nodes=max(1, n // 2), max_nodes=n, last_call=0.5)
@@ -625,25 +672,35 @@ class Bench:
         wait_until(lambda: self.observer.registered(params.run_id, 0) >= n // 2, WAIT_TIMEOUT,
                    f"{n // 2} registrations")
         leaving = self.rng.sample(range(n), extra)
+        dead = {f"n{i:05d}" for i in leaving}
         self.workers.call("kill", leaving, mode="revoke")
         self.workers.call("start", idxs[n:])
-        wait_until(lambda: self.observer.sealed(params.run_id, 0) is not None, WAIT_TIMEOUT, "the seal")
-        members, version = self.observer.sealed(params.run_id, 0)
+
+        def settled():
+            round_ = self.observer.current_round(params.run_id)
+            record = self.observer.sealed(params.run_id, round_)
+            return (round_, record) if record is not None and not dead & set(record[0]) else None
+
+        wait_until(lambda: settled() is not None, WAIT_TIMEOUT, "a sealed round of live agents")
+        final, (members, version) = settled()
         if version != 1:
-            raise TrialFailed(f"round 0's sealed record was written {version} times")
-        held = [i for i in idxs if f"n{i:05d}" in members and i not in leaving]
-        results = self.workers.wait(held, nth=1)
-        joins = {}
+            raise TrialFailed(f"round {final}'s sealed record was written {version} times")
+        held = [i for i in idxs if f"n{i:05d}" in members]
+        results = self.workers.wait(held, round_=final)
+        joins: dict[int, list] = {}
         for reply in self.workers.call("joins"):
             joins.update(reply["joins"])
-        round0 = {i: js[0] for i, js in joins.items() if js and js[0][1] == 0}
-        bad = check_agreement(round0, None)
-        if bad:
-            raise TrialFailed(bad)
-        if next(iter(round0.values()))[2] != members:
+        for round_ in range(final + 1):
+            holders = {i: j for i, js in joins.items() for j in js if j[1] == round_}
+            bad = check_agreement(holders, None) if holders else None
+            if bad:
+                raise TrialFailed(f"round {round_}: {bad}")
+        if next(iter(results.values()))[2] != members:
             raise TrialFailed("agents hold a member list that differs from etcd's sealed record")
         out.add(max(r[0] for r in results.values()) - started, 0.0, 0.0)
-        out.note = f"sealed {len(members)}/{n}; {extra} left, {extra} arrived"
+        out.rounds.append(final + 1)
+        out.note = (f"sealed {len(members)}/{n}; {extra} left, {extra} arrived; "
+                    f"rounds to settle: max {max(out.rounds)}")
 
     def run_series(self, name: str, trials: int, budget: float, one_trial) -> Series:
         """Run up to `trials` trials (fewer if `budget` seconds run out); a failure is recorded."""
@@ -681,9 +738,11 @@ def bench_etcd(args, endpoint: str, observer, n: int) -> dict[str, Series]:
     results: dict[str, Series] = {}
     trials = args.trials if n < 1024 else args.trials_1024
     budget = args.budget
+    wanted = args.series
     try:
-        results["join"] = bench.run_series("join", trials, budget, lambda out: bench.join_trial(
-            bench.params(min_nodes=n, max_nodes=n, last_call=30.0), out))
+        if "join" in wanted:
+            results["join"] = bench.run_series("join", trials, budget, lambda out: bench.join_trial(
+                bench.params(min_nodes=n, max_nodes=n, last_call=30.0), out))
         both = (Series(), Series())
 
         def join_then_death(_out) -> None:
@@ -691,12 +750,12 @@ def bench_etcd(args, endpoint: str, observer, n: int) -> dict[str, Series]:
             bench.join_trial(params, both[0])
             bench.death_trial(params, "revoke", both[1])
 
-        if n >= 2:
+        if n >= 2 and {"join*", "death"} & wanted:
             shared = bench.run_series("join*+death", trials, budget, join_then_death)
             for s in both:
                 s.trials, s.failures, s.note = shared.trials, shared.failures, shared.note
             results["join*"], results["death"] = both
-        if n <= args.ttl_max_agents and args.ttl_trials:
+        if n <= args.ttl_max_agents and args.ttl_trials and "death-ttl" in wanted:
             def ttl_death(out) -> None:
                 params = bench.params(min_nodes=n - 1, max_nodes=n, last_call=30.0, lease_ttl=2.0)
                 bench.join_trial(params, Series())
@@ -704,7 +763,8 @@ def bench_etcd(args, endpoint: str, observer, n: int) -> dict[str, Series]:
 
             results["death-ttl"] = bench.run_series("death-ttl", args.ttl_trials, budget, ttl_death)
         churn_trials = trials if n < 1024 else min(trials, args.trials_1024)
-        results["churn"] = bench.run_series("churn", churn_trials, budget, bench.churn_trial)
+        if "churn" in wanted:
+            results["churn"] = bench.run_series("churn", churn_trials, budget, bench.churn_trial)
     finally:
         bench.close()
     return results
@@ -843,6 +903,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=40.0, help="seconds per series before trials are cut")
     p.add_argument("--n-cap", type=float, default=120.0,
                    help="seconds one N may take in all; past it, what ran is kept and the rest is cut")
+    p.add_argument("--series", default=",".join(k for k, _ in METRICS),
+                   help="which of our series to run, comma-separated (join* and death run together)")
     p.add_argument("--quick", action="store_true", help="8 and 64 agents, 5 trials; c10d at 8 (~1 min)")
     args = p.parse_args(argv)
     if args.quick:
@@ -851,6 +913,10 @@ def parse_args(argv=None):
         for key, value in quick.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
+    args.series = set(args.series.split(","))
+    unknown = args.series - {k for k, _ in METRICS}
+    if unknown:
+        p.error(f"unknown --series {', '.join(sorted(unknown))}: choose from {', '.join(k for k, _ in METRICS)}")
     args.agent_counts = [int(x) for x in str(args.agents).split(",") if x]
     args.c10d_counts = [int(x) for x in str(args.c10d_agents).split(",") if x]
     if any(n < 2 for n in args.agent_counts + args.c10d_counts):

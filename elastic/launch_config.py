@@ -23,7 +23,7 @@ _RDZV_CONF_ALIASES = {"timeout": "join_timeout", "ca": "ca_cert", "cacert": "ca_
 class RendezvousSettings:
     """Options of the etcd rendezvous (from `--rdzv-conf key=value,...`)."""
 
-    join_timeout: float = 600.0  # how long to wait for MIN nodes
+    join_timeout: float = 600.0  # how long to wait for MIN nodes, or for a live survivor to rejoin
     last_call_timeout: float = 2.0  # how long to wait for newcomers once MIN have joined
     lease_ttl: float = 5.0  # a node whose agent stops keeping its lease alive is gone after this
     connect_timeout: float = 5.0  # etcd unreachable at start: fail after this

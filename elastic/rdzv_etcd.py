@@ -50,6 +50,39 @@ def _sealed(raw: bytes) -> SealedRound:
     return SealedRound.from_json(raw)
 
 
+class _Mirror:
+    """The run's keys (relative to its prefix), also indexed by parent directory, so that
+    listing one directory (the members of a round, the live nodes) costs its own size rather
+    than the whole run's: with N agents every agent re-reads the state on every change."""
+
+    def __init__(self, kvs: dict[str, bytes]) -> None:
+        self._values: dict[str, bytes] = {}
+        self._dirs: dict[str, dict[str, bytes]] = {}
+        for key, value in kvs.items():
+            self.put(key, value)
+
+    def put(self, key: str, value: bytes) -> None:
+        self._values[key] = value
+        parent, _, name = key.rpartition("/")
+        self._dirs.setdefault(parent + "/", {})[name] = value
+
+    def delete(self, key: str) -> None:
+        if self._values.pop(key, None) is None:
+            return
+        parent, _, name = key.rpartition("/")
+        children = self._dirs[parent + "/"]
+        del children[name]
+        if not children:
+            del self._dirs[parent + "/"]
+
+    def get(self, key: str) -> bytes | None:
+        return self._values.get(key)
+
+    def children(self, parent: str) -> dict[str, bytes]:
+        """{name: value} of the keys directly under `parent` (which ends in '/'), a copy."""
+        return dict(self._dirs.get(parent, ()))
+
+
 class EtcdBackend:
     """One agent's connection to the run's keys. Writes are transactions; reads use the mirror."""
 
@@ -61,7 +94,7 @@ class EtcdBackend:
         self.node_id = node_id
         self._clock = clock
         self._lease = None
-        self._mirror: dict[str, bytes] = {}
+        self._mirror = _Mirror({})
         self._changed = threading.Condition()
         self._version = 0  # bumped on every mirror change
         self._revision = 0  # etcd revision the mirror reflects
@@ -95,7 +128,7 @@ class EtcdBackend:
         """(Re)load the mirror with one range read and watch every change after it."""
         response = self._client.get_prefix_response(self.prefix)
         revision = response.header.revision
-        fresh = {kv.key.decode(): kv.value for kv in response.kvs}
+        fresh = _Mirror({kv.key.decode()[len(self.prefix):]: kv.value for kv in response.kvs})
         with self._changed:
             self._mirror = fresh
             self._revision = revision
@@ -114,11 +147,11 @@ class EtcdBackend:
                 self._watch_broken = True
             else:
                 for event in response.events:
-                    key = event.key.decode()
+                    key = event.key.decode()[len(self.prefix):]
                     if isinstance(event, DeleteEvent):
-                        self._mirror.pop(key, None)
+                        self._mirror.delete(key)
                     else:
-                        self._mirror[key] = event.value
+                        self._mirror.put(key, event.value)
                 self._revision = max(self._revision, response.header.revision)
             self._version += 1
             self._changed.notify_all()
@@ -146,11 +179,10 @@ class EtcdBackend:
             self._changed.notify_all()
 
     def _get(self, suffix: str) -> bytes | None:
-        return self._mirror.get(self.prefix + suffix)
+        return self._mirror.get(suffix)
 
     def _children(self, suffix: str) -> dict[str, bytes]:
-        base = self.prefix + suffix
-        return {k[len(base):]: v for k, v in list(self._mirror.items()) if k.startswith(base)}
+        return self._mirror.children(suffix)
 
     def current_round(self) -> int:
         raw = self._get("round")
@@ -179,6 +211,20 @@ class EtcdBackend:
         """Members of `round_` that finished or left on purpose (their absence is no failure)."""
         return set(self._children(f"rounds/{round_}/done/")) | set(self._children(f"rounds/{round_}/left/"))
 
+    def join_state(self) -> RunState:
+        """The state a joining node decides on. Once the current round is sealed or the job
+        closed, decide_join reads nothing else, so the per-member work is skipped: with N
+        agents, all of them re-read the state on the seal's event."""
+        round_ = self.current_round()
+        closed, sealed = self.closed(), self.sealed(round_)
+        if closed is not None or sealed is not None:
+            return RunState(round=round_, closed=closed, sealed=sealed)
+        return self.state()
+
+    def members(self, round_: int) -> dict[str, Member]:
+        """The nodes registered for `round_` (kept until round + 2 is sealed)."""
+        return {n: _member(v) for n, v in self._children(f"rounds/{round_}/members/").items()}
+
     def state(self) -> RunState:
         """The protocol's view of the current round, from the mirror."""
         round_ = self.current_round()
@@ -191,7 +237,7 @@ class EtcdBackend:
             round=round_,
             closed=self.closed(),
             sealed=self.sealed(round_),
-            members={n: _member(v) for n, v in self._children(f"rounds/{round_}/members/").items()},
+            members=self.members(round_),
             previous=previous,
             previous_alive=previous_alive,
             waiting=frozenset(self._children("waiting/")),
@@ -218,19 +264,26 @@ class EtcdBackend:
                 delay = min(delay * 2, 1.0)
 
     def _txn(self, compare, success) -> bool:
+        """Run one transaction, then wait until the mirror shows its outcome: our write if it
+        succeeded, else the compared keys as they were when the compare failed."""
         self.writes += 1
-        ok, _ = self._retry("a transaction", lambda: self._client.transaction(
-            compare=compare, success=success, failure=[]))
-        if not ok:
+        compared = list(dict.fromkeys(c.key for c in compare))
+        ok, responses = self._retry("a transaction", lambda: self._client.transaction(
+            compare=compare, success=success, failure=[self._tx.get(key) for key in compared]))
+        if ok:
+            revision = max(getattr(r, r.WhichOneof("response")).header.revision for r in responses)
+        else:
             self.failed_txns += 1
-        self._catch_up()
+            revision = max((meta.mod_revision for kvs in responses for _value, meta in kvs), default=0)
+        self._catch_up(revision)
         return ok
 
-    def _catch_up(self, timeout: float = 5.0) -> None:
-        """Read-your-writes: wait until the mirror reflects etcd as of now (after our write)."""
+    def _catch_up(self, revision: int, timeout: float = 5.0) -> None:
+        """Read-your-writes: wait until the mirror reflects `revision`, a change under the
+        run's prefix (so its watch delivers it). Not the store's current revision: writes of
+        other runs on the same etcd never reach this watch."""
         if self._watch_id is None:
             return  # no mirror yet: sync() will read everything
-        revision = self._retry("a read", lambda: self._client.get_response(self._key("round"))).header.revision
         with self._changed:
             self._changed.wait_for(lambda: self._revision >= revision or self._watch_broken, timeout)
 
@@ -312,16 +365,19 @@ class EtcdBackend:
         key = self._key(f"waiting/{self.node_id}")
         self.writes += 1
         if waiting:
-            self._retry("registering as waiting", lambda: self._client.put(key, "1", lease=self._lease))
+            put = self._retry("registering as waiting", lambda: self._client.put(key, "1", lease=self._lease))
+            self._catch_up(put.header.revision)
         else:
-            self._retry("leaving the waiting list", lambda: self._client.delete(key))
-        self._catch_up()
+            deleted = self._retry("leaving the waiting list",
+                                  lambda: self._client.delete(key, return_response=True))
+            self._catch_up(deleted.header.revision if deleted.deleted else 0)
 
     def mark(self, round_: int, what: str) -> None:
         """Record that this node is `done` with, or `left`, round `round_`."""
-        self._retry(f"marking {what}", lambda: self._client.put(self._key(f"rounds/{round_}/{what}/{self.node_id}"), "1"))
+        key = self._key(f"rounds/{round_}/{what}/{self.node_id}")
+        put = self._retry(f"marking {what}", lambda: self._client.put(key, "1"))
         self.writes += 1
-        self._catch_up()
+        self._catch_up(put.header.revision)
 
     def claim_failure(self, round_: int, claim: FailureClaim) -> None:
         """Say that this node's workers failed in `round_` (when, and which peers it cannot reach)."""

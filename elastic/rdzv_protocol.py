@@ -8,7 +8,8 @@ in `elastic/rendezvous.py` reads the state from etcd, asks for a decision, and a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from elastic.workers import Assignment
 
@@ -29,38 +30,49 @@ class Member:
 
 @dataclass(frozen=True)
 class SealedRound:
-    """The fixed outcome of a round: ordered members, hence ranks, and the master address."""
+    """The fixed outcome of a round: ordered members (hence ranks), their process counts and
+    the master address. Only what a rank needs: every agent receives the record by watch, so
+    with 1,024 nodes its size is paid 1,024 times (node ids only: about 9 bytes a node)."""
 
     round: int
-    members: tuple[Member, ...]
+    node_ids: tuple[str, ...]
+    nprocs: tuple[int, ...]
+    master_addr: str
+    master_port: int
     restart_count: int
 
+    @classmethod
+    def of(cls, round_: int, members: Sequence[Member], restart_count: int) -> SealedRound:
+        """The record of `members` in rank order; the first one hosts the master."""
+        first = members[0]
+        return cls(round_, tuple(m.node_id for m in members), tuple(m.nproc for m in members),
+                   first.addr, first.port, restart_count)
+
     def to_json(self) -> str:
+        uniform = len(set(self.nprocs)) == 1
         return json.dumps({"round": self.round, "restart_count": self.restart_count,
-                           "members": [asdict(m) for m in self.members]})
+                           "master": [self.master_addr, self.master_port], "nodes": list(self.node_ids),
+                           "nproc": self.nprocs[0] if uniform else list(self.nprocs)}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> SealedRound:
         data = json.loads(raw)
-        return cls(data["round"], tuple(Member(**m) for m in data["members"]), data["restart_count"])
-
-    @property
-    def node_ids(self) -> tuple[str, ...]:
-        return tuple(m.node_id for m in self.members)
+        nodes = tuple(data["nodes"])
+        nproc = data["nproc"]
+        nprocs = tuple(nproc) if isinstance(nproc, list) else (nproc,) * len(nodes)
+        addr, port = data["master"]
+        return cls(data["round"], nodes, nprocs, addr, port, data["restart_count"])
 
     def assignment_for(self, node_id: str) -> Assignment | None:
-        offset = 0
-        for index, member in enumerate(self.members):
-            if member.node_id == node_id:
-                first = self.members[0]
-                return Assignment(
-                    round=self.round, group_rank=index, num_nodes=len(self.members),
-                    world_size=sum(m.nproc for m in self.members), rank_offset=offset,
-                    master_addr=first.addr, master_port=first.port,
-                    restart_count=self.restart_count, local_addr=member.addr,
-                )
-            offset += member.nproc
-        return None
+        if node_id not in self.node_ids:
+            return None
+        index = self.node_ids.index(node_id)
+        return Assignment(
+            round=self.round, group_rank=index, num_nodes=len(self.node_ids),
+            world_size=sum(self.nprocs), rank_offset=sum(self.nprocs[:index]),
+            master_addr=self.master_addr, master_port=self.master_port,
+            restart_count=self.restart_count,
+        )
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,10 @@ class Settings:
     world_size_multiple: int = 1
     cooldown_base: float = 10.0
     cooldown_cap: float = 600.0
+    # How long live members of the previous round are awaited before the round seals without
+    # them (they are stopping their workers; an agent that neither comes back nor loses its
+    # lease is wedged). The last-call window is only for newcomers.
+    rejoin_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -191,7 +207,9 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
     """What a node that wants to run in round `state.round` should do next.
 
     Seal at once when every live member of the previous round is back or MAX have joined;
-    else, once MIN are admissible, wait the last-call window for newcomers, then seal.
+    else, once MIN are admissible, wait for the live members of the previous round that have
+    not registered yet (up to the rejoin timeout), or else the last-call window for
+    newcomers, then seal.
     """
     if state.closed is not None:
         return Closed(state.closed.get("reason", "closed"))
@@ -210,14 +228,18 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
     everyone_back = bool(state.previous_alive) and state.previous_alive <= set(chosen)
     if len(chosen) >= settings.max_nodes or everyone_back:
         return Seal(_record(state, chosen))
-    deadline = (min_reached_at if min_reached_at is not None else now) + settings.last_call_timeout
+    # A survivor that is slower than the last call to stop its workers must not be left out:
+    # it would come back as a spare and cost the job a second restart to grow again.
+    survivors_missing = not state.previous_alive <= state.members.keys()
+    window = settings.rejoin_timeout if survivors_missing else settings.last_call_timeout
+    deadline = (min_reached_at if min_reached_at is not None else now) + window
     if now >= deadline:
         return Seal(_record(state, chosen))
     return Wait(until=deadline)
 
 
 def _record(state: RunState, chosen: list[str]) -> SealedRound:
-    return SealedRound(state.round, tuple(state.members[n] for n in chosen), state.restarts)
+    return SealedRound.of(state.round, [state.members[n] for n in chosen], state.restarts)
 
 
 def _next_cooldown_end(state: RunState, settings: Settings, now: float) -> float:
@@ -238,7 +260,7 @@ def decide_growth(state: RunState, running: SealedRound, settings: Settings, now
         return False
     candidates = [n for n in sorted(state.waiting) if n not in running.node_ids
                   and _cooled(state, n, settings, now)]
-    return _allowed_size(len(running.members) + len(candidates), settings) > len(running.members)
+    return _allowed_size(len(running.node_ids) + len(candidates), settings) > len(running.node_ids)
 
 
 def decide_blame(members: tuple[str, ...], claims: dict[str, FailureClaim]) -> str | None:

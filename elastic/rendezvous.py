@@ -9,6 +9,7 @@ and the agent stops its workers and joins again with a new lease.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -41,10 +42,17 @@ log = logging.getLogger(__name__)
 
 # When a round can be sealed (or a member is gone), every agent sees it by the same watch
 # event. Only one agent acts at once: the first node of the record to seal (or the first live
-# member of the running round); the others act only if nothing happened for this long (the
-# designated one may itself have died and its lease not yet expired). Without this, all N
-# agents send the same compare-and-swap and N-1 of them fail.
+# member of the running round); the k-th in that order acts only if nothing happened for k
+# times this long (the ones before it may have died, their leases not yet expired). Without
+# this, all N agents send the same compare-and-swap and N-1 of them fail; with one common
+# delay, they all do so at once whenever the first one is slower than the delay.
 TAKEOVER_DELAY = 1.0
+
+
+def _takeover_at(since: float, order: tuple[str, ...], node: str) -> float:
+    """When `node` acts on something first seen at `since`, if nobody before it in `order` has."""
+    place = order.index(node) if node in order else len(order)
+    return since + place * TAKEOVER_DELAY
 
 
 class EtcdRendezvous:
@@ -62,6 +70,7 @@ class EtcdRendezvous:
             last_call_timeout=config.rdzv.last_call_timeout,
             world_size_multiple=config.rdzv.world_size_multiple,
             cooldown_base=config.rdzv.cooldown_base, cooldown_cap=config.rdzv.cooldown_cap,
+            rejoin_timeout=config.rdzv.join_timeout,
         )
         self._stop = threading.Event()
         self._keepalive: threading.Thread | None = None
@@ -162,7 +171,7 @@ class EtcdRendezvous:
         while True:
             self.should_abort()
             version = self._backend.version
-            state = self._backend.state()
+            state = self._backend.join_state()
             now = self._clock()
             if state.round != tracked_round:
                 tracked_round, min_reached_at, sealable_since = state.round, None, None
@@ -180,7 +189,7 @@ class EtcdRendezvous:
                 if waiting:
                     self._backend.set_waiting(False)
                 self._growth_seen = None
-                return action.assignment
+                return dataclasses.replace(action.assignment, local_addr=self._addr)
             if isinstance(action, Register):
                 member = Member(self.node_id, self._addr, self._pick_port(), self._config.nproc_per_node,
                                 self._probe.port)
@@ -190,8 +199,9 @@ class EtcdRendezvous:
                 self._backend.wait(version, 1.0)
             elif isinstance(action, Seal):
                 sealable_since = sealable_since if sealable_since is not None else now
-                if action.record.node_ids[0] != self.node_id and now < sealable_since + TAKEOVER_DELAY:
-                    self._backend.wait(version, sealable_since + TAKEOVER_DELAY - now)
+                turn = _takeover_at(sealable_since, action.record.node_ids, self.node_id)
+                if now < turn:
+                    self._backend.wait(version, turn - now)
                     continue  # the round's first node seals; take over only if it does not
                 if self._backend.seal(action.record):
                     log.info("rendezvous: sealed round %d of run %s with nodes %s", state.round,
@@ -251,7 +261,7 @@ class EtcdRendezvous:
         """Members of a running round whose agent is gone without finishing or leaving.
 
         Reported at once to the first live member of the round, which bumps the round; to
-        the others only after TAKEOVER_DELAY (they see the bump by watch well before).
+        the k-th only after k times TAKEOVER_DELAY (they see the bump by watch well before).
         """
         alive, finished = self._backend.alive(), self._backend.finished(round_)
         gone = [n for n in members if n not in alive and n not in finished]
@@ -260,10 +270,8 @@ class EtcdRendezvous:
         now = self._clock()
         if self._gone_seen is None or self._gone_seen[0] != round_:
             self._gone_seen = (round_, now)
-        first_live = next((n for n in members if n not in gone), None)
-        if first_live == self.node_id or now >= self._gone_seen[1] + TAKEOVER_DELAY:
-            return gone
-        return []
+        live = tuple(n for n in members if n not in gone)
+        return gone if now >= _takeover_at(self._gone_seen[1], live, self.node_id) else []
 
     def should_grow(self, round_: int) -> bool:
         """True once waiting nodes have been debounced and would enlarge the running round."""
@@ -321,8 +329,9 @@ class EtcdRendezvous:
         return decide_blame(members, self._backend.failure_claims(round_)) or self.node_id
 
     def _unreachable_peers(self, sealed: SealedRound) -> list[str]:
-        targets = {m.node_id: (m.addr, m.probe_port) for m in sealed.members
-                   if m.node_id != self.node_id and m.probe_port}
+        registered = self._backend.members(sealed.round)  # the record names nodes only
+        targets = {n: (registered[n].addr, registered[n].probe_port) for n in sealed.node_ids
+                   if n != self.node_id and n in registered and registered[n].probe_port}
         return unreachable(targets, self._config.rdzv.probe_timeout) if targets else []
 
     def _peers_reachable(self, round_: int) -> bool:

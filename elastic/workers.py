@@ -39,7 +39,7 @@ class Assignment:
     master_addr: str
     master_port: int
     restart_count: int
-    local_addr: str  # the address this node registered: where its peers reach it
+    local_addr: str = ""  # the address this node registered (set by the rendezvous, not in the record)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from elastic.rdzv_protocol import (
     decide_join,
 )
 
-S = Settings(min_nodes=2, max_nodes=3, last_call_timeout=10.0, cooldown_base=10.0, cooldown_cap=100.0)
+S = Settings(min_nodes=2, max_nodes=3, last_call_timeout=10.0, cooldown_base=10.0, cooldown_cap=100.0,
+             rejoin_timeout=60.0)
 
 
 def members(*names: str) -> dict[str, Member]:
@@ -31,7 +32,7 @@ def members(*names: str) -> dict[str, Member]:
 
 
 def sealed(round_: int, *names: str) -> SealedRound:
-    return SealedRound(round_, tuple(members(*names).values()), 0)
+    return SealedRound.of(round_, list(members(*names).values()), 0)
 
 
 def test_unregistered_node_registers():
@@ -64,10 +65,22 @@ def test_survivors_back_seal_at_once_without_last_call():
     assert action.record.node_ids == ("b", "a")  # survivors keep their order (stable ranks)
 
 
-def test_waits_while_a_live_survivor_is_missing():
+def test_a_live_survivor_is_awaited_past_the_last_call_up_to_the_rejoin_timeout():
+    # c is alive but still stopping its workers: the last call (10 s) is for newcomers.
     state = RunState(round=1, members=members("a", "b"), previous=sealed(0, "a", "b", "c"),
                      previous_alive=frozenset({"a", "b", "c"}))
-    assert decide_join(state, "a", S, 0.0, 0.0) == Wait(until=10.0)
+    assert decide_join(state, "a", S, 0.0, 0.0) == Wait(until=60.0)
+    assert decide_join(state, "a", S, 30.0, 0.0) == Wait(until=60.0)
+    action = decide_join(state, "a", S, 60.0, 0.0)  # c's agent is wedged: go on without it
+    assert isinstance(action, Seal) and action.record.node_ids == ("a", "b")
+
+
+def test_a_registered_survivor_kept_out_by_cooldown_waits_only_the_last_call():
+    state = RunState(round=1, members=members("a", "b", "c"), previous=sealed(0, "a", "b", "c"),
+                     previous_alive=frozenset({"a", "b", "c"}), nodes={"c": NodeRecord(3, 0.0)})
+    assert decide_join(state, "a", S, 1.0, 1.0) == Wait(until=11.0)
+    action = decide_join(state, "a", S, 11.0, 1.0)
+    assert isinstance(action, Seal) and action.record.node_ids == ("a", "b")
 
 
 def test_newcomers_follow_survivors_by_node_id():
@@ -78,12 +91,21 @@ def test_newcomers_follow_survivors_by_node_id():
 
 
 def test_sealed_round_gives_assignment_with_rank_offsets():
-    record = SealedRound(0, (Member("a", "h1", 7, 2), Member("b", "h2", 8, 3)), restart_count=4)
+    record = SealedRound.of(0, [Member("a", "h1", 7, 2), Member("b", "h2", 8, 3)], restart_count=4)
     action = decide_join(RunState(sealed=record, members=members("a", "b")), "b", S, 0.0, None)
     assert isinstance(action, Joined)
     a = action.assignment
     assert (a.group_rank, a.num_nodes, a.world_size, a.rank_offset) == (1, 2, 5, 2)
     assert (a.master_addr, a.master_port, a.restart_count) == ("h1", 7, 4)
+
+
+@pytest.mark.parametrize("nprocs", [(4, 4, 4), (2, 3, 1)])
+def test_sealed_record_round_trips_and_stays_small(nprocs):
+    record = SealedRound.of(7, [Member(f"node-{i}", f"10.0.0.{i}", 29500 + i, p) for i, p in enumerate(nprocs)], 2)
+    assert SealedRound.from_json(record.to_json()) == record
+    assert (record.master_addr, record.master_port) == ("10.0.0.0", 29500)
+    # Only node ids grow with N: no per-node address or port (nobody but rank 0's is used).
+    assert "10.0.0.1" not in record.to_json()
 
 
 def test_node_left_out_of_a_sealed_round_waits_as_spare():
@@ -167,7 +189,6 @@ def test_failure_claim_round_trips_through_json():
     assert FailureClaim.from_json(claim.to_json()) == claim
 
 
-def test_assignment_carries_this_nodes_registered_address():
-    record = SealedRound(0, (Member("a", "10.0.0.1", 7, 1), Member("b", "10.0.0.2", 8, 1)), 0)
-    assert record.assignment_for("b").local_addr == "10.0.0.2"
-    assert record.assignment_for("b").master_addr == "10.0.0.1"
+def test_assignment_takes_the_master_address_from_the_first_member():
+    record = SealedRound.of(0, (Member("a", "10.0.0.1", 7, 1), Member("b", "10.0.0.2", 8, 1)), 0)
+    assert (record.assignment_for("b").master_addr, record.assignment_for("b").master_port) == ("10.0.0.1", 7)

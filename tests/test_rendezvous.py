@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from elastic.errors import StaleRoundError
 from elastic.etcd_client import EtcdConfig, connect
 from elastic.fencing import RoundFence
+from elastic.launch_config import LaunchConfig, RendezvousSettings
 from elastic.rdzv_etcd import EtcdBackend
 from elastic.rdzv_protocol import Member, SealedRound
+from elastic.rendezvous import EtcdRendezvous
 from helpers import Job, wait_gone
 
 
@@ -153,12 +157,12 @@ def test_stale_round_commit_is_refused(etcd_server, run_id):
     backend.announce()
     backend.sync()
     member = Member("a", "127.0.0.1", 1, 1)
-    assert backend.seal(SealedRound(0, (member,), 0))
+    assert backend.seal(SealedRound.of(0, [member], 0))
     fence = RoundFence(EtcdConfig(etcd_server.endpoint), "elastic", run_id, 0)
     fence()  # round 0 is the newest sealed round: the commit may go ahead
     assert backend.bump_round(0, reason="test", failed_node=None)
     fence()  # moved on but not sealed yet: round 0's workers may still save their last step
-    assert backend.seal(SealedRound(1, (member,), 0))
+    assert backend.seal(SealedRound.of(1, [member], 0))
     with pytest.raises(StaleRoundError, match="belongs to rendezvous round 0 but the newest sealed round is 1"):
         fence()
     backend.shutdown()
@@ -231,3 +235,105 @@ def test_failure_found_before_workers_start_counts_against_the_node_not_the_budg
     assert backend.bump_round(1, reason="rank 2 hung", failed_node="c")
     assert (backend.restarts(), backend.state().nodes["c"].failures) == (1, 2)
     backend.shutdown()
+
+
+class _Clock:
+    """The rendezvous' clock, moved on by the test (etcd, leases and watches stay real)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _InProcessAgent:
+    """An EtcdRendezvous with its own etcd client, whose join-loop turns the test can count."""
+
+    def __init__(self, endpoint: str, run_id: str, node: str, clock: _Clock) -> None:
+        settings = RendezvousSettings(join_timeout=60.0, last_call_timeout=1.0)
+        config = LaunchConfig(entrypoint=__file__, args=(), min_nodes=2, max_nodes=3, rdzv_endpoint=endpoint,
+                              run_id=run_id, node_id=node, rdzv=settings)
+        self.backend = EtcdBackend(connect(EtcdConfig(endpoint)), "elastic", run_id, node, clock=clock)
+        self.rdzv = EtcdRendezvous(self.backend, config, "127.0.0.1", lambda: 29500, clock=clock)
+        self._turns = 0
+        self._turned = threading.Condition()
+        self.rdzv.should_abort = self._turn  # called once at the top of every join-loop turn
+        self.rdzv.start()
+
+    def _turn(self) -> None:
+        with self._turned:
+            self._turns += 1
+            self._turned.notify_all()
+
+    def decided_again(self, timeout: float = 30.0) -> None:
+        """Return once a whole join-loop turn that began after this call has ended."""
+        with self._turned:
+            target = self._turns + 2  # the next turn starts, ends, and the one after starts
+            deadline = time.monotonic() + timeout
+            while self._turns < target:
+                assert time.monotonic() < deadline, f"{self.rdzv.node_id}'s join loop did not turn"
+                self._turned.release()
+                try:
+                    self.rdzv.wake()  # the loop may be waiting for a change: this is one
+                finally:
+                    self._turned.acquire()
+                self._turned.wait(0.05)
+
+
+def both_registered(a: _InProcessAgent, b: _InProcessAgent) -> None:
+    """Wait until a and b are registered for the current round and both have seen it (so
+    each has taken note of when MIN was reached, by its clock)."""
+    for agent in (a, b):
+        while set(agent.backend.state().members) != {"a", "b"}:
+            agent.backend.wait(agent.backend.version, 1.0)
+        agent.decided_again()
+
+
+def test_a_survivor_slower_than_the_last_call_is_awaited(etcd_server, run_id):
+    """Churn at scale found this: round 0 sealed and was at once ended (a member had died),
+    and a survivor that was slow to notice re-registered for round 1 only after the last
+    call; round 1 sealed without it and it waited as a spare. The last call is for newcomers:
+    live members of the previous round are awaited, up to the join timeout."""
+    clock = _Clock()
+    agents = {n: _InProcessAgent(etcd_server.endpoint, run_id, n, clock) for n in ("a", "b", "c")}
+    a, b, c = agents.values()
+    pool = ThreadPoolExecutor(3)
+    try:
+        first = {n: pool.submit(x.rdzv.join) for n, x in agents.items()}
+        assert {n: f.result(30).round for n, f in first.items()} == {"a": 0, "b": 0, "c": 0}
+        assert a.rdzv.bump_round(0, reason="a member died")
+
+        # a and b re-register at once; c is slow (stopping its workers, say).
+        fast = {n: pool.submit(agents[n].rdzv.join) for n in ("a", "b")}
+        both_registered(a, b)
+        clock.now += 2.0  # the last call (1 s) has passed since MIN (2) registered
+        for agent in (a, b):
+            agent.decided_again()
+            assert a.backend.sealed(1) is None, "round 1 sealed without its slow survivor c"
+
+        late = pool.submit(c.rdzv.join)
+        held = {n: f.result(30) for n, f in {**fast, "c": late}.items()}
+        assert {n: (x.round, x.group_rank, x.world_size) for n, x in held.items()} == {
+            "a": (1, 0, 3), "b": (1, 1, 3), "c": (1, 2, 3)}
+
+        # The wait is bounded: a survivor that does not come back within the join timeout
+        # (its agent wedged with its lease alive) is left out.
+        assert a.rdzv.bump_round(1, reason="a planned change")
+        fast = {n: pool.submit(agents[n].rdzv.join) for n in ("a", "b")}
+        both_registered(a, b)
+        clock.now += 61.0
+        a.rdzv.wake()
+        b.rdzv.wake()
+        held = {n: f.result(30) for n, f in fast.items()}
+        assert {n: (x.round, x.world_size) for n, x in held.items()} == {"a": (2, 2), "b": (2, 2)}
+    finally:
+        for agent in agents.values():
+            agent.rdzv.should_abort = _abort
+            agent.rdzv.wake()
+            agent.rdzv.shutdown()
+        pool.shutdown(wait=True)
+
+
+def _abort() -> None:
+    raise RuntimeError("test over")
