@@ -107,6 +107,8 @@ class Agent:
             self._rdzv.start()
             return self._run_rounds()
         except RendezvousClosedError as exc:
+            if exc.ok:  # a spare the job never needed
+                return self._finish(ok=True, reason=f"not needed: {exc}", code=0)
             return self._finish(ok=False, reason=f"job closed: {exc}", code=1)
         except Interrupted as exc:
             self._events.emit("interrupted", signal=str(exc))

@@ -30,6 +30,10 @@ class RendezvousTimeoutError(RendezvousError):
 class RendezvousClosedError(RendezvousError):
     """The job was closed (finished or failed) by some agent; do not join again."""
 
+    def __init__(self, reason: str, *, ok: bool = False) -> None:
+        super().__init__(reason)
+        self.ok = ok  # the job succeeded (a spare that was never needed ends with it)
+
 
 class RendezvousStateError(RendezvousError):
     """The state found in etcd is unreadable or contradicts the protocol."""

@@ -174,6 +174,7 @@ class WaitAsSpare:
 @dataclass(frozen=True)
 class Closed:
     reason: str
+    ok: bool = False
 
 
 Action = Wait | Seal | Joined | Register | WaitAsSpare | Closed
@@ -212,7 +213,7 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
     newcomers, then seal.
     """
     if state.closed is not None:
-        return Closed(state.closed.get("reason", "closed"))
+        return Closed(state.closed.get("reason", "closed"), bool(state.closed.get("ok")))
     if state.sealed is not None:
         assignment = state.sealed.assignment_for(node)
         if assignment is not None:

@@ -182,7 +182,7 @@ class EtcdRendezvous:
                 min_reached_at = None
             action = decide_join(state, self.node_id, self._settings, now, min_reached_at)
             if isinstance(action, Closed):
-                raise RendezvousClosedError(action.reason)
+                raise RendezvousClosedError(action.reason, ok=action.ok)
             if isinstance(action, Joined):
                 if not self._peers_reachable(action.assignment.round):
                     continue  # the round was ended; join the next one
@@ -351,7 +351,12 @@ class EtcdRendezvous:
         return False
 
     def mark_done(self, round_: int) -> None:
+        """This node's workers all exited 0. The last member of the round to finish closes the
+        job as a success, so that spares still waiting to join learn it is over."""
         self._backend.mark(round_, "done")
+        sealed = self._backend.sealed(round_)
+        if sealed is not None and set(sealed.node_ids) <= self._backend.finished(round_):
+            self._backend.close(ok=True, reason=f"job finished: every worker of round {round_} exited 0")
 
     def leave(self, round_: int) -> None:
         """Leave the job on purpose: peers go on without this node, and no restart is spent."""

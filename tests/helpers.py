@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
@@ -40,6 +42,25 @@ def wait_for_files(paths: list[str], timeout: float = 60.0, proc: subprocess.Pop
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {paths}")
         time.sleep(0.05)
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, *,
+               alive: Callable[[], str | None] | None = None, poll: float = 0.02) -> Any:
+    """Poll `check` until it returns something truthy (returned); fail at the deadline, or at
+    once when `alive` returns a reason (a process we depend on has exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if alive is not None:
+            dead = alive()
+            if dead:
+                raise AssertionError(f"while waiting for {what}: {dead}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
 
 
 def descendants(pid: int) -> set[int]:

@@ -18,7 +18,7 @@ from elastic.launch_config import LaunchConfig, RendezvousSettings
 from elastic.rdzv_etcd import EtcdBackend
 from elastic.rdzv_protocol import Member, SealedRound
 from elastic.rendezvous import EtcdRendezvous
-from helpers import Job, wait_gone
+from helpers import Job, wait_gone, wait_until
 
 
 @pytest.fixture
@@ -97,6 +97,19 @@ def test_spare_replaces_a_failed_node(job_factory):
     assert {v["WORLD_SIZE"] for v in replaced.values()} == {"2"}
     codes = job.finish()
     assert codes["a"] == 0 and codes["spare"] == 0
+
+
+def test_a_spare_never_needed_ends_with_the_job(job_factory):
+    """The last member to finish closes the job as a success: a node still waiting as a
+    spare learns it by watch and exits 0 instead of waiting for a round that never comes."""
+    job = job_factory("2:2", conf="last_call_timeout=1")
+    job.start("a")
+    job.start("b")
+    job.wait_round(0, {"a", "b"})
+    job.start("spare")
+    wait_until("the spare to wait", lambda: "node spare waits" in job.log("spare"), 60)
+    assert job.finish() == {"a": 0, "b": 0, "spare": 0}
+    assert "not needed: job finished: every worker of round 0 exited 0" in job.log("spare")
 
 
 def test_graceful_leave_is_a_scale_down_not_a_failure(job_factory):

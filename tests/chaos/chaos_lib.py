@@ -23,11 +23,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from helpers import REPO, child_env
+from helpers import REPO, child_env, wait_until  # noqa: F401  (re-exported for the scenarios)
 
 LOOP_WORKER = os.path.join(REPO, "tests", "loop_worker.py")
 STEPS = 24
@@ -42,23 +42,6 @@ def job_args(out: Path, tag: str, *extra: str, steps: int = STEPS, delay: float 
             "--micro-batch", "1", "--max-steps", str(steps), "--save-every", str(SAVE_EVERY),
             "--step-delay", str(delay), *extra]
 
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, *,
-               alive: Callable[[], str | None] | None = None, poll: float = 0.02) -> Any:
-    """Poll `check` until it returns something truthy (returned); fail at the deadline, or at
-    once when `alive` returns a reason (a process we depend on has exited)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if alive is not None:
-            dead = alive()
-            if dead:
-                raise AssertionError(f"while waiting for {what}: {dead}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll)
 
 
 # ---------------------------------------------------------------- what a run leaves behind
