@@ -22,8 +22,10 @@ def loop_job(tmp_path):
     jobs: list[Job] = []
 
     def make(nnodes: str, endpoint: str, conf: str = "", max_restarts: int = 3) -> Job:
+        # Steps are slow while tmp_path/slow exists (tests that must not let the job end first).
+        args = job_args(tmp_path, "run", "--slow-while", str(tmp_path / "slow"))
         job = Job(endpoint, f"chaos-{uuid.uuid4().hex[:8]}", tmp_path, nnodes, conf, max_restarts,
-                  script=job_args(tmp_path, "run")[0], script_args=job_args(tmp_path, "run")[1:],
+                  script=args[0], script_args=args[1:],
                   flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))
         jobs.append(job)
         return job
@@ -121,11 +123,15 @@ def test_node_added_mid_run_grows_without_losing_a_step(loop_job, etcd_server, r
     and the job goes on at world size 3 from that step: no restart spent, no step lost or
     repeated, within 1e-7 of the uninterrupted run."""
     job = loop_job("2:3", etcd_server.endpoint, conf="last_call_timeout=1")
+    slow = job.outdir / "slow"
+    slow.touch()  # slow steps until c is in: a loaded machine must not let a and b finish first
     job.start("a")
     job.start("b")
     wait_records(job, "step 5 at world 2", lambda r: r["step"] >= 5 and r["world"] == 2)
     arrived = time.time()
     job.start("c")
+    wait_records(job, "a step at world 3", lambda r: r["world"] == 3)
+    slow.unlink()
     codes = {n: p.wait(300) for n, p in job.agents.items()}
     assert codes == {"a": 0, "b": 0, "c": 0}, job.log("a")[-4000:]
     records = read_records(job.outdir, "run")
