@@ -157,8 +157,22 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeo
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        kill_leftovers(out)
         log.close()
     return results
+
+
+def kill_leftovers(out: str) -> None:
+    """SIGKILL every process whose command line names this launcher's output directory:
+    torchrun's workers run in sessions of their own and outlive a SIGKILLed torchrun."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                named = out.encode() in f.read()
+            if named:
+                os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
 
 
 def pct(values: list[float], q: float) -> float:
