@@ -83,7 +83,7 @@ class Agent:
         self._last_failure: tuple[str, int | None] | None = None
         self._progress_step: int | None = None
         self._progress_at = 0.0
-        self._commit_step: int | None = None  # the last checkpoint commit put in the events log
+        self._commits_logged: set[int] = set()  # steps of the checkpoint commits in the events log
         self._stalled_failures = 0  # failures in a row of rounds that completed no step
         self._pool = (WarmPool(config.nproc_per_node, common_env(config, rdzv_endpoint, rendezvous.node_id))
                       if config.warm_pool and not config.no_python else None)
@@ -308,12 +308,12 @@ class Agent:
             self._events.emit("spares_ready", pids=self._pool.pids)
 
     def _record_commit(self, group: WorkerGroup, round_: int) -> None:
-        """Put a checkpoint commit that every local rank has seen into the events log."""
-        commit = group.progress.committed()
-        if commit is not None and commit.step != self._commit_step:
-            self._commit_step = commit.step
-            self._events.emit("checkpoint_committed", at=commit.at, round=round_, step=commit.step,
-                              stall=round(commit.stall, 4))
+        """Put the checkpoint commits that every local rank has seen into the events log."""
+        for commit in group.progress.committed():
+            if commit.step not in self._commits_logged:
+                self._commits_logged.add(commit.step)
+                self._events.emit("checkpoint_committed", at=commit.at, round=round_, step=commit.step,
+                                  stall=round(commit.stall, 4))
 
     def _record_progress(self, group: WorkerGroup, round_: int, force: bool = False) -> None:
         """Put the local ranks' slowest completed step into the events log (at most 2/s,

@@ -132,7 +132,7 @@ def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Con
 
 class ProgressFile:
     """The heartbeat the agent watches: one JSON record (elastic.progress.Progress) with the
-    last completed optimizer step and the newest checkpoint commit.
+    last completed optimizer step and the newest checkpoint commits.
 
     Overwritten in place with pwrite on a descriptor kept open (no fsync: the agent reads the
     page cache), padded with spaces so that it never gets shorter: a reader never finds a
@@ -155,7 +155,8 @@ class ProgressFile:
 
     def commit(self, step: int, stall: float) -> None:
         with self._lock:
-            self._record = dataclasses.replace(self._record, commit=Commit(step, time.time(), stall))
+            commits = (*self._record.commits, Commit(step, time.time(), stall))[-Progress.KEPT_COMMITS:]
+            self._record = dataclasses.replace(self._record, commits=commits)
             self._write()
 
     def _write(self) -> None:

@@ -37,20 +37,23 @@ class Progress:
     step: int | None  # last completed optimizer step; None before the first report
     changed_at: float  # wall-clock time `step` was reported (before that: the file's creation)
     resumed: int | None = None  # the first step this process reported (where TrainLoop resumed)
-    commit: Commit | None = None  # the newest checkpoint commit this rank saw
+    commits: tuple[Commit, ...] = ()  # the newest KEPT_COMMITS checkpoint commits this rank saw
+
+    # Commits kept in the record: the agent reads it every --monitor-interval, and several
+    # commits can come in between (a final save right after a periodic one).
+    KEPT_COMMITS = 8
 
     def encode(self) -> bytes:
         record = {"step": self.step, "at": self.changed_at, "resumed": self.resumed,
-                  "commit": None if self.commit is None else asdict(self.commit)}
+                  "commits": [asdict(c) for c in self.commits]}
         return json.dumps(record).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Progress:
         """Raises ValueError on a record read while it was being rewritten."""
         record = json.loads(data)
-        commit = record["commit"]
         return cls(record["step"], record["at"], record["resumed"],
-                   None if commit is None else Commit(**commit))
+                   tuple(Commit(**c) for c in record["commits"]))
 
 
 @dataclass(frozen=True)
@@ -142,15 +145,20 @@ class ProgressWatch:
         return bool(self._latest) and all(
             p.step is not None and p.resumed is not None and p.step > p.resumed for p in self._latest.values())
 
-    def committed(self) -> Commit | None:
-        """The newest checkpoint commit every rank that reports commits has seen, with the
-        longest stall any of them had for it."""
-        commits = [p.commit for p in self._latest.values() if p.commit is not None]
-        if not commits:
-            return None
-        step = min(c.step for c in commits)
-        same = [c for c in commits if c.step == step]
-        return Commit(step, max(c.at for c in same), max(c.stall for c in same))
+    def committed(self) -> list[Commit]:
+        """The checkpoint commits every rank that reports commits has seen, oldest first,
+        each with the longest stall any rank had for it."""
+        seen = [p.commits for p in self._latest.values() if p.commits]
+        if not seen:
+            return []
+        upto = min(commits[-1].step for commits in seen)
+        by_step: dict[int, list[Commit]] = {}
+        for commits in seen:
+            for c in commits:
+                if c.step <= upto:
+                    by_step.setdefault(c.step, []).append(c)
+        return [Commit(step, max(c.at for c in same), max(c.stall for c in same))
+                for step, same in sorted(by_step.items())]
 
     def hung(self) -> list[Hang]:
         """Ranks that are hung (as of read())."""

@@ -4,7 +4,7 @@ import pytest
 
 from elastic.errors import ConfigError
 from elastic.launch_config import parse_hang
-from elastic.progress import HangLimits, Progress, ProgressWatch
+from elastic.progress import Commit, HangLimits, Progress, ProgressWatch
 
 
 class Rank:
@@ -96,3 +96,22 @@ def test_parse_hang(text, expected):
 def test_parse_hang_rejects_bad_values_with_the_accepted_forms(text):
     with pytest.raises(ConfigError, match=r"auto\[:FACTOR\[:MIN_SECONDS\]\]"):
         parse_hang(text, 600.0)
+
+
+def test_commits_are_reported_once_every_rank_has_seen_them(tmp_path):
+    """Several commits may land between two reads (a final save right after a periodic one):
+    each is reported, with the longest stall among the ranks, once every rank has seen it."""
+    paths = {r: str(tmp_path / f"rank{r}.progress") for r in (0, 1)}
+    watch = ProgressWatch(paths, HangLimits())
+
+    def write(rank, *commits):
+        with open(paths[rank], "wb") as f:
+            f.write(Progress(10, 1.0, 0, tuple(Commit(s, float(s), stall) for s, stall in commits)).encode())
+
+    write(0, (5, 0.1), (10, 0.2))
+    write(1, (5, 0.3))
+    watch.read()
+    assert watch.committed() == [Commit(5, 5.0, 0.3)]  # rank 1 has not seen 10 yet
+    write(1, (5, 0.3), (10, 0.1))
+    watch.read()
+    assert watch.committed() == [Commit(5, 5.0, 0.3), Commit(10, 10.0, 0.2)]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import elastic
 from elastic.context import ProgressFile, context_from_env
-from elastic.progress import read_progress
+from elastic.progress import Progress, read_progress
 from elastic.train_loop import check_interval
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 
@@ -161,11 +161,14 @@ def test_progress_file(tmp_path):
     assert read_progress(path).step is None
     progress.write(9)
     first = read_progress(path)
-    assert (first.step, first.resumed, first.commit) == (9, 9, None)
+    assert (first.step, first.resumed, first.commits) == (9, 9, ())
     progress.write(1000)
     progress.commit(1000, 0.25)
     now = read_progress(path)
-    assert (now.step, now.resumed, now.commit.step, now.commit.stall) == (1000, 9, 1000, 0.25)
+    assert (now.step, now.resumed, now.commits[-1].step, now.commits[-1].stall) == (1000, 9, 1000, 0.25)
+    for step in range(1001, 1001 + Progress.KEPT_COMMITS):  # the newest few commits are kept
+        progress.commit(step, 0.0)
+    assert [c.step for c in read_progress(path).commits] == list(range(1001, 1001 + Progress.KEPT_COMMITS))
     assert now.changed_at >= first.changed_at
     progress.write(3)  # a shorter record: no stale tail of the longer one is left behind
     assert read_progress(path).step == 3

@@ -72,7 +72,7 @@ def reference(tmp_path_factory):
     assert ids == {s: list(sampler.samples(s).ids) for s in range(STEPS)}
     for r in range(2):  # the heartbeat file holds the last completed step and the final commit
         progress = read_progress(str(out / f"progress.rank{r}"))
-        assert progress.step == STEPS and progress.commit.step == STEPS and progress.commit.stall >= 0
+        assert progress.step == STEPS and progress.commits[-1].step == STEPS and progress.commits[-1].stall >= 0
     return out, ids
 
 
