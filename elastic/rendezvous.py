@@ -329,10 +329,14 @@ class EtcdRendezvous:
         return decide_blame(members, self._backend.failure_claims(round_)) or self.node_id
 
     def _unreachable_peers(self, sealed: SealedRound) -> list[str]:
+        """Peers of the round this node cannot reach. A peer whose registration is gone (it
+        is bound to the lease: the peer was cut off from etcd too) counts as unreachable."""
         registered = self._backend.members(sealed.round)  # the record names nodes only
-        targets = {n: (registered[n].addr, registered[n].probe_port) for n in sealed.node_ids
-                   if n != self.node_id and n in registered and registered[n].probe_port}
-        return unreachable(targets, self._config.rdzv.probe_timeout) if targets else []
+        peers = [n for n in sealed.node_ids if n != self.node_id]
+        gone = [n for n in peers if n not in registered]
+        targets = {n: (registered[n].addr, registered[n].probe_port) for n in peers
+                   if n in registered and registered[n].probe_port}
+        return gone + (unreachable(targets, self._config.rdzv.probe_timeout) if targets else [])
 
     def _peers_reachable(self, round_: int) -> bool:
         """Before starting workers for a sealed round: can this node reach every peer? If not,
