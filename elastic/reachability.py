@@ -6,6 +6,12 @@ A node that keeps etcd but loses its peers (an asymmetric partition) looks healt
 rendezvous: its lease lives. Its workers would hang in the process-group set-up or in the
 first collective. Probing before the workers start, and when a round fails, tells the
 rendezvous which node the others cannot reach (elastic/rdzv_protocol.py decides).
+
+A node probes a bounded set of peers (`probe_targets`): the round's first node, which hosts
+the store every rank connects to, and its neighbours on the ring of members. Probing all
+peers costs N^2 connections per round: at 1,024 nodes a million connects, and the bursts
+of 1,023 SYNs overflow listeners' accept queues, so healthy peers look cut off. A node cut
+off from everyone is still seen by both ends: it reports its neighbours, they report it.
 """
 
 from __future__ import annotations
@@ -15,9 +21,21 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 # connect() errors that still prove the path works: the host answered (no one listening).
 _ANSWERED = {0, errno.ECONNREFUSED, errno.EISCONN}
+RING_NEIGHBOURS = 2  # peers probed on each side: a node is checked by 2 x this many others
+
+
+def probe_targets(node_ids: Sequence[str], me: str, neighbours: int = RING_NEIGHBOURS) -> list[str]:
+    """The peers `me` probes in a round of `node_ids` (rank order): the first node and the
+    `neighbours` nearest on each side on the ring. A node not in the round (a spare asking
+    to be let in) probes as if it were appended last, where it would join."""
+    ring = list(node_ids) if me in node_ids else [*node_ids, me]
+    at, size = ring.index(me), len(ring)
+    chosen = {ring[0]} | {ring[(at + d) % size] for d in range(-neighbours, neighbours + 1)}
+    return [n for n in ring if n in chosen and n != me]
 
 
 class ProbeListener:
@@ -28,7 +46,7 @@ class ProbeListener:
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((addr, 0))
-        self._sock.listen(128)
+        self._sock.listen(socket.SOMAXCONN)  # the first node is probed by every other
         self.port: int = self._sock.getsockname()[1]
         threading.Thread(target=self._serve, name="reachability", daemon=True).start()
 

@@ -35,7 +35,7 @@ from elastic.rdzv_protocol import (
     decide_growth,
     decide_join,
 )
-from elastic.reachability import ProbeListener, unreachable
+from elastic.reachability import ProbeListener, probe_targets, unreachable
 from elastic.workers import Assignment
 
 log = logging.getLogger(__name__)
@@ -329,10 +329,11 @@ class EtcdRendezvous:
         return decide_blame(members, self._backend.failure_claims(round_)) or self.node_id
 
     def _unreachable_peers(self, sealed: SealedRound) -> list[str]:
-        """Peers of the round this node cannot reach. A peer whose registration is gone (it
-        is bound to the lease: the peer was cut off from etcd too) counts as unreachable."""
+        """The peers this node checks (reachability.probe_targets) that it cannot reach. A peer
+        whose registration is gone (it is bound to the lease: the peer was cut off from etcd
+        too) counts as unreachable."""
         registered = self._backend.members(sealed.round)  # the record names nodes only
-        peers = [n for n in sealed.node_ids if n != self.node_id]
+        peers = probe_targets(sealed.node_ids, self.node_id)
         gone = [n for n in peers if n not in registered]
         targets = {n: (registered[n].addr, registered[n].probe_port) for n in peers
                    if n in registered and registered[n].probe_port}

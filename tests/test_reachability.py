@@ -12,7 +12,7 @@ from helpers import SCRIPTS
 
 from elastic._net import free_port, interface_of
 from elastic.launch_config import LaunchConfig, RendezvousSettings
-from elastic.reachability import ProbeListener, unreachable
+from elastic.reachability import ProbeListener, probe_targets, unreachable
 from elastic.workers import Assignment, worker_env
 
 
@@ -46,6 +46,18 @@ def test_a_peer_that_never_answers_is_unreachable_within_the_timeout():
     if answered == []:
         pytest.skip("this kernel answered beyond the accept queue: no black hole to probe")
     assert answered == ["x"] and took < 2.0
+
+
+def test_probe_targets_are_the_first_node_and_ring_neighbours():
+    nodes = [f"n{i}" for i in range(10)]
+    assert probe_targets(nodes, "n5") == ["n0", "n3", "n4", "n6", "n7"]
+    assert probe_targets(nodes, "n0") == ["n1", "n2", "n8", "n9"]  # wraps around
+    assert probe_targets(nodes, "spare") == ["n0", "n1", "n8", "n9"]  # as if appended last
+    assert probe_targets(nodes[:3], "n1") == ["n0", "n2"]  # small rounds: every peer
+    # Every node is probed by its 2 x RING_NEIGHBOURS ring neighbours (so a node cut off
+    # from everyone is seen from both ends), and the first node by everyone.
+    probed_by = {n: [m for m in nodes if n in probe_targets(nodes, m)] for n in nodes}
+    assert all(len(probed_by[n]) == 4 for n in nodes[1:]) and len(probed_by["n0"]) == 9
 
 
 def test_interface_of_finds_the_interface_holding_an_address():
