@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@functools.lru_cache(maxsize=8192)
 def _member(raw: bytes) -> Member:
-    """Parse a member record once: every agent re-reads all members on each change."""
     return Member(**json.loads(raw))
 
 
@@ -53,27 +51,48 @@ def _sealed(raw: bytes) -> SealedRound:
 class _Mirror:
     """The run's keys (relative to its prefix), also indexed by parent directory, so that
     listing one directory (the members of a round, the live nodes) costs its own size rather
-    than the whole run's: with N agents every agent re-reads the state on every change."""
+    than the whole run's: with N agents every agent re-reads the state on every change.
+    Updated by the watch thread, read by the agent's."""
 
     def __init__(self, kvs: dict[str, bytes]) -> None:
         self._values: dict[str, bytes] = {}
         self._dirs: dict[str, dict[str, bytes]] = {}
+        self._parsed: dict[str, dict[str, object]] = {}  # see parsed()
+        self._lock = threading.Lock()
         for key, value in kvs.items():
             self.put(key, value)
 
     def put(self, key: str, value: bytes) -> None:
-        self._values[key] = value
         parent, _, name = key.rpartition("/")
-        self._dirs.setdefault(parent + "/", {})[name] = value
+        with self._lock:
+            self._values[key] = value
+            self._dirs.setdefault(parent + "/", {})[name] = value
+            self._parsed.get(parent + "/", {}).pop(name, None)
 
     def delete(self, key: str) -> None:
-        if self._values.pop(key, None) is None:
-            return
         parent, _, name = key.rpartition("/")
-        children = self._dirs[parent + "/"]
-        del children[name]
-        if not children:
-            del self._dirs[parent + "/"]
+        with self._lock:
+            if self._values.pop(key, None) is None:
+                return
+            children = self._dirs[parent + "/"]
+            del children[name]
+            self._parsed.get(parent + "/", {}).pop(name, None)
+            if not children:
+                del self._dirs[parent + "/"]
+                self._parsed.pop(parent + "/", None)
+
+    def parsed(self, parent: str, parse: Callable[[bytes], T]) -> dict[str, T]:
+        """{name: parse(value)} of the keys directly under `parent`, each value parsed once
+        and kept until it changes: at 1,024 nodes, re-parsing a round's members on every
+        change costs every agent more than the rest of its decision."""
+        with self._lock:
+            children = self._dirs.get(parent, {})
+            cache = self._parsed.setdefault(parent, {})
+            if len(cache) != len(children):  # put() and delete() drop the entries they change
+                for name, value in children.items():
+                    if name not in cache:
+                        cache[name] = parse(value)
+            return dict(cache)
 
     def get(self, key: str) -> bytes | None:
         return self._values.get(key)
@@ -223,7 +242,7 @@ class EtcdBackend:
 
     def members(self, round_: int) -> dict[str, Member]:
         """The nodes registered for `round_` (kept until round + 2 is sealed)."""
-        return {n: _member(v) for n, v in self._children(f"rounds/{round_}/members/").items()}
+        return self._mirror.parsed(f"rounds/{round_}/members/", _member)
 
     def state(self) -> RunState:
         """The protocol's view of the current round, from the mirror."""

@@ -45,7 +45,7 @@ class SealedRound:
     def of(cls, round_: int, members: Sequence[Member], restart_count: int) -> SealedRound:
         """The record of `members` in rank order; the first one hosts the master."""
         first = members[0]
-        return cls(round_, tuple(m.node_id for m in members), tuple(m.nproc for m in members),
+        return cls(round_, tuple([m.node_id for m in members]), tuple([m.nproc for m in members]),
                    first.addr, first.port, restart_count)
 
     def to_json(self) -> str:
@@ -188,9 +188,10 @@ def admissible(state: RunState, settings: Settings, now: float) -> list[str]:
     the list is cut to MAX and to a multiple of `world_size_multiple`.
     """
     present = state.members.keys()
-    order = [n for n in (state.previous.node_ids if state.previous else ()) if n in present]
-    order += sorted(n for n in present if n not in order)
-    cooled = [n for n in order if _cooled(state, n, settings, now)]
+    survivors = [n for n in (state.previous.node_ids if state.previous else ()) if n in present]
+    kept = set(survivors)  # not the list: with 1,024 survivors that test would cost N^2
+    order = survivors + sorted([n for n in present if n not in kept])
+    cooled = [n for n in order if _cooled(state, n, settings, now)] if state.nodes else order
     # A cooling node is kept out only while the job can run without it: stalling a job
     # that needs the node (MIN, or a single node) would turn a cooldown into an outage.
     if len(cooled) >= settings.min_nodes:

@@ -181,6 +181,25 @@ def test_stale_round_commit_is_refused(etcd_server, run_id):
     backend.shutdown()
 
 
+def test_mirror_members_follow_re_registration_and_lease_loss(etcd_server, run_id):
+    """Members are parsed once and cached (rdzv_etcd._Mirror.parsed): a changed or vanished
+    registration must still show at once in every agent's view."""
+    backends = [EtcdBackend(connect(EtcdConfig(etcd_server.endpoint)), "elastic", run_id, n) for n in "ab"]
+    for backend in backends:
+        backend.open_lease(10)
+        backend.announce()
+        backend.sync()
+    watcher, other = backends
+    other.register(0, Member("b", "127.0.0.1", 1, 1))
+    wait_until("b registered", lambda: watcher.members(0).get("b") == Member("b", "127.0.0.1", 1, 1), 10)
+    other.register(0, Member("b", "127.0.0.2", 2, 4))
+    wait_until("b's new record", lambda: watcher.members(0).get("b") == Member("b", "127.0.0.2", 2, 4), 10)
+    other.revoke_lease()  # the registration is bound to the lease
+    wait_until("b's registration gone", lambda: "b" not in watcher.members(0), 10)
+    for backend in backends:
+        backend.shutdown()
+
+
 def test_etcd_restart_mid_run_does_not_disturb_training(job_factory, private_etcd):
     job = job_factory("2", conf="last_call_timeout=1,lease_ttl=5", endpoint=private_etcd.endpoint)
     job.start("a")
