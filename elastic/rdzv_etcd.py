@@ -36,6 +36,7 @@ from elastic.rdzv_protocol import FailureClaim, Member, NodeRecord, RunState, Se
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+OWN_WRITE_LAG = 30.0  # seconds a lagging watch is waited for before decisions go on without it
 
 
 def _member(raw: bytes) -> Member:
@@ -117,6 +118,8 @@ class EtcdBackend:
         self._changed = threading.Condition()
         self._version = 0  # bumped on every mirror change
         self._revision = 0  # etcd revision the mirror reflects
+        self._written = 0  # etcd revision of this agent's newest write under the prefix
+        self._written_at = 0.0  # time.monotonic() of that write
         self._watch_id = None
         self._watch_broken = False
         self.writes = 0  # etcd write requests made (for benchmarks)
@@ -294,8 +297,18 @@ class EtcdBackend:
         else:
             self.failed_txns += 1
             revision = max((meta.mod_revision for kvs in responses for _value, meta in kvs), default=0)
+        if revision > self._written:
+            self._written, self._written_at = revision, time.monotonic()
         self._catch_up(revision)
         return ok
+
+    def behind_own_writes(self) -> bool:
+        """Whether the mirror has yet to show this agent's newest transaction's outcome (the
+        watch lags behind when etcd or this host is overloaded). A decision taken on such a
+        mirror would repeat the write: a registration sent again, a seal tried twice. Trusted
+        for OWN_WRITE_LAG s at most: a watch that died silently must not stall the agent."""
+        return (self._revision < self._written and not self._watch_broken
+                and time.monotonic() - self._written_at < OWN_WRITE_LAG)
 
     def _catch_up(self, revision: int, timeout: float = 5.0) -> None:
         """Read-your-writes: wait until the mirror reflects `revision`, a change under the

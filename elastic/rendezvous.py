@@ -171,6 +171,9 @@ class EtcdRendezvous:
         while True:
             self.should_abort()
             version = self._backend.version
+            if self._backend.behind_own_writes():
+                self._backend.wait(version, 1.0)
+                continue
             state = self._backend.join_state()
             now = self._clock()
             if state.round != tracked_round:
