@@ -345,26 +345,31 @@ class EtcdBackend:
             [self._tx.delete(self._key("closed")), self._tx.delete(self._key("restarts"))],
         )
 
-    def register(self, round_: int, member: Member) -> None:
-        """Join `round_` (only while it is the current round and not yet sealed)."""
-        self._txn(
-            [self._tx.value(self._key("round")) == str(round_),
-             self._tx.create(self._key(f"rounds/{round_}/sealed")) == 0],
-            [self._tx.put(self._key(f"rounds/{round_}/members/{member.node_id}"),
-                          json.dumps(member.__dict__), lease=self._lease)],
-        )
+    def register(self, round_: int, member: Member, seal: SealedRound | None = None) -> bool:
+        """Join `round_` (only while it is the current round and not yet sealed); with
+        `seal`, seal it in the same transaction (this registration completes the round)."""
+        put = self._tx.put(self._key(f"rounds/{round_}/members/{member.node_id}"),
+                           json.dumps(member.__dict__), lease=self._lease)
+        return self._txn(self._unsealed(round_), [put, *(self._seal_ops(seal) if seal else ())])
 
     def seal(self, record: SealedRound) -> bool:
-        """Create the sealed record once; also drop round r-2 so the key space stays small."""
+        """Create the sealed record once."""
+        return self._txn(self._unsealed(record.round), self._seal_ops(record))
+
+    def _unsealed(self, round_: int) -> list:
+        """Compares: `round_` is the current round and nobody sealed it yet."""
+        return [self._tx.value(self._key("round")) == str(round_),
+                self._tx.create(self._key(f"rounds/{round_}/sealed")) == 0]
+
+    def _seal_ops(self, record: SealedRound) -> list:
+        """Write the sealed record; also drop round r-2 so the key space stays small."""
         r = record.round
-        sealed_key = self._key(f"rounds/{r}/sealed")
-        success = [self._tx.put(sealed_key, record.to_json()),
-                   self._tx.put(self._key("sealed_round"), str(r))]
+        ops = [self._tx.put(self._key(f"rounds/{r}/sealed"), record.to_json()),
+               self._tx.put(self._key("sealed_round"), str(r))]
         if r >= 2:
             old = self._key(f"rounds/{r - 2}/")
-            success.append(self._tx.delete(old, range_end=prefix_range_end(old)))
-        return self._txn([self._tx.create(sealed_key) == 0,
-                          self._tx.value(self._key("round")) == str(r)], success)
+            ops.append(self._tx.delete(old, range_end=prefix_range_end(old)))
+        return ops
 
     def bump_round(self, round_: int, *, reason: str, failed_node: str | None, restart: bool = True) -> bool:
         """Move the job to round+1 by compare-and-swap, recording why round `round_` ended.

@@ -7,6 +7,7 @@ in `elastic/rendezvous.py` reads the state from etcd, asks for a decision, and a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -238,6 +239,20 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
     if now >= deadline:
         return Seal(_record(state, chosen))
     return Wait(until=deadline)
+
+
+def completing_record(state: RunState, member: Member, settings: Settings, now: float,
+                      min_reached_at: float | None) -> SealedRound | None:
+    """The record to seal along with `member`'s registration, when its arrival completes the
+    round at once (MAX reached, or the last live member of the previous round is back).
+
+    The arriving node decides what every member would decide on seeing its registration,
+    and writes both in one transaction: the round seals one watch round-trip earlier, and
+    N agents re-deciding on the registration event do not delay it.
+    """
+    arrived = dataclasses.replace(state, members={**state.members, member.node_id: member})
+    action = decide_join(arrived, member.node_id, settings, now, min_reached_at)
+    return action.record if isinstance(action, Seal) else None
 
 
 def _record(state: RunState, chosen: list[str]) -> SealedRound:

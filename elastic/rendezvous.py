@@ -31,6 +31,7 @@ from elastic.rdzv_protocol import (
     Wait,
     WaitAsSpare,
     admissible,
+    completing_record,
     decide_blame,
     decide_growth,
     decide_join,
@@ -196,10 +197,12 @@ class EtcdRendezvous:
             if isinstance(action, Register):
                 member = Member(self.node_id, self._addr, self._pick_port(), self._config.nproc_per_node,
                                 self._probe.port)
-                self._backend.register(state.round, member)
-                log.info("rendezvous: node %s joined round %d of run %s", self.node_id, state.round,
-                         self._config.run_id)
-                self._backend.wait(version, 1.0)
+                record = completing_record(state, member, self._settings, now, min_reached_at)
+                if self._backend.register(state.round, member, seal=record):
+                    log.info("rendezvous: node %s joined round %d of run %s%s", self.node_id, state.round,
+                             self._config.run_id, " and sealed it" if record else "")
+                else:
+                    self._backend.wait(version, 1.0)  # sealed or moved on meanwhile: decide again
             elif isinstance(action, Seal):
                 sealable_since = sealable_since if sealable_since is not None else now
                 turn = _takeover_at(sealable_since, action.record.node_ids, self.node_id)

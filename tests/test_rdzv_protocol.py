@@ -18,6 +18,7 @@ from elastic.rdzv_protocol import (
     Wait,
     WaitAsSpare,
     admissible,
+    completing_record,
     decide_blame,
     decide_growth,
     decide_join,
@@ -54,6 +55,20 @@ def test_min_reached_waits_last_call_for_newcomers():
 def test_max_seals_at_once():
     action = decide_join(RunState(members=members("c", "a", "b")), "a", S, 0.0, 0.0)
     assert isinstance(action, Seal) and action.record.node_ids == ("a", "b", "c")
+
+
+def test_the_arrival_that_completes_the_round_seals_it_with_its_registration():
+    state = RunState(members=members("a", "b"))
+    c = Member("c", "10.0.0.9", 1009, 1)
+    record = completing_record(state, c, S, 0.0, min_reached_at=0.0)  # c makes MAX
+    assert record is not None and record.node_ids == ("a", "b", "c")
+    # An arrival that only reaches MIN starts the last call: nothing to seal yet.
+    assert completing_record(RunState(members=members("a")), c, S, 0.0, None) is None
+    # The last survivor of round 0 coming back completes round 1 at once.
+    back = RunState(round=1, members=members("a"), previous=sealed(0, "a", "b", "x"),
+                    previous_alive=frozenset({"a", "b"}))
+    record = completing_record(back, Member("b", "10.0.0.1", 1001, 1), S, 0.0, 0.0)
+    assert record is not None and record.node_ids == ("a", "b")
 
 
 def test_survivors_back_seal_at_once_without_last_call():
