@@ -135,6 +135,8 @@ class Agent:
             self._record_progress(group, assignment.round, force=True)
             self._record_commit(group, assignment.round)
             result = self._after_round(group, assignment, watched)
+            if result is None and group.unkillable:  # stopped for a change made elsewhere
+                result = self._give_up_node(group, assignment.round)
             if result is not None:
                 return result
 
@@ -218,12 +220,8 @@ class Agent:
         error = None
         exits = group.stop(0)
         if group.unkillable:
-            # A worker stuck in the kernel (D state) ignores SIGKILL: this node cannot run a
-            # new group, so it leaves the job as a failed node and the others go on.
-            reason = f"workers {group.unkillable} did not die after SIGKILL; this node gives up"
-            self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
-            self._events.emit("node_bad", round=round_, pids=group.unkillable)
-            return self._finish(ok=False, reason=reason, code=1)
+            self._result.exits = exits
+            return self._give_up_node(group, round_)
         failed, recorded = group.first_failure(watched.exits, exits) if watched.exits else (None, None)
         error = recorded[0] if recorded else None
         if failed is not None:
@@ -263,6 +261,16 @@ class Agent:
         self._stalled_failures = 1 if group.progress.first_step_done() else self._stalled_failures + 1
         self._back_off(self._stalled_failures)
         return None
+
+    def _give_up_node(self, group: WorkerGroup, round_: int) -> RunResult:
+        """A worker stuck in the kernel (D state) ignores SIGKILL and may hold what a new
+        worker needs (memory, a GPU): this node leaves the job as a failed node, so that the
+        others go on without it."""
+        reason = (f"workers survived SIGKILL for {WorkerGroup.KILL_TIMEOUT:g}s: {group.describe_unkillable()}; "
+                  f"node {self._rdzv.node_id} leaves the job (the others go on): drain or reboot it")
+        self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
+        self._events.emit("node_bad", round=round_, pids=group.unkillable, reason=reason)
+        return self._finish(ok=False, reason=reason, code=1)
 
     def _back_off(self, failures: int) -> None:
         """After `failures` failed rounds in a row that completed no step: the first restart

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from elastic._net import interface_of
-from elastic._process import spawn_worker
+from elastic._process import kernel_state, spawn_worker
 from elastic.fencing import fence_env
 from elastic.launch_config import STDERR, STDOUT, LaunchConfig
 from elastic.progress import ProgressWatch
@@ -48,13 +48,15 @@ class WorkerExit:
 
     local_rank: int
     rank: int
-    returncode: int  # negative: killed by that signal (subprocess convention)
+    returncode: int | None  # negative: killed by that signal (subprocess convention); None: not dead
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
 
     def describe(self) -> str:
+        if self.returncode is None:
+            return "still running (survived SIGKILL)"
         if self.returncode < 0:
             try:
                 return f"killed by {signal.Signals(-self.returncode).name}"
@@ -154,9 +156,13 @@ def read_error(run_dir: str, rank: int) -> tuple[str, float] | None:
 class WorkerGroup:
     """The `nproc_per_node` workers of this node for one round."""
 
-    # How long a SIGKILLed worker may take to disappear before we call it unkillable
-    # (a process in uninterruptible sleep, D state, ignores even SIGKILL).
-    KILL_TIMEOUT = 10.0
+    # How long a SIGKILLed worker may take to disappear before we call it unkillable (a
+    # process in uninterruptible sleep, D state, ignores even SIGKILL). A killed worker is
+    # normally gone in well under a second, but freeing tens of GB of pinned memory or a GPU
+    # context can take seconds: too short a bound throws a healthy node out of the job, while
+    # a longer one only delays a node that is lost anyway (its peers see the hang themselves).
+    # Slurm's equivalent, UnkillableStepTimeout, is 60 s.
+    KILL_TIMEOUT = 30.0
 
     def __init__(self, config: LaunchConfig, assignment: Assignment, run_dir: str,
                  rdzv_endpoint: str, node_id: str) -> None:
@@ -254,6 +260,11 @@ class WorkerGroup:
         return [WorkerExit(i, self._assignment.rank_offset + i, p.returncode)
                 for i, p in enumerate(self._procs)]
 
+    def describe_unkillable(self) -> str:
+        """The workers that survived SIGKILL, with what the kernel says they are doing."""
+        ranks = {p.pid: self._assignment.rank_offset + i for i, p in enumerate(self._procs)}
+        return ", ".join(f"rank {ranks[pid]} (pid {pid}: {kernel_state(pid)})" for pid in self.unkillable)
+
     def dump_stacks(self, rank: int, wait: float = 0.5) -> None:
         """Ask a (hung) rank to print every thread's Python stack to its stderr (SIGUSR1)."""
         proc = self._procs[rank - self._assignment.rank_offset]
@@ -282,9 +293,11 @@ class WorkerGroup:
         self._close_output()
 
     def _close_output(self) -> None:
-        # A grandchild that inherited the pipe can keep it open; do not wait for it forever.
+        # A grandchild that inherited the pipe, or a worker that survived SIGKILL, can keep it
+        # open: wait for all of them together, not for each in turn.
+        deadline = time.monotonic() + 2.0
         for thread in self._pumps:
-            thread.join(timeout=2.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _signal_all(self, sig: signal.Signals) -> None:
         for proc in self._procs:
