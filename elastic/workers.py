@@ -9,7 +9,6 @@ get their rank here; the streams are taken over the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from typing import IO
 
 from elastic._net import interface_of
 from elastic._process import kernel_state, spawn_worker
+from elastic.error_record import ErrorRecord
 from elastic.fencing import fence_env
 from elastic.launch_config import STDERR, STDOUT, LaunchConfig
 from elastic.progress import ProgressWatch
@@ -136,21 +136,6 @@ def progress_path(run_dir: str, rank: int) -> str:
 
 def error_path(run_dir: str, rank: int) -> str:
     return os.path.join(run_dir, f"error-rank{rank}.json")
-
-
-def read_error(run_dir: str, rank: int) -> tuple[str, float] | None:
-    """(one-line error, time) a worker recorded before it died (ours, or torch's @record)."""
-    try:
-        with open(error_path(run_dir, rank), encoding="utf-8") as f:
-            record = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    message = record.get("error") or record.get("message")
-    when = record.get("time", 0.0)
-    if isinstance(message, dict):  # torch.distributed.elastic's @record error file
-        when = float(message.get("extraInfo", {}).get("timestamp", 0.0))
-        message = message.get("message")
-    return (str(message).strip().splitlines()[-1], when) if message else None
 
 
 class WorkerGroup:
@@ -273,18 +258,18 @@ class WorkerGroup:
             time.sleep(wait)  # faulthandler writes at once; give the output pump a moment
 
     def first_failure(self, seen: list[WorkerExit], final: list[WorkerExit]
-                      ) -> tuple[WorkerExit, tuple[str, float] | None]:
-        """The rank whose failure came first, and (error, time) it recorded if it raised.
+                      ) -> tuple[WorkerExit, ErrorRecord | None]:
+        """The rank whose failure came first, and the error it recorded if it raised.
 
         `seen` are the exits that made us stop the group, `final` every exit after stop().
         Other ranks often die of the first one's death (a peer gone under a collective), and
         a rank that raised may still be in its exit handlers when a peer's exit is seen, so
         the earliest recorded exception wins; without one, the first exit we saw.
         """
-        errors = {e.rank: read_error(self._run_dir, e.rank) for e in final}
+        errors = {e.rank: ErrorRecord.read(error_path(self._run_dir, e.rank)) for e in final}
         early = [e.rank for e in seen if not e.ok]
         candidates = [e for e in final if e.rank in early or errors[e.rank]]
-        first = min(candidates, key=lambda e: (errors[e.rank][1] if errors[e.rank] else float("inf"),
+        first = min(candidates, key=lambda e: (errors[e.rank].time if errors[e.rank] else float("inf"),
                                                early.index(e.rank) if e.rank in early else len(early)))
         return first, errors[first.rank]
 
