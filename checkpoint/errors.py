@@ -21,3 +21,7 @@ class CheckpointMismatchError(CheckpointError):
 
 class StorageError(CheckpointError):
     """The storage backend failed (write, fsync, rename, list, delete); the cause is in __cause__."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path  # what it failed on, when it was one file or directory

@@ -64,7 +64,7 @@ def base_name(path: str) -> str:
 
 
 def _storage_error(action: str, path: str, exc: BaseException) -> StorageError:
-    return StorageError(f"could not {action} {path!r}: {exc}")
+    return StorageError(f"could not {action} {path!r}: {exc}", path=path)
 
 
 def step_dirs(loc: Location) -> dict[int, str]:

@@ -29,3 +29,20 @@ def spawn_worker(argv: list[str], env: Mapping[str, str], pass_fds: tuple[int, .
         argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True, preexec_fn=die_with_parent, pass_fds=pass_fds,
     )
+
+
+def kernel_state(pid: int) -> str:
+    """What /proc says a process is doing, e.g. "state D (uninterruptible), waiting in
+    __refrigerator": the reason a SIGKILLed process is still there."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "state unknown"
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip()
+    except OSError:
+        wchan = ""
+    described = f"state {state}" + (" (uninterruptible)" if state == "D" else "")
+    return described + (f", waiting in {wchan}" if wchan and wchan != "0" else "")

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import logging
+import os
 import re
 import signal
 import tempfile
 import time
 from dataclasses import dataclass
 
+from elastic.error_record import ErrorRecord
 from elastic.errors import RendezvousClosedError
 from elastic.events import EventLog, RunResult
 from elastic.launch_config import LaunchConfig
@@ -80,7 +83,7 @@ class Agent:
         self._run_dir = tempfile.mkdtemp(prefix=f"elastic-{config.run_id}-")
         self._result = RunResult(ok=False, reason="not started")
         self._signal: int | None = None
-        self._last_failure: tuple[str, int | None] | None = None
+        self._last_failure: tuple | None = None  # _failure_signature of the last failure
         self._progress_step: int | None = None
         self._progress_at = 0.0
         self._commits_logged: set[int] = set()  # steps of the checkpoint commits in the events log
@@ -135,6 +138,8 @@ class Agent:
             self._record_progress(group, assignment.round, force=True)
             self._record_commit(group, assignment.round)
             result = self._after_round(group, assignment, watched)
+            if result is None and group.unkillable:  # stopped for a change made elsewhere
+                result = self._give_up_node(group, assignment.round)
             if result is not None:
                 return result
 
@@ -215,23 +220,18 @@ class Agent:
     def _restart_after_failure(self, group: WorkerGroup, assignment: Assignment,
                                watched: _Watched) -> RunResult | None:
         round_ = assignment.round
-        error = None
         exits = group.stop(0)
         if group.unkillable:
-            # A worker stuck in the kernel (D state) ignores SIGKILL: this node cannot run a
-            # new group, so it leaves the job as a failed node and the others go on.
-            reason = f"workers {group.unkillable} did not die after SIGKILL; this node gives up"
-            self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
-            self._events.emit("node_bad", round=round_, pids=group.unkillable)
-            return self._finish(ok=False, reason=reason, code=1)
+            self._result.exits = exits
+            return self._give_up_node(group, round_)
         failed, recorded = group.first_failure(watched.exits, exits) if watched.exits else (None, None)
-        error = recorded[0] if recorded else None
+        error = recorded.message if recorded else None
         if failed is not None:
             detail = f"rank {failed.rank} raised {error}" if error else f"rank {failed.rank} {failed.describe()}"
             watched = dataclasses.replace(watched, detail=detail, step=group.progress.steps().get(failed.rank))
             self._result.failures.append((round_, failed))
         if watched.failed_node == self._rdzv.node_id:  # a local failure: was it ours, or a peer's?
-            blamed = self._rdzv.blame(round_, recorded[1] if recorded else watched.at)
+            blamed = self._rdzv.blame(round_, recorded.time if recorded else watched.at)
             watched = dataclasses.replace(watched, failed_node=blamed)
         self._result.exits = exits
         self._events.emit("failure", round=round_, reason=watched.detail, node=watched.failed_node,
@@ -239,14 +239,15 @@ class Agent:
                           returncode=failed.returncode if failed else None)
         self._rdzv.bump_round(round_, reason=watched.detail, failed_node=watched.failed_node)
         restarts = self._rdzv.restart_count()
-        signature = (_failure_signature(error or watched.detail), watched.step)
+        signature = _failure_signature(recorded, watched.detail, watched.step,
+                                       max(self._commits_logged, default=None))
         # Only an exception or a hang can repeat deterministically; a rank killed by a signal
         # (SIGKILL from outside, the OOM killer, a lost node) says nothing about the code.
         killed = failed is not None and error is None and failed.returncode < 0
-        if watched.step is not None and not killed and signature == self._last_failure:
-            # Resumed from the same checkpoint and failed the same way at the same step:
-            # a bug, not a fault. Retrying would only burn the budget.
-            final = f"{watched.detail} again at step {watched.step}; not retrying a deterministic failure"
+        if signature is not None and not killed and signature == self._last_failure:
+            # Failed the same way again without getting past where the last attempt resumed:
+            # a bug or a broken environment, not a fault. Retrying would only burn the budget.
+            final = _deterministic_reason(watched.detail, watched.step, recorded, self._config.checkpoint_dir)
             self._rdzv.close(ok=False, reason=final)
             return self._finish(ok=False, reason=final, code=1)
         self._last_failure = signature
@@ -263,6 +264,16 @@ class Agent:
         self._stalled_failures = 1 if group.progress.first_step_done() else self._stalled_failures + 1
         self._back_off(self._stalled_failures)
         return None
+
+    def _give_up_node(self, group: WorkerGroup, round_: int) -> RunResult:
+        """A worker stuck in the kernel (D state) ignores SIGKILL and may hold what a new
+        worker needs (memory, a GPU): this node leaves the job as a failed node, so that the
+        others go on without it."""
+        reason = (f"workers survived SIGKILL for {WorkerGroup.KILL_TIMEOUT:g}s: {group.describe_unkillable()}; "
+                  f"node {self._rdzv.node_id} leaves the job (the others go on): drain or reboot it")
+        self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
+        self._events.emit("node_bad", round=round_, pids=group.unkillable, reason=reason)
+        return self._finish(ok=False, reason=reason, code=1)
 
     def _back_off(self, failures: int) -> None:
         """After `failures` failed rounds in a row that completed no step: the first restart
@@ -334,7 +345,41 @@ class Agent:
 _VOLATILE = re.compile(r"\b(?:0x)?[0-9a-f]{8,}\b")
 
 
-def _failure_signature(error: str) -> str:
-    """What must be equal for two failures to count as "the same error": the message with
-    random tokens blanked, and without the rank (whichever rank raised first)."""
-    return _VOLATILE.sub("#", error)
+def _failure_signature(error: ErrorRecord | None, detail: str, step: int | None,
+                       committed: int | None) -> tuple | None:
+    """What must be equal for two failures in a row to count as one deterministic failure;
+    None when this one cannot be judged (no step reported, no error from the system).
+
+    - An error from the operating system (an errno in the exception's chain: a full disk,
+      a missing file, permissions) is the same error whatever file, rank or step hit it
+      first: the same type and errno, while the job made no progress in between (the
+      newest committed checkpoint, `committed`, where a restart resumes, is the same).
+    - Any other error, or a hang (`detail`): the same message with random tokens blanked,
+      and without the rank (whichever rank raised first), at the same step.
+    """
+    if error is not None and error.errno is not None:
+        return ("os error", error.type, error.errno, committed)
+    if step is None:
+        return None
+    return ("message", _VOLATILE.sub("#", error.message if error is not None else detail), step)
+
+
+def _deterministic_reason(detail: str, step: int | None, error: ErrorRecord | None,
+                          checkpoint_dir: str | None) -> str:
+    """Why the job stops at a failure that repeated (see _failure_signature), and what to do."""
+    if error is None or error.errno is None:
+        return f"{detail} again at step {step}; not retrying a deterministic failure"
+    code = errno.errorcode.get(error.errno, str(error.errno))
+    again = f"{detail} again, with no newer checkpoint to resume from"
+    if error.errno != errno.ENOSPC:
+        return f"{again} ({code}: {os.strerror(error.errno)}); not retrying a deterministic failure"
+    if checkpoint_dir and error.filename and _inside(error.filename, checkpoint_dir):
+        return (f"{again}: the checkpoint directory's filesystem is full (ENOSPC); not retrying a "
+                f"deterministic failure: free space or point --checkpoint-dir elsewhere")
+    where = f"the filesystem of {error.filename}" if error.filename else "a filesystem"
+    return f"{again}: {where} is full (ENOSPC); not retrying a deterministic failure: free space there"
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.abspath(path), os.path.abspath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)

@@ -11,7 +11,8 @@ Non-daemon threads are joined and atexit handlers run first, as at a normal exit
 Two more things for the agent: SIGUSR1 dumps every thread's Python stack to stderr (the
 agent sends it to a hung rank before killing it; faulthandler writes even while another
 thread holds the GIL), and an uncaught exception is also written as JSON to
-$ELASTIC_ERROR_FILE, so the job's summary can name the error that ended it.
+$ELASTIC_ERROR_FILE (elastic/error_record.py), so the job's summary can name the error that
+ended it and the agent can tell a deterministic failure.
 
 Warm start (`python -m elastic.worker_main --warm FD`, see elastic/warm_pool.py): the process
 imports WARM_IMPORTS first, sends one byte on socket FD to say it is ready, then blocks until
@@ -32,8 +33,8 @@ import signal
 import socket
 import sys
 import threading
-import time
-import traceback
+
+from elastic.error_record import ErrorRecord
 
 WARM_FLAG = "--warm"
 
@@ -96,12 +97,8 @@ def run(argv: list[str]) -> int:
 
 def _write_error_file(exc: BaseException) -> None:
     path = os.environ.get("ELASTIC_ERROR_FILE")
-    if not path:
-        return
-    record = {"error": f"{type(exc).__name__}: {exc}", "time": time.time(),
-              "traceback": "".join(traceback.format_exception(exc))}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f)
+    if path:
+        ErrorRecord.from_exception(exc).write(path)
 
 
 def _read_all(channel: socket.socket, into: bytearray) -> None:

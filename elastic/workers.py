@@ -9,7 +9,6 @@ get their rank here; the streams are taken over the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,8 @@ from dataclasses import dataclass
 from typing import IO
 
 from elastic._net import interface_of
-from elastic._process import spawn_worker
+from elastic._process import kernel_state, spawn_worker
+from elastic.error_record import ErrorRecord
 from elastic.fencing import fence_env
 from elastic.launch_config import STDERR, STDOUT, LaunchConfig
 from elastic.progress import ProgressWatch
@@ -48,13 +48,15 @@ class WorkerExit:
 
     local_rank: int
     rank: int
-    returncode: int  # negative: killed by that signal (subprocess convention)
+    returncode: int | None  # negative: killed by that signal (subprocess convention); None: not dead
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
 
     def describe(self) -> str:
+        if self.returncode is None:
+            return "still running (survived SIGKILL)"
         if self.returncode < 0:
             try:
                 return f"killed by {signal.Signals(-self.returncode).name}"
@@ -136,27 +138,16 @@ def error_path(run_dir: str, rank: int) -> str:
     return os.path.join(run_dir, f"error-rank{rank}.json")
 
 
-def read_error(run_dir: str, rank: int) -> tuple[str, float] | None:
-    """(one-line error, time) a worker recorded before it died (ours, or torch's @record)."""
-    try:
-        with open(error_path(run_dir, rank), encoding="utf-8") as f:
-            record = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    message = record.get("error") or record.get("message")
-    when = record.get("time", 0.0)
-    if isinstance(message, dict):  # torch.distributed.elastic's @record error file
-        when = float(message.get("extraInfo", {}).get("timestamp", 0.0))
-        message = message.get("message")
-    return (str(message).strip().splitlines()[-1], when) if message else None
-
-
 class WorkerGroup:
     """The `nproc_per_node` workers of this node for one round."""
 
-    # How long a SIGKILLed worker may take to disappear before we call it unkillable
-    # (a process in uninterruptible sleep, D state, ignores even SIGKILL).
-    KILL_TIMEOUT = 10.0
+    # How long a SIGKILLed worker may take to disappear before we call it unkillable (a
+    # process in uninterruptible sleep, D state, ignores even SIGKILL). A killed worker is
+    # normally gone in well under a second, but freeing tens of GB of pinned memory or a GPU
+    # context can take seconds: too short a bound throws a healthy node out of the job, while
+    # a longer one only delays a node that is lost anyway (its peers see the hang themselves).
+    # Slurm's equivalent, UnkillableStepTimeout, is 60 s.
+    KILL_TIMEOUT = 30.0
 
     def __init__(self, config: LaunchConfig, assignment: Assignment, run_dir: str,
                  rdzv_endpoint: str, node_id: str) -> None:
@@ -254,6 +245,11 @@ class WorkerGroup:
         return [WorkerExit(i, self._assignment.rank_offset + i, p.returncode)
                 for i, p in enumerate(self._procs)]
 
+    def describe_unkillable(self) -> str:
+        """The workers that survived SIGKILL, with what the kernel says they are doing."""
+        ranks = {p.pid: self._assignment.rank_offset + i for i, p in enumerate(self._procs)}
+        return ", ".join(f"rank {ranks[pid]} (pid {pid}: {kernel_state(pid)})" for pid in self.unkillable)
+
     def dump_stacks(self, rank: int, wait: float = 0.5) -> None:
         """Ask a (hung) rank to print every thread's Python stack to its stderr (SIGUSR1)."""
         proc = self._procs[rank - self._assignment.rank_offset]
@@ -262,18 +258,18 @@ class WorkerGroup:
             time.sleep(wait)  # faulthandler writes at once; give the output pump a moment
 
     def first_failure(self, seen: list[WorkerExit], final: list[WorkerExit]
-                      ) -> tuple[WorkerExit, tuple[str, float] | None]:
-        """The rank whose failure came first, and (error, time) it recorded if it raised.
+                      ) -> tuple[WorkerExit, ErrorRecord | None]:
+        """The rank whose failure came first, and the error it recorded if it raised.
 
         `seen` are the exits that made us stop the group, `final` every exit after stop().
         Other ranks often die of the first one's death (a peer gone under a collective), and
         a rank that raised may still be in its exit handlers when a peer's exit is seen, so
         the earliest recorded exception wins; without one, the first exit we saw.
         """
-        errors = {e.rank: read_error(self._run_dir, e.rank) for e in final}
+        errors = {e.rank: ErrorRecord.read(error_path(self._run_dir, e.rank)) for e in final}
         early = [e.rank for e in seen if not e.ok]
         candidates = [e for e in final if e.rank in early or errors[e.rank]]
-        first = min(candidates, key=lambda e: (errors[e.rank][1] if errors[e.rank] else float("inf"),
+        first = min(candidates, key=lambda e: (errors[e.rank].time if errors[e.rank] else float("inf"),
                                                early.index(e.rank) if e.rank in early else len(early)))
         return first, errors[first.rank]
 
@@ -282,9 +278,11 @@ class WorkerGroup:
         self._close_output()
 
     def _close_output(self) -> None:
-        # A grandchild that inherited the pipe can keep it open; do not wait for it forever.
+        # A grandchild that inherited the pipe, or a worker that survived SIGKILL, can keep it
+        # open: wait for all of them together, not for each in turn.
+        deadline = time.monotonic() + 2.0
         for thread in self._pumps:
-            thread.join(timeout=2.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _signal_all(self, sig: signal.Signals) -> None:
         for proc in self._procs:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from helpers import REPO, child_env, wait_until  # noqa: F401  (re-exported for the scenarios)
+from helpers import REPO, Job, child_env, wait_until  # noqa: F401  (re-exported for the scenarios)
 
 LOOP_WORKER = os.path.join(REPO, "tests", "loop_worker.py")
 STEPS = 24
@@ -229,6 +229,24 @@ class Run:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+# ---------------------------------------------------------------- several agents (helpers.Job)
+
+def wait_records(job: Job, what: str, pred, timeout: float = 240, *, needed: str | None = None) -> dict:
+    """The first per-step record of the job that satisfies `pred`; fails at once if an agent
+    exits (of the nodes `needed`, default all)."""
+    def alive():
+        dead = {n: p.returncode for n, p in job.agents.items()
+                if (needed is None or n in needed) and p.poll() is not None}
+        return f"agents exited {dead}:\n" + "\n".join(job.log(n)[-3000:] for n in dead) if dead else None
+
+    return wait_until(what, lambda: next((r for r in read_records(job.outdir, "run") if pred(r)), None),
+                      timeout, alive=alive)
+
+
+def all_events(job: Job) -> list[dict]:
+    return sorted((e for n in job.agents for e in job.events(n)), key=lambda e: e["time"])
 
 
 # ---------------------------------------------------------------- recovery time

@@ -1,16 +1,18 @@
-"""Fixtures of the chaos suite: the uninterrupted reference runs, computed once per session."""
+"""Fixtures of the chaos suite: the uninterrupted reference runs, computed once per session, and
+jobs of several `elastic-run` agents running the loop job."""
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from chaos_lib import STEPS, Reference, final_params, job_args, read_records  # noqa: E402
-from helpers import child_env  # noqa: E402
+from helpers import Job, child_env  # noqa: E402
 from loop_launch import Group  # noqa: E402
 
 
@@ -33,3 +35,23 @@ def reference(tmp_path_factory):
         return cache[world]
 
     return get
+
+
+@pytest.fixture
+def loop_job(tmp_path):
+    """make(nnodes, endpoint, conf, max_restarts) -> a helpers.Job of the loop job (agents
+    started with job.start(node)); every agent still running is killed in teardown."""
+    jobs: list[Job] = []
+
+    def make(nnodes: str, endpoint: str, conf: str = "", max_restarts: int = 3) -> Job:
+        # Steps are slow while tmp_path/slow exists (tests that must not let the job end first).
+        args = job_args(tmp_path, "run", "--slow-while", str(tmp_path / "slow"))
+        job = Job(endpoint, f"chaos-{uuid.uuid4().hex[:8]}", tmp_path, nnodes, conf, max_restarts,
+                  script=args[0], script_args=args[1:],
+                  flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))
+        jobs.append(job)
+        return job
+
+    yield make
+    for job in jobs:
+        job.kill_all()

@@ -1,51 +1,19 @@
 """Chaos across nodes: several `elastic-run` agents (1 rank each, distinct --node-id) on one
-real etcd, running the loop job; faults hit etcd, whole nodes, and the rendezvous itself."""
+real etcd, running the loop job (the `loop_job` fixture); faults hit etcd, whole nodes, and the
+rendezvous itself."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
-import uuid
 
 import pytest
 
-from chaos_lib import check_run, job_args, read_records, recovery, report, wait_until
+from chaos_lib import all_events, check_run, read_records, recovery, report, wait_records, wait_until
 from elastic.etcd_client import EtcdConfig, connect
-from helpers import Job
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture
-def loop_job(tmp_path):
-    jobs: list[Job] = []
-
-    def make(nnodes: str, endpoint: str, conf: str = "", max_restarts: int = 3) -> Job:
-        # Steps are slow while tmp_path/slow exists (tests that must not let the job end first).
-        args = job_args(tmp_path, "run", "--slow-while", str(tmp_path / "slow"))
-        job = Job(endpoint, f"chaos-{uuid.uuid4().hex[:8]}", tmp_path, nnodes, conf, max_restarts,
-                  script=args[0], script_args=args[1:],
-                  flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))
-        jobs.append(job)
-        return job
-
-    yield make
-    for job in jobs:
-        job.kill_all()
-
-
-def wait_records(job: Job, what: str, pred, timeout: float = 240) -> dict:
-    def alive():
-        dead = {n: p.returncode for n, p in job.agents.items() if p.poll() is not None}
-        return f"agents exited {dead}:\n" + "\n".join(job.log(n)[-2000:] for n in dead) if dead else None
-
-    return wait_until(what, lambda: next((r for r in read_records(job.outdir, "run") if pred(r)), None),
-                      timeout, alive=alive)
-
-
-def all_events(job: Job) -> list[dict]:
-    return sorted((e for n in job.agents for e in job.events(n)), key=lambda e: e["time"])
 
 
 def test_etcd_killed_and_restarted_mid_run(loop_job, private_etcd, reference):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import netns
 import pytest
-from chaos_lib import check_run, job_args, read_events, read_records, report, wait_until
+from chaos_lib import check_run, job_args, read_events, read_records, report, wait_records
 from helpers import Job
 
 pytestmark = pytest.mark.timeout(600)
@@ -61,15 +61,6 @@ def start(cluster: netns.Cluster, job: Job, name: str) -> None:
 
 def events(job: Job, node: str) -> list[dict]:
     return read_events(job.outdir / f"logs-{node}" / "events.jsonl")
-
-
-def wait_records(job: Job, what: str, pred, timeout: float = 240, *, needed: str = "abc") -> dict:
-    def alive():
-        dead = {n: p.returncode for n, p in job.agents.items() if n in needed and p.poll() is not None}
-        return f"agents exited {dead}:\n" + "\n".join(job.log(n)[-3000:] for n in dead) if dead else None
-
-    return wait_until(what, lambda: next((r for r in read_records(job.outdir, "run") if pred(r)), None),
-                      timeout, alive=alive)
 
 
 def after(events: list[dict], kind: str, at: float, **match) -> dict | None:
