@@ -461,6 +461,15 @@ class Workers:
                               f"(first: n{missing[0]:05d})")
         return results
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the worker processes have used so far (Linux /proc)."""
+        total = 0
+        for proc in self.procs:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        return total / os.sysconf("SC_CLK_TCK")
+
     def counters(self, idxs) -> dict[int, tuple[int, int]]:
         out: dict[int, tuple[int, int]] = {}
         for reply in self.call("counters", idxs):
@@ -570,6 +579,8 @@ class Series:
     retries: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)  # churn: rounds until one held by live agents only
+    first: list[float] = field(default_factory=list)  # join: seconds until the first agent held the round
+    cpu: list[float] = field(default_factory=list)  # join: CPU seconds the simulated agents used meanwhile
     trials: int = 0
     note: str = ""
 
@@ -620,13 +631,17 @@ class Bench:
             replies = self.workers.call("mirrored", idxs[:-1], count=n - 1, round=0, timeout=SETUP_TIMEOUT)
             if not all(r["ok"] for r in replies):
                 raise TrialFailed(f"agents' mirrors did not show {n - 1} registrations within {SETUP_TIMEOUT:g}s")
+        cpu = self.workers.cpu_seconds()
         (reply,) = self.workers.call("start", [n - 1])
         results = self.workers.wait(idxs, nth=1)
+        cpu = self.workers.cpu_seconds() - cpu
         bad = check_agreement(results, n)
         if bad:
             raise TrialFailed(bad)
         after = self.workers.counters(idxs)
         out.add(max(r[0] for r in results.values()) - reply["t0"], *per_agent(before, after, idxs))
+        out.first.append(min(r[0] for r in results.values()) - reply["t0"])
+        out.cpu.append(cpu)
         return True
 
     def formed_round(self, params: RunParams) -> list[int]:
@@ -842,7 +857,25 @@ def report(ours: dict[int, dict[str, Series]], theirs: dict[int, dict[str, Serie
                 for failure in s.failures:
                     lines.append(f"FAILED {label} N={n} {key}: {failure}")
     lines += notes
+    lines += cpu_floor(ours)
     return "\n".join(lines)
+
+
+def cpu_floor(ours: dict[int, dict[str, Series]]) -> list[str]:
+    """What bounds the join time when N simulated agents share this machine's cores: each
+    agent's own work after the last join (watch event, decision, peer probes) is paid N
+    times here, once per node in a real cluster."""
+    lines = []
+    cores = os.cpu_count() or 1
+    for n, rows in sorted(ours.items()):
+        join = rows.get("join")
+        if join is None or not join.cpu:
+            continue
+        per_agent = statistics.median(join.cpu) / n
+        lines.append(f"join N={n}: first agent holds the round after p50 {pct(join.first, 50) * 1e3:.1f} ms; "
+                     f"the simulated agents used p50 {per_agent * 1e3:.2f} ms CPU each meanwhile, so on "
+                     f"{cores} cores the last cannot hold it before ~{per_agent * n / cores * 1e3:.0f} ms")
+    return lines
 
 
 def _counts(series: Series | None, key: str) -> str:
