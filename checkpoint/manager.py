@@ -115,14 +115,20 @@ class CheckpointManager:
         self._found_corrupt: set[int] = set()
         # Recorded in every manifest; the run id also scopes retention (see prune()).
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
+        self.regroup()
+
+    # ------------------------------------------------------------------ public API
+
+    def regroup(self) -> None:
+        """Take rank, world size and rendezvous round from the current process group and
+        environment: at construction, and after the group was re-formed in-process (a
+        TrainLoop reconfigured by elastic-run), with no save pending."""
         self._round = _env_int("ELASTIC_ROUND")
         if dist.is_available() and dist.is_initialized():
             self._rank, self._world = dist.get_rank(), dist.get_world_size()
             self._group = dist.new_group(backend="gloo")
         else:
             self._rank, self._world, self._group = 0, 1, None
-
-    # ------------------------------------------------------------------ public API
 
     def set_commit_guard(self, fn: Callable[[], None] | None) -> None:
         """Called on rank 0 right before the manifest is written; if it raises, nothing is committed."""

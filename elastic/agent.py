@@ -14,7 +14,10 @@ One loop, one round at a time:
 After a failure the workers are killed at once: nothing the survivors do can complete
 without the failed rank, and the last committed checkpoint is where everyone resumes.
 A planned stop (signal, growth, a peer leaving) sends SIGTERM first so that workers can
-save the step they are on, and SIGKILL after `--grace`.
+save the step they are on, and SIGKILL after `--grace`. On growth or a peer leaving, workers
+that declared they can (a DDP TrainLoop) are not stopped: they park after a step they agree
+on, and the next round hands them their new ranks (elastic/control.py); anything else, or
+any trouble on the way, falls back to the stop and a fresh start.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 # Spares are started once the round's first step is done (their imports would slow the
 # round's start), or this long after the round started, for workers that report no steps.
 REFILL_DELAY = 10.0
+PARK_POLL = 0.02  # seconds between looks at whether the workers have parked
 
 
 class Interrupted(Exception):
@@ -88,6 +92,7 @@ class Agent:
         self._progress_at = 0.0
         self._commits_logged: set[int] = set()  # steps of the checkpoint commits in the events log
         self._stalled_failures = 0  # failures in a row of rounds that completed no step
+        self._parked: WorkerGroup | None = None  # workers waiting in-process for the next round
         self._pool = (WarmPool(config.nproc_per_node, common_env(config, rdzv_endpoint, rendezvous.node_id))
                       if config.warm_pool and not config.no_python else None)
         rendezvous.should_abort = self._raise_if_signalled
@@ -124,15 +129,20 @@ class Agent:
 
     def _run_rounds(self) -> RunResult:
         while True:
-            assignment = self._rdzv.join()
+            assignment = self._join()
             self._result.rounds += 1
             self._result.restarts = assignment.restart_count
             self._events.emit("round_sealed", round=assignment.round, world_size=assignment.world_size,
                               group_rank=assignment.group_rank, restarts=assignment.restart_count)
             group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
-            group.start(self._pool)
             self._progress_step = None
-            self._events.emit("workers_started", round=assignment.round, pids=group.pids)
+            if self._parked is None:
+                group.start(self._pool)
+                self._events.emit("workers_started", round=assignment.round, pids=group.pids)
+            else:
+                group.adopt(self._parked)
+                self._parked = None
+                self._events.emit("workers_reconfigured", round=assignment.round, pids=group.pids)
             watched = self._watch(group, assignment)
             group.progress.read()
             self._record_progress(group, assignment.round, force=True)
@@ -142,6 +152,16 @@ class Agent:
                 result = self._give_up_node(group, assignment.round)
             if result is not None:
                 return result
+
+    def _join(self) -> Assignment:
+        """Join the next round; parked workers are stopped if that fails (no round to hand them)."""
+        try:
+            return self._rdzv.join()
+        except BaseException:
+            if self._parked is not None:
+                self._parked.stop(self._config.grace)
+                self._parked = None
+            raise
 
     def _watch(self, group: WorkerGroup, assignment: Assignment) -> _Watched:
         """Check local workers every --monitor-interval; learn of the job's changes by watch."""
@@ -179,6 +199,7 @@ class Agent:
                 return _Watched(_Outcome.FAILED, [], f"node {gone[0]} is gone", failed_node=gone[0])
             if self._rdzv.should_grow(assignment.round):
                 self._rdzv.bump_round(assignment.round, reason="nodes are waiting to join")
+                self._events.emit("growing", round=assignment.round)
                 return _Watched(_Outcome.ROUND_CHANGED, [], "growing: nodes are waiting to join")
             self._record_progress(group, assignment.round)
             self._record_commit(group, assignment.round)
@@ -207,7 +228,10 @@ class Agent:
             # A failure elsewhere: our workers are stuck in collectives with a dead peer, so
             # kill them now. A planned change: SIGTERM first so that they save their step.
             failure = self._rdzv.ended_by_failure(round_)
-            self._result.exits = group.stop(0 if failure else self._config.grace)
+            if not failure and self._park(group, round_):
+                self._parked = group
+            else:
+                self._result.exits = group.stop(0 if failure else self._config.grace)
             self._events.emit("round_left", round=round_, reason=watched.detail)
             return None
         if outcome is _Outcome.LEASE_LOST:
@@ -216,6 +240,23 @@ class Agent:
             self._rdzv.renew()
             return None
         return self._restart_after_failure(group, assignment, watched)
+
+    def _park(self, group: WorkerGroup, round_: int) -> bool:
+        """A planned change: ask workers that can be reconfigured in-process to park after a
+        step they agree on and commit; whether all did within --grace (else: stop them)."""
+        if not self._config.reconfigure or not group.progress.reconfigurable():
+            return False
+        group.request_park()
+        deadline = time.monotonic() + self._config.grace
+        while group.running and self._signal is None and time.monotonic() < deadline:
+            group.progress.read()
+            if group.progress.parked():
+                self._record_progress(group, round_, force=True)
+                self._record_commit(group, round_)
+                return True
+            time.sleep(min(self._config.monitor_interval, PARK_POLL))
+        log.warning("elastic-run: workers did not all park within --grace %gs; stopping them", self._config.grace)
+        return False
 
     def _restart_after_failure(self, group: WorkerGroup, assignment: Assignment,
                                watched: _Watched) -> RunResult | None:

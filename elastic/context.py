@@ -31,7 +31,9 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @dataclass(frozen=True)
 class Context:
-    """Who this worker is. Same values on every call of `init()` in one process."""
+    """Who this worker is: the same object on every call of `init()` in one process. A
+    TrainLoop reconfigured in-process (see `rejoin()`) updates its fields to the new round,
+    so a Context kept by the script stays right."""
 
     rank: int
     world_size: int
@@ -80,6 +82,7 @@ def context_from_env(env: Mapping[str, str]) -> Context:
 
 
 _context: Context | None = None
+_init_options: dict = {}  # init()'s backend and timeout, for rejoin()
 
 
 def _destroy_process_group() -> None:
@@ -90,10 +93,10 @@ def _destroy_process_group() -> None:
 def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Context:
     """Join the process group described by the environment and return this worker's Context.
 
-    Idempotent: later calls return the first call's Context. `backend` defaults to nccl when
-    CUDA is available, else gloo. With no launcher environment no process group is created
-    (world size 1); under a launcher one is created even at world size 1, so user code may
-    call collectives either way.
+    Idempotent: later calls return the first call's Context (`rejoin()` updates it). `backend`
+    defaults to nccl when CUDA is available, else gloo. With no launcher environment no
+    process group is created (world size 1); under a launcher one is created even at world
+    size 1, so user code may call collectives either way.
     """
     global _context
     if _context is not None:
@@ -110,8 +113,10 @@ def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Con
             backend=backend, init_method="env://", rank=ctx.rank, world_size=ctx.world_size,
             **kwargs,
         )
+        _init_options.update(backend=backend, timeout=timeout)
         # Tearing the group down before interpreter exit: left to static destructors, gloo's
         # threads can abort the process ("terminate called without an active exception").
+        # (Registered again after a rejoin(); the second call finds no group.)
         atexit.register(_destroy_process_group)
     if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (
         ctx.rank, ctx.world_size,
@@ -128,6 +133,24 @@ def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Con
     )
     _context = ctx
     return ctx
+
+
+def rejoin(env: Mapping[str, str]) -> Context:
+    """Leave the process group and join the one `env` describes (the agent's next round for a
+    worker reconfigured in-process, see elastic/control.py): the environment takes `env`'s
+    values, the progress file moves to the new rank's, and the Context takes the new values."""
+    global _context, _progress
+    os.environ.update(env)
+    _destroy_process_group()
+    if _progress is not None:
+        _progress.close()
+    kept, _context, _progress = _context, None, None
+    ctx = init(**_init_options)
+    if kept is not None:  # the script may hold it: it takes the new values
+        for field in dataclasses.fields(Context):
+            object.__setattr__(kept, field.name, getattr(ctx, field.name))
+        _context = kept
+    return _context
 
 
 class ProgressFile:
@@ -159,6 +182,20 @@ class ProgressFile:
             self._record = dataclasses.replace(self._record, commits=commits)
             self._write()
 
+    def declare_reconfigurable(self) -> None:
+        self._update(reconfigurable=True)
+
+    def park(self, step: int) -> None:
+        self._update(parked=step)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def _update(self, **changes: object) -> None:
+        with self._lock:
+            self._record = dataclasses.replace(self._record, **changes)
+            self._write()
+
     def _write(self) -> None:
         data = self._record.encode().ljust(self._length) + b"\n"
         os.pwrite(self._fd, data, 0)
@@ -178,6 +215,18 @@ def report_progress(step: int) -> None:
     """Record `step` as the last completed optimizer step (no-op without a progress file)."""
     if _progress is not None:
         _progress.write(step)
+
+
+def report_reconfigurable() -> None:
+    """Tell the agent that this worker can re-form its process group in-process."""
+    if _progress is not None:
+        _progress.declare_reconfigurable()
+
+
+def report_parked(step: int) -> None:
+    """Tell the agent that this worker committed `step` and waits for its next round."""
+    if _progress is not None:
+        _progress.park(step)
 
 
 def report_commit(step: int, stall: float) -> None:

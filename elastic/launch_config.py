@@ -100,6 +100,7 @@ class LaunchConfig:
     node_id: str | None = None
     local_addr: str | None = None
     warm_pool: bool = True  # restart Python workers in spares that already imported torch
+    reconfigure: bool = True  # planned changes re-form TrainLoop workers' group in-process
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
 
     def __post_init__(self) -> None:

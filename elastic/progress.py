@@ -38,6 +38,8 @@ class Progress:
     changed_at: float  # wall-clock time `step` was reported (before that: the file's creation)
     resumed: int | None = None  # the first step this process reported (where TrainLoop resumed)
     commits: tuple[Commit, ...] = ()  # the newest KEPT_COMMITS checkpoint commits this rank saw
+    reconfigurable: bool = False  # its TrainLoop can re-form the process group in-process
+    parked: int | None = None  # committed this step and waits for its next round (elastic/control.py)
 
     # Commits kept in the record: the agent reads it every --monitor-interval, and several
     # commits can come in between (a final save right after a periodic one).
@@ -45,7 +47,8 @@ class Progress:
 
     def encode(self) -> bytes:
         record = {"step": self.step, "at": self.changed_at, "resumed": self.resumed,
-                  "commits": [asdict(c) for c in self.commits]}
+                  "commits": [asdict(c) for c in self.commits], "reconfigurable": self.reconfigurable,
+                  "parked": self.parked}
         return json.dumps(record).encode()
 
     @classmethod
@@ -53,7 +56,7 @@ class Progress:
         """Raises ValueError on a record read while it was being rewritten."""
         record = json.loads(data)
         return cls(record["step"], record["at"], record["resumed"],
-                   tuple(Commit(**c) for c in record["commits"]))
+                   tuple(Commit(**c) for c in record["commits"]), record["reconfigurable"], record["parked"])
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,14 @@ class ProgressWatch:
         return bool(self._latest) and all(
             p.step is not None and p.resumed is not None and p.step > p.resumed for p in self._latest.values())
 
+    def reconfigurable(self) -> bool:
+        """Whether every rank declared that it can be reconfigured in-process (as of read())."""
+        return len(self._latest) == len(self._paths) and all(p.reconfigurable for p in self._latest.values())
+
+    def parked(self) -> bool:
+        """Whether every rank is parked, waiting for its next round (as of read())."""
+        return len(self._latest) == len(self._paths) and all(p.parked is not None for p in self._latest.values())
+
     def committed(self) -> list[Commit]:
         """The checkpoint commits every rank that reports commits has seen, oldest first,
         each with the longest stall any rank had for it."""
@@ -167,6 +178,8 @@ class ProgressWatch:
         now = self._clock()
         hangs = []
         for rank, progress in self._latest.items():
+            if progress.parked is not None:
+                continue  # waits for the agent, which ends the wait itself (--grace)
             quiet = now - progress.changed_at
             first = self._limits.first_step_timeout
             if progress.step is None and quiet > first:

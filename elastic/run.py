@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "warm-pool", action=argparse.BooleanOptionalAction, default=True,
           help="keep --nproc-per-node spare Python workers that have already imported torch, so "
           "that a restart skips the imports (default on; --no-warm-pool starts workers cold)")
+    _flag(p, "reconfigure", action=argparse.BooleanOptionalAction, default=True,
+          help="on growth or a graceful leave, keep the TrainLoop workers that stay and re-form "
+          "their process group in-process (default on; --no-reconfigure restarts them)")
     _flag(p, "node-id", default=None, help="stable id of this node (default: host name)")
     _flag(p, "local-addr", default=None, help="address peers reach this node at")
     _flag(p, "module", "-m", action="store_true", help="run the entry point as a module (python -m)")
@@ -114,7 +117,8 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         max_restarts=max_restarts, monitor_interval=monitor, grace=grace, module=ns.module,
         no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=log_dir,
         redirects=redirects, local_ranks_filter=shown, hang=hang, node_id=ns.node_id,
-        local_addr=ns.local_addr, warm_pool=ns.warm_pool, rdzv=RendezvousSettings.parse(ns.rdzv_conf),
+        local_addr=ns.local_addr, warm_pool=ns.warm_pool, reconfigure=ns.reconfigure,
+        rdzv=RendezvousSettings.parse(ns.rdzv_conf),
     )
 
 

@@ -10,6 +10,12 @@ Call order (every rank runs the same sequence):
      file, the preemption check, and the periodic checkpoint.
   5. After `max_steps` the final state is saved; on SIGTERM every rank stops after the same
      step, saves it, waits for the commit and exits with code 143.
+  6. Under elastic-run, a DDP loop with a checkpoint manager is reconfigured in-process on a
+     planned membership change (growth, a peer leaving; elastic/control.py): at the same
+     agreement as for SIGTERM it saves the step, parks until its agent hands it the next
+     round, re-forms the process group (elastic.context.rejoin), and resumes from that
+     step's checkpoint at the new world size exactly as a freshly started worker would.
+     `loop.rank`, `loop.world_size` and the Context of `elastic.init()` then hold the new values.
 
 Checkpoint step numbers count completed optimizer steps. The periodic save of step S runs at
 the boundary, right after optimizer step S, so it holds exactly the state step S+1 starts
@@ -26,6 +32,7 @@ validation loss) commits it again with the new metrics.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,10 +41,12 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.distributed.utils import _sync_module_states, _verify_param_shape_across_processes
 from torch.utils.data import default_collate
 
+from elastic import control
 from elastic.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is_ddp, is_fsdp2
-from elastic.context import report_commit, report_progress
+from elastic.context import rejoin, report_commit, report_parked, report_progress, report_reconfigurable
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 from elastic.fencing import commit_guard_from_env
 from elastic.rng_state import RngState, TorchStreams, seed_all
@@ -58,12 +67,14 @@ class Checkpointer(Protocol):
     def wait_snapshot(self) -> None: ...
     def wait(self) -> None: ...
     def load(self, state: Mapping[str, Any], step: int | None = None) -> int | None: ...
+    def regroup(self) -> None: ...
     def set_commit_guard(self, guard: Callable[[], None]) -> None: ...
     def set_commit_listener(self, listener: Callable[[int, float], None]) -> None: ...
 
 
 STOP_CHECK_SECONDS = 0.25  # default wall time between SIGTERM agreements (well inside --grace)
 MAX_CHECK_INTERVAL = 1000  # steps
+PARKED_POLL_SECONDS = 0.01  # how often a parked loop looks for its next round
 
 
 def check_interval(mean_step_seconds: float, every: int | None) -> int:
@@ -74,6 +85,28 @@ def check_interval(mean_step_seconds: float, every: int | None) -> int:
     if mean_step_seconds <= 0.0:
         return 1
     return max(1, min(MAX_CHECK_INTERVAL, int(STOP_CHECK_SECONDS / mean_step_seconds)))
+
+
+def _regroup_ddp(model: torch.nn.Module) -> None:
+    """Move a DDP model to the new default group as if it had just been built there: the
+    collectives its constructor makes in a new rank (default init_sync=True: a shape check, a
+    broadcast of the module's state from rank 0, which the checkpoint load then overwrites)
+    and a new reducer with the constructor's first-iteration buckets (the survivor's are laid
+    out by its last round's gradient order; ranks with other layouts sum the wrong elements)."""
+    group = dist.group.WORLD
+    model.process_group = group
+    parameters, expect_sparse_gradient = model._build_params_for_reducer()
+    _verify_param_shape_across_processes(group, parameters)
+    _sync_module_states(module=model.module, process_group=group, broadcast_bucket_size=model.broadcast_bucket_size,
+                        src=0, params_and_buffers_to_ignore=model.parameters_to_ignore,
+                        broadcast_buffers=model.forward_sync_buffers)
+    static_graph, model.static_graph = model.static_graph, False
+    model._ddp_init_helper(parameters, expect_sparse_gradient, model._build_debug_param_to_name_mapping(parameters),
+                           static_graph)
+    model._has_rebuilt_buckets = False
+    if static_graph:
+        model._set_static_graph()
+    model._lazy_init_ran = False
 
 
 class Step:
@@ -269,8 +302,6 @@ class TrainLoop:
         self.seed = seed
         self.checkpoint = checkpoint
         self.overlap_save = overlap_save
-        self.micro_batches = self.plan.micro_batches(self.rank)  # this rank's, the same every step
-        self.rank_range = self.plan.rank_range(self.rank)
 
         self._loop_state = _LoopState()
         self._state: dict[str, Any] = {
@@ -288,24 +319,41 @@ class TrainLoop:
                 raise ConfigError(f"extra_state key {key!r} is reserved by the loop; rename it")
             self._state[key] = value
 
-        guard = commit_guard_from_env()
-        if guard is not None and checkpoint is not None:
-            checkpoint.set_commit_guard(guard)
+        self._set_commit_guard()
         if checkpoint is not None:  # commits and their stall reach the agent's events log
             checkpoint.set_commit_listener(report_commit)
+        # Set when this worker can be reconfigured in-process: a plain DDP model (FSDP2's
+        # sharding is bound to its mesh; comm hooks and mixed precision keep state of their
+        # own), and a checkpoint to resume from exactly as the new ranks do.
+        plain_ddp = is_ddp(model) and not model._comm_hooks and model.mixed_precision is None
+        self._control = (os.environ.get(control.CONTROL_ENV) or None
+                         if plain_ddp and checkpoint is not None else None)
 
-        # A separate gloo group carries the SIGTERM agreement and the RNG gather, so they never
-        # queue behind (or between) the model's gradient buckets, and work under NCCL too.
-        self._flag_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
         self._sigterm = False
         self._stop_check_every = stop_check_every
-        self._next_check = 0  # the completed-step count at which ranks next agree on SIGTERM
-        self._last_check: tuple[int, float] | None = None  # (completed steps, perf_counter)
+        self._place(self.rank, self.world_size)
 
         self._completed = 0
         self._resumed: int | None = None
         self._last_saved: int | None = None
         self._rng_at_boundary: TorchStreams | None = None  # set while a body runs
+
+    def _place(self, rank: int, world_size: int) -> None:
+        """Everything that follows from this rank's place in the process group."""
+        self.rank, self.world_size = rank, world_size
+        self.plan = AccumulationPlan(self.plan.global_batch_size, self.plan.micro_batch_size, world_size)
+        self.micro_batches = self.plan.micro_batches(rank)  # this rank's, the same every step
+        self.rank_range = self.plan.rank_range(rank)
+        # A separate gloo group carries the SIGTERM agreement and the RNG gather, so they never
+        # queue behind (or between) the model's gradient buckets, and work under NCCL too.
+        self._flag_group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self._next_check = 0  # the completed-step count at which ranks next agree on SIGTERM
+        self._last_check: tuple[int, float] | None = None  # (completed steps, perf_counter)
+
+    def _set_commit_guard(self) -> None:
+        guard = commit_guard_from_env()
+        if guard is not None and self.checkpoint is not None:
+            self.checkpoint.set_commit_guard(guard)
 
     @property
     def step(self) -> int:
@@ -359,10 +407,11 @@ class TrainLoop:
         previous = self._install_sigterm()
         try:
             self.resume()
-            report_progress(self._completed)
+            self._report_started()
             while self._completed < self.max_steps:
                 if self._stop_agreed():
-                    self._stop()
+                    self._stop()  # exits, or returns with the loop placed in the next round
+                    continue  # agree again, in the new group, as its new ranks do first
                 step = Step(self, self.sampler.samples(self._completed))
                 if self.checkpoint is not None:
                     self._rng_at_boundary = TorchStreams.capture()
@@ -378,6 +427,11 @@ class TrainLoop:
                 signal.signal(signal.SIGTERM, previous)
 
     # -- step boundary --------------------------------------------------------------------
+
+    def _report_started(self) -> None:
+        report_progress(self._completed)
+        if self._control is not None:
+            report_reconfigurable()
 
     def _finish(self, step: Step) -> None:
         if not step._finished:
@@ -416,26 +470,63 @@ class TrainLoop:
         after the same step.
         """
         if self._flag_group is None:
-            return self._sigterm
+            return self._stop_wanted()
         if self._completed < self._next_check:
             return False
         now = time.perf_counter()
         mean = 0.0
         if self._last_check is not None and self._completed > self._last_check[0]:
             mean = (now - self._last_check[1]) / (self._completed - self._last_check[0])
-        agreed = torch.tensor([float(self._sigterm), mean], dtype=torch.float64)
+        agreed = torch.tensor([float(self._stop_wanted()), mean], dtype=torch.float64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._flag_group)
         self._last_check = (self._completed, now)
         self._next_check = self._completed + check_interval(agreed[1].item(), self._stop_check_every)
         return bool(agreed[0].item())
 
+    def _stop_wanted(self) -> bool:
+        """This rank's vote: SIGTERM, or its agent asks it to park (elastic/control.py)."""
+        return self._sigterm or (self._control is not None and control.park_requested(self._control))
+
     def _stop(self) -> None:
-        log.warning("rank %d: preempted (SIGTERM); saving step %d and exiting", self.rank, self._completed)
+        """Save the agreed step; exit on SIGTERM, else (peers stop or our agent asks) park
+        and re-form the group in the next round, if this loop can."""
+        parks = self._control is not None and not self._sigterm
+        log.warning("rank %d: %s; saving step %d", self.rank,
+                    "parking for a membership change" if parks else "preempted (SIGTERM), exiting", self._completed)
         if self.checkpoint is not None:
             if self._last_saved != self._completed:
                 self.save()
             self.checkpoint.wait()
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        if not parks:
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+        report_parked(self._completed)
+        self._rejoin(self._wait_for_round())
+
+    def _wait_for_round(self) -> dict[str, str]:
+        """The next round's environment, once the agent sends it; SIGTERM ends the wait."""
+        while (env := control.read_assignment(self._control)) is None:
+            if self._sigterm:
+                log.warning("rank %d: SIGTERM while parked at step %d; exiting", self.rank, self._completed)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+            time.sleep(PARKED_POLL_SECONDS)
+        return env
+
+    def _rejoin(self, env: dict[str, str]) -> None:
+        """Join the next round's process group and resume from the committed checkpoint of
+        the parked step, as the round's fresh workers do (the same state, bitwise)."""
+        parked = self._completed
+        ctx = rejoin(env)
+        # The collectives and groups of the new ranks' scripts, in the same order: DDP's
+        # construction, the CheckpointManager's group, the loop's.
+        _regroup_ddp(self.model)
+        self.checkpoint.regroup()
+        self._place(ctx.rank, ctx.world_size)
+        self._set_commit_guard()  # the fence of the new round
+        self._resumed = None
+        self.resume()
+        self._report_started()
+        log.warning("rank %d of %d: reconfigured in round %d at step %d", ctx.rank, ctx.world_size,
+                    ctx.round, parked)
 
     # -- resume ---------------------------------------------------------------------------
 

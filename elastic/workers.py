@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
+from elastic import control
 from elastic._net import interface_of
 from elastic._process import kernel_state, spawn_worker
 from elastic.error_record import ErrorRecord
@@ -121,6 +122,8 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
         ELASTIC_PROGRESS_FILE=progress_path(run_dir, rank),
         ELASTIC_ERROR_FILE=error_path(run_dir, rank),
     )
+    if config.reconfigure:
+        env[control.CONTROL_ENV] = control.control_path(run_dir, local_rank)
     if "GLOO_SOCKET_IFNAME" not in env:
         # gloo otherwise binds to what the host name resolves to (or loopback): wrong on a
         # node with several networks, where peers reach it only at its registered address.
@@ -173,11 +176,8 @@ class WorkerGroup:
         """Start the workers: in spares of `pool` if given (Python workers only), else cold."""
         cmd = worker_command(self._config)
         for local_rank in range(self._config.nproc_per_node):
-            stale = error_path(self._run_dir, self._assignment.rank_offset + local_rank)
-            if os.path.exists(stale):
-                os.unlink(stale)
-            env = worker_env(self._config, self._assignment, local_rank, self._run_dir,
-                             self._rdzv_endpoint, self._node_id)
+            env = self._env(local_rank)
+            control.clear(control.control_path(self._run_dir, local_rank))  # a request to a worker gone
             if pool is not None:
                 proc = pool.launch(worker_main_args(self._config), env)
             else:
@@ -185,6 +185,30 @@ class WorkerGroup:
             self._procs.append(proc)
             self._pump(proc.stdout, sys.stdout.buffer, local_rank, STDOUT)
             self._pump(proc.stderr, sys.stderr.buffer, local_rank, STDERR)
+
+    def adopt(self, parked: WorkerGroup) -> None:
+        """Take over the parked workers of the last round (same processes, same output pumps
+        and log files) and hand each its place in this round (elastic/control.py)."""
+        self._procs, self._pumps = parked._procs, parked._pumps
+        for local_rank in range(self._config.nproc_per_node):
+            control.send_assignment(control.control_path(self._run_dir, local_rank), self._env(local_rank))
+
+    def request_park(self) -> None:
+        """Ask every worker to park after the step they agree on (see elastic/control.py)."""
+        for local_rank in range(self._config.nproc_per_node):
+            control.request_park(control.control_path(self._run_dir, local_rank))
+
+    @property
+    def running(self) -> bool:
+        return all(p.poll() is None for p in self._procs)
+
+    def _env(self, local_rank: int) -> dict[str, str]:
+        """A worker's environment for this round; clears the error file its rank may have left."""
+        stale = error_path(self._run_dir, self._assignment.rank_offset + local_rank)
+        if os.path.exists(stale):
+            os.unlink(stale)
+        return worker_env(self._config, self._assignment, local_rank, self._run_dir,
+                          self._rdzv_endpoint, self._node_id)
 
     def _pump(self, source: IO[bytes], console: IO[bytes], local_rank: int, bit: int) -> None:
         """Copy a worker stream line by line: to its log file (with --log-dir) and, unless

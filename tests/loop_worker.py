@@ -6,7 +6,8 @@ the sample ids found in the batches the loop fed this rank (zero-weight repeats 
 and rank 0 writes the final parameters to <out>/params.<tag>.pt. Each process also appends its
 start-up timestamps (started, imported, initialized = process group up, resumed =
 checkpoint loaded) to <out>/boot.<tag>.rank<r>.jsonl. Under a supervisor
-restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>".
+restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>". A worker that
+elastic-run reconfigures in-process (--ddp) goes on writing under its new rank.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> int:
                    help="first attempt only: each checkpoint commit (manifest write) waits this long "
                    "after every rank's files are written, so a test can fail a save in flight")
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--ddp", action="store_true",
+                   help="wrap in DDP at world size 1 too (elastic-run can then reconfigure it in-process)")
     p.add_argument("--overlap-save", action="store_true", help="TrainLoop(overlap_save=True)")
     p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
     args = p.parse_args()
@@ -81,7 +84,7 @@ def main() -> int:
         from torch.distributed.fsdp import fully_shard
 
         model = fully_shard(model)
-    elif ctx.world_size > 1:
+    elif ctx.world_size > 1 or (args.ddp and torch.distributed.is_initialized()):
         model = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
@@ -114,7 +117,6 @@ def main() -> int:
         boot.write(json.dumps({"started": _STARTED, "imported": imported, "initialized": initialized,
                                "resumed": time.time(), "pid": os.getpid(),
                                "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
-    records = open(os.path.join(args.out, f"ids.{tag}.rank{ctx.rank}.jsonl"), "a")
     for step in loop:
         if step.index == kill_at:
             ckpt.wait()
@@ -132,15 +134,14 @@ def main() -> int:
             step.backward(F.mse_loss(model(x), y))
             if step.micro_batch.size:
                 ids.extend(i.tolist())
-        records.write(json.dumps({"step": step.index, "world": step.world_size,
-                                  "A": step.accumulation_steps, "ids": ids,
-                                  "t": time.time(), "pid": os.getpid(),
-                                  "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
-        records.flush()
-    records.close()
+        with open(os.path.join(args.out, f"ids.{tag}.rank{loop.rank}.jsonl"), "a") as records:
+            records.write(json.dumps({"step": step.index, "world": step.world_size,
+                                      "A": step.accumulation_steps, "ids": ids,
+                                      "t": time.time(), "pid": os.getpid(),
+                                      "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
     # Collective for FSDP2 (full_state_dict gathers the shards); keys without DDP's prefix.
     params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    if ctx.rank == 0:
+    if loop.rank == 0:
         torch.save(params, os.path.join(args.out, f"params.{tag}.pt"))
     return 0
 

@@ -115,3 +115,24 @@ def test_commits_are_reported_once_every_rank_has_seen_them(tmp_path):
     write(1, (5, 0.3), (10, 0.1))
     watch.read()
     assert watch.committed() == [Commit(5, 5.0, 0.3), Commit(10, 10.0, 0.2)]
+
+
+def test_a_parked_rank_is_not_hung_and_the_watch_sees_who_can_be_reconfigured(tmp_path):
+    """Records written by elastic.context's ProgressFile: a TrainLoop declares itself
+    reconfigurable, then parks at step 3 and waits, making no step, for its next round."""
+    from elastic.context import ProgressFile
+
+    now = [100.0]
+    path = str(tmp_path / "rank0.progress")
+    watch = ProgressWatch({0: path}, HangLimits(timeout=5.0), clock=lambda: now[0])
+    progress = ProgressFile(path)
+    progress.write(3)
+    watch.read()
+    assert not watch.reconfigurable() and not watch.parked()  # a plain script says neither
+    progress.declare_reconfigurable()
+    progress.park(3)
+    progress.close()
+    watch.read()
+    assert watch.reconfigurable() and watch.parked()
+    now[0] += 60.0
+    assert watch.hung() == []

@@ -81,6 +81,8 @@ def test_growth_on_arrival_is_free(job_factory):
     grown = job.wait_round(1, {"a", "b", "c"})
     assert {v["WORLD_SIZE"] for v in grown.values()} == {"3"}
     assert {v["TORCHELASTIC_RESTART_COUNT"] for v in grown.values()} == {"0"}  # no restart spent
+    # A plain script (no TrainLoop) cannot be reconfigured in-process: its workers restart.
+    assert job.worker_pid("a", 1) != job.worker_pid("a", 0)
     assert job.finish() == {"a": 0, "b": 0, "c": 0}
 
 

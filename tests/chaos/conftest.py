@@ -39,13 +39,13 @@ def reference(tmp_path_factory):
 
 @pytest.fixture
 def loop_job(tmp_path):
-    """make(nnodes, endpoint, conf, max_restarts) -> a helpers.Job of the loop job (agents
+    """make(nnodes, endpoint, conf, max_restarts, *worker_args) -> a helpers.Job of the loop job (agents
     started with job.start(node)); every agent still running is killed in teardown."""
     jobs: list[Job] = []
 
-    def make(nnodes: str, endpoint: str, conf: str = "", max_restarts: int = 3) -> Job:
+    def make(nnodes: str, endpoint: str, conf: str = "", max_restarts: int = 3, *worker_args: str) -> Job:
         # Steps are slow while tmp_path/slow exists (tests that must not let the job end first).
-        args = job_args(tmp_path, "run", "--slow-while", str(tmp_path / "slow"))
+        args = job_args(tmp_path, "run", "--slow-while", str(tmp_path / "slow"), *worker_args)
         job = Job(endpoint, f"chaos-{uuid.uuid4().hex[:8]}", tmp_path, nnodes, conf, max_restarts,
                   script=args[0], script_args=args[1:],
                   flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))

@@ -109,3 +109,34 @@ def test_node_added_mid_run_grows_without_losing_a_step(loop_job, etcd_server, r
     sealed = [(e["round"], e["world_size"]) for e in job.events("a") if e["event"] == "round_sealed"]
     assert sealed == [(0, 2), (1, 3)]
     check_run(job.outdir, "run", job.outdir / "ckpt", reference(2), exact=False)
+
+
+def test_growth_and_leave_reconfigure_the_staying_worker_in_process(loop_job, etcd_server, reference):
+    """Node a trains alone (nnodes 1:2, DDP at world size 1); b arrives, then leaves on
+    SIGTERM. a's worker is never restarted: at both changes it parks after a step the ranks
+    agree on, re-forms the process group at the new world size and resumes from that step's
+    checkpoint, like b's fresh worker. No restart spent, no step lost or repeated, within
+    1e-7 of the uninterrupted run."""
+    job = loop_job("1:2", etcd_server.endpoint, "last_call_timeout=1", 3, "--ddp")
+    slow = job.outdir / "slow"
+    slow.touch()  # slow steps until b has come and gone: the job must not end first
+    job.start("a")
+    wait_records(job, "step 3 at world 1", lambda r: r["step"] >= 3 and r["world"] == 1)
+    job.start("b")
+    wait_records(job, "a step at world 2", lambda r: r["world"] == 2)
+    job.agents["b"].send_signal(signal.SIGTERM)
+    assert job.agents["b"].wait(120) == 0, job.log("b")[-4000:]
+    wait_records(job, "a step at world 1 after b left", lambda r: r["world"] == 1 and r["round"] == "2", needed="a")
+    slow.unlink()
+    assert job.agents["a"].wait(300) == 0, job.log("a")[-4000:]
+    events = job.events("a")
+    assert [(e["round"], e["world_size"]) for e in events if e["event"] == "round_sealed"] == [(0, 1), (1, 2), (2, 1)]
+    started = [e for e in events if e["event"] == "workers_started"]
+    reconfigured = [e for e in events if e["event"] == "workers_reconfigured"]
+    assert [e["round"] for e in started] == [0] and [e["round"] for e in reconfigured] == [1, 2], events
+    assert {tuple(e["pids"]) for e in started + reconfigured} == {tuple(started[0]["pids"])}
+    records = read_records(job.outdir, "run")
+    assert {r["restart"] for r in records} == {0}  # neither change is a failure
+    alone = {r["pid"] for r in records if r["round"] in ("0", "2")}
+    assert alone == set(started[0]["pids"]) <= {r["pid"] for r in records if r["round"] == "1"}
+    check_run(job.outdir, "run", job.outdir / "ckpt", reference(2), exact=False)
