@@ -10,13 +10,18 @@ reconfiguration, then with `--no-reconfigure` on a (its worker is stopped and a 
 its warm pool resumes from the checkpoint); b's worker is new either way.
 
 Measured per change, to the first optimizer step completed by every rank of the new round:
-- growth: from a's `growing` event (a bumped the round for the waiting node);
+- growth: from a's `growing` event (a bumped the round for the waiting node), or from when
+  b's worker started its script if that was later: b's warm spare may still be importing
+  torch when b is admitted, which is the same in both modes and only adds noise. The
+  newcomer runs its whole script before the first step either way, so growth cannot gain
+  much;
 - leave: from the SIGTERM sent to b's agent.
-The growth figure includes b's newcomer starting its script, the same in both modes; b
-waits --last-call seconds for admission so that its warm spare has imported torch by then.
-Before each change a's spare pool is ready (restart mode) and the job has made 3 steps.
-Prints p50/p95 per change and mode and the ratios reconfigure/restart. The modes run one
-after the other, not interleaved: run it on an otherwise idle machine.
+`--setup-seconds S` makes the script sleep S s after elastic.init(), standing for a real
+script's set-up (data set, CUDA start-up): a restarted rank repeats it, a reconfigured one
+does not. With the tiny model and S=0, a restart in a warm spare costs about as much as a
+reconfiguration. Before each change a's spare pool is ready (restart mode) and the job has
+made 3 steps. Prints p50/p95 per change and mode and the ratios reconfigure/restart. The
+modes run one after the other, not interleaved: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -63,8 +68,8 @@ def wait(what: str, check, procs: list[subprocess.Popen], timeout: float = 300.0
 class Job:
     """Node a for the whole job; nodes b0, b1, ... come and go."""
 
-    def __init__(self, out: str, endpoint: str, mode: str, last_call: float) -> None:
-        self.out, self.endpoint, self.mode, self.last_call = out, endpoint, mode, last_call
+    def __init__(self, out: str, endpoint: str, mode: str, last_call: float, setup: float) -> None:
+        self.out, self.endpoint, self.mode, self.last_call, self.setup = out, endpoint, mode, last_call, setup
         self.run_id = f"resize-{mode}-{os.getpid()}"
         self.env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
         flags = () if mode == RECONFIGURE else ("--no-reconfigure",)
@@ -77,12 +82,19 @@ class Job:
                "--monitor-interval", "0.05", "--log-dir", os.path.join(self.out, f"logs-{node}"),
                "--checkpoint-dir", os.path.join(self.out, "ckpt"), *flags,
                WORKER, "--out", self.out, "--tag", "run", "--ddp", "--global-batch", "8",
-               "--max-steps", "1000000", "--save-every", "5", "--step-delay", "0.05"]
+               "--max-steps", "1000000", "--save-every", "5", "--step-delay", "0.05",
+               "--setup-seconds", str(self.setup)]
         log = open(os.path.join(self.out, f"agent-{node}.log"), "w")
         return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
-    def events(self) -> list[dict]:
-        return read_jsonl(os.path.join(self.out, "logs-a", "events.jsonl"))
+    def events(self, node: str = "a") -> list[dict]:
+        return read_jsonl(os.path.join(self.out, f"logs-{node}", "events.jsonl"))
+
+    def script_started(self, node: str, round_: int) -> float:
+        """When `node`'s worker of `round_` started running the script (its boot record)."""
+        (pid,) = next(e["pids"] for e in self.events(node) if e["event"] == "workers_started" and e["round"] == round_)
+        boots = [b for rank in range(2) for b in read_jsonl(os.path.join(self.out, f"boot.run.rank{rank}.jsonl"))]
+        return next(b["started"] for b in boots if b["pid"] == pid)
 
     def first_step(self, round_: int, world: int) -> float | None:
         """When every rank had completed its first step of `round_` (None: not yet)."""
@@ -106,9 +118,10 @@ class Job:
             e["event"] == "spares_ready" and e["time"] > started for e in events)
 
 
-def run_mode(mode: str, cycles: int, endpoint: str, base: str, last_call: float) -> dict[str, list[float]]:
+def run_mode(mode: str, cycles: int, endpoint: str, base: str, last_call: float,
+             setup: float) -> dict[str, list[float]]:
     out = tempfile.mkdtemp(prefix=f"{mode}-", dir=base)
-    job = Job(out, endpoint, mode, last_call)
+    job = Job(out, endpoint, mode, last_call, setup)
     found: dict[str, list[float]] = {"growth": [], "leave": []}
     round_ = 0
     try:
@@ -117,7 +130,7 @@ def run_mode(mode: str, cycles: int, endpoint: str, base: str, last_call: float)
             b = job.agent(f"b{cycle}")
             grown = wait(f"cycle {cycle}: a step at world 2", lambda: job.first_step(round_ + 1, 2), [job.a, b])
             decided = next(e["time"] for e in job.events() if e["event"] == "growing" and e["round"] == round_)
-            found["growth"].append(grown - decided)
+            found["growth"].append(grown - max(decided, job.script_started(f"b{cycle}", round_ + 1)))
             round_ += 1
             wait(f"cycle {cycle}: round {round_} settled", lambda: job.settled(round_), [job.a, b])
             left = time.time()
@@ -148,15 +161,16 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cycles", type=int, default=5, help="growths (and leaves) per mode (default 5)")
-    p.add_argument("--last-call", type=float, default=8.0,
-                   help="seconds a waiting node is debounced (b's spare imports torch meanwhile)")
+    p.add_argument("--last-call", type=float, default=3.0, help="seconds a waiting node is debounced")
+    p.add_argument("--setup-seconds", type=float, default=0.0,
+                   help="the script's set-up time after elastic.init() (default 0)")
     p.add_argument("--out", default=None, help="keep the runs' files here (default: a temp dir)")
     args = p.parse_args()
     base = args.out or tempfile.mkdtemp(prefix="bench-resize-")
     os.makedirs(base, exist_ok=True)
-    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"load average before: {os.getloadavg()[0]:.2f}; set-up {args.setup_seconds:g} s", flush=True)
     with EtcdServer() as etcd:
-        results = {mode: run_mode(mode, args.cycles, etcd.endpoint, base, args.last_call)
+        results = {mode: run_mode(mode, args.cycles, etcd.endpoint, base, args.last_call, args.setup_seconds)
                    for mode in (RECONFIGURE, RESTART)}
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"{'change':8} {'mode':12} {'p50 s':>8} {'p95 s':>8}  n")

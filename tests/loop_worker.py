@@ -71,10 +71,14 @@ def main() -> int:
                    help="wrap in DDP at world size 1 too (elastic-run can then reconfigure it in-process)")
     p.add_argument("--overlap-save", action="store_true", help="TrainLoop(overlap_save=True)")
     p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
+    p.add_argument("--setup-seconds", type=float, default=0.0,
+                   help="sleep this long before building the loop: stands for a real script's set-up "
+                   "(opening the data set, CUDA start-up) that a restarted rank repeats")
     args = p.parse_args()
 
     imported = time.time()
     ctx = elastic.init()
+    time.sleep(args.setup_seconds)
     initialized = time.time()
     model = build_model()
     if args.hidden != 8:
