@@ -87,9 +87,10 @@ def test_kill_during_rendezvous(loop_job, etcd_server, reference):
 
 def test_node_added_mid_run_grows_without_losing_a_step(loop_job, etcd_server, reference):
     """2 nodes x 1 rank (nnodes 2:3) train; a third arrives. The agents see it by watch,
-    ask the workers to stop after a step they all agree on (SIGTERM: TrainLoop saves it),
-    and the job goes on at world size 3 from that step: no restart spent, no step lost or
-    repeated, within 1e-7 of the uninterrupted run."""
+    ask the workers to park after a step they all agree on (TrainLoop saves it), and the
+    job goes on at world size 3 from that step, a's and b's workers re-formed in-process
+    (same pids) with c's new one: no restart spent, no step lost or repeated, within 1e-7
+    of the uninterrupted run."""
     job = loop_job("2:3", etcd_server.endpoint, conf="last_call_timeout=1")
     slow = job.outdir / "slow"
     slow.touch()  # slow steps until c is in: a loaded machine must not let a and b finish first
@@ -108,6 +109,10 @@ def test_node_added_mid_run_grows_without_losing_a_step(loop_job, etcd_server, r
     assert grown and min(r["t"] for r in grown) > arrived
     sealed = [(e["round"], e["world_size"]) for e in job.events("a") if e["event"] == "round_sealed"]
     assert sealed == [(0, 2), (1, 3)]
+    for node in ("a", "b"):
+        kept = {e["event"]: e["pids"] for e in job.events(node) if e["event"].startswith("workers_")}
+        assert kept.keys() == {"workers_started", "workers_reconfigured"}, kept
+        assert kept["workers_started"] == kept["workers_reconfigured"]
     check_run(job.outdir, "run", job.outdir / "ckpt", reference(2), exact=False)
 
 
