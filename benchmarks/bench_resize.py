@@ -5,9 +5,9 @@ Run:  python benchmarks/bench_resize.py [--cycles 5] [--out DIR]
 One etcd, node a (`elastic-run --nnodes 1:2`, one rank, tests/loop_worker.py --ddp: tiny
 float64 DDP model, checkpoint every 5 steps) trains for the whole job. Each cycle a node b
 arrives (growth, 1 -> 2) and, once the job has made 3 steps at world size 2, leaves on
-SIGTERM (graceful scale-down, 2 -> 1). The cycles run first with a's default, in-process
-reconfiguration, then with `--no-reconfigure` on a (its worker is stopped and a spare from
-its warm pool resumes from the checkpoint); b's worker is new either way.
+SIGTERM (graceful scale-down, 2 -> 1). The cycles run first with in-process reconfiguration
+(`--reconfigure` on a), then with the default, `--no-reconfigure` (its worker is stopped and
+a spare from its warm pool resumes from the checkpoint); b's worker is new either way.
 
 Measured per change, to the first optimizer step completed by every rank of the new round:
 - growth: from a's `growing` event (a bumped the round for the waiting node), or from when
@@ -72,7 +72,7 @@ class Job:
         self.out, self.endpoint, self.mode, self.last_call, self.setup = out, endpoint, mode, last_call, setup
         self.run_id = f"resize-{mode}-{os.getpid()}"
         self.env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-        flags = () if mode == RECONFIGURE else ("--no-reconfigure",)
+        flags = ("--reconfigure",) if mode == RECONFIGURE else ("--no-reconfigure",)
         self.a = self.agent("a", *flags)
 
     def agent(self, node: str, *flags: str) -> subprocess.Popen:

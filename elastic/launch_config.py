@@ -100,7 +100,10 @@ class LaunchConfig:
     node_id: str | None = None
     local_addr: str | None = None
     warm_pool: bool = True  # restart Python workers in spares that already imported torch
-    reconfigure: bool = True  # planned changes re-form TrainLoop workers' group in-process
+    # Planned changes re-form TrainLoop workers' group in-process. Opt-in: a new rank runs the
+    # script from the top, so a collective before the loop (a barrier after a rank-0
+    # download) would have no partner among the kept ranks and hang the job.
+    reconfigure: bool = False
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
 
     def __post_init__(self) -> None:

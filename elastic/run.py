@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "warm-pool", action=argparse.BooleanOptionalAction, default=True,
           help="keep --nproc-per-node spare Python workers that have already imported torch, so "
           "that a restart skips the imports (default on; --no-warm-pool starts workers cold)")
-    _flag(p, "reconfigure", action=argparse.BooleanOptionalAction, default=True,
+    _flag(p, "reconfigure", action=argparse.BooleanOptionalAction, default=False,
           help="on growth or a graceful leave, keep the TrainLoop workers that stay and re-form "
-          "their process group in-process (default on; --no-reconfigure restarts them)")
+          "their process group in-process; the script must make no collectives before the loop "
+          "besides DDP's construction (default off: they restart)")
     _flag(p, "node-id", default=None, help="stable id of this node (default: host name)")
     _flag(p, "local-addr", default=None, help="address peers reach this node at")
     _flag(p, "module", "-m", action="store_true", help="run the entry point as a module (python -m)")

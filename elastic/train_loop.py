@@ -10,8 +10,8 @@ Call order (every rank runs the same sequence):
      file, the preemption check, and the periodic checkpoint.
   5. After `max_steps` the final state is saved; on SIGTERM every rank stops after the same
      step, saves it, waits for the commit and exits with code 143.
-  6. Under elastic-run, a DDP loop with a checkpoint manager is reconfigured in-process on a
-     planned membership change (growth, a peer leaving; elastic/control.py): at the same
+  6. Under `elastic-run --reconfigure`, a DDP loop with a checkpoint manager is reconfigured
+     in-process on a planned membership change (growth, a peer leaving; elastic/control.py): at the same
      agreement as for SIGTERM it saves the step, parks until its agent hands it the next
      round, re-forms the process group (elastic.context.rejoin), and resumes from that
      step's checkpoint at the new world size exactly as a freshly started worker would.

@@ -48,7 +48,8 @@ def loop_job(tmp_path):
         args = job_args(tmp_path, "run", "--slow-while", str(tmp_path / "slow"), *worker_args)
         job = Job(endpoint, f"chaos-{uuid.uuid4().hex[:8]}", tmp_path, nnodes, conf, max_restarts,
                   script=args[0], script_args=args[1:],
-                  flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))
+                  flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05",
+                         "--reconfigure"))
         jobs.append(job)
         return job
 
