@@ -124,12 +124,13 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
     )
     if config.reconfigure:
         env[control.CONTROL_ENV] = control.control_path(run_dir, local_rank)
-    if "GLOO_SOCKET_IFNAME" not in env:
-        # gloo otherwise binds to what the host name resolves to (or loopback): wrong on a
-        # node with several networks, where peers reach it only at its registered address.
-        interface = interface_of(assignment.local_addr)
-        if interface is not None:
-            env["GLOO_SOCKET_IFNAME"] = interface
+    # gloo otherwise binds to what the host name resolves to (or loopback), NCCL's sockets to
+    # the first interface it likes: wrong on a node with several networks, where peers reach
+    # it only at its registered address. The user's own setting wins.
+    interface = interface_of(assignment.local_addr)
+    if interface is not None:
+        env.setdefault("GLOO_SOCKET_IFNAME", interface)
+        env.setdefault("NCCL_SOCKET_IFNAME", "=" + interface)  # "=": this name exactly, not a prefix
     return env
 
 

@@ -74,15 +74,18 @@ def _assignment(local_addr: str) -> Assignment:
                       master_port=1, restart_count=0, local_addr=local_addr)
 
 
-def test_workers_bind_gloo_to_the_interface_peers_reach_this_node_at(tmp_path, monkeypatch):
+def test_workers_bind_gloo_and_nccl_to_the_interface_peers_reach_this_node_at(tmp_path, monkeypatch):
     config = LaunchConfig(entrypoint=f"{SCRIPTS}/rdzv_worker.py", args=(), rdzv=RendezvousSettings())
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
     env = worker_env(config, _assignment("127.0.0.1"), 0, str(tmp_path), "127.0.0.1:2379", "a")
-    assert env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert env["GLOO_SOCKET_IFNAME"] == "lo" and env["NCCL_SOCKET_IFNAME"] == "=lo"
     # an address on no local interface (translated on the way in): gloo's own choice stands
     assert "GLOO_SOCKET_IFNAME" not in worker_env(config, _assignment("203.0.113.9"), 0, str(tmp_path), "x:1", "a")
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's setting wins
-    assert worker_env(config, _assignment("127.0.0.1"), 0, str(tmp_path), "x:1", "a")["GLOO_SOCKET_IFNAME"] == "eth7"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's settings win
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "^docker")
+    env = worker_env(config, _assignment("127.0.0.1"), 0, str(tmp_path), "x:1", "a")
+    assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"]) == ("eth7", "^docker")
 
 
 def test_rdzv_conf_takes_outage_and_probe_timeouts():
