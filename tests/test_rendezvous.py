@@ -315,6 +315,13 @@ class _InProcessAgent:
                 self._turned.wait(0.05)
 
 
+def saw_round(round_: int, *agents: _InProcessAgent) -> None:
+    """Wait until each agent's mirror shows `round_`: an agent joins only after its watch
+    showed the round move on (elastic/agent.py), else it would hold the old round again."""
+    for agent in agents:
+        wait_until(f"{agent.rdzv.node_id} sees round {round_}", lambda: agent.backend.current_round() == round_, 30)
+
+
 def both_registered(a: _InProcessAgent, b: _InProcessAgent) -> None:
     """Wait until a and b are registered for the current round and both have seen it (so
     each has taken note of when MIN was reached, by its clock)."""
@@ -337,6 +344,7 @@ def test_a_survivor_slower_than_the_last_call_is_awaited(etcd_server, run_id):
         first = {n: pool.submit(x.rdzv.join) for n, x in agents.items()}
         assert {n: f.result(30).round for n, f in first.items()} == {"a": 0, "b": 0, "c": 0}
         assert a.rdzv.bump_round(0, reason="a member died")
+        saw_round(1, *agents.values())
 
         # a and b re-register at once; c is slow (stopping its workers, say).
         fast = {n: pool.submit(agents[n].rdzv.join) for n in ("a", "b")}
@@ -354,6 +362,7 @@ def test_a_survivor_slower_than_the_last_call_is_awaited(etcd_server, run_id):
         # The wait is bounded: a survivor that does not come back within the join timeout
         # (its agent wedged with its lease alive) is left out.
         assert a.rdzv.bump_round(1, reason="a planned change")
+        saw_round(2, a, b)
         fast = {n: pool.submit(agents[n].rdzv.join) for n in ("a", "b")}
         both_registered(a, b)
         clock.now += 61.0
