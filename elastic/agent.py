@@ -310,7 +310,7 @@ class Agent:
         """A worker stuck in the kernel (D state) ignores SIGKILL and may hold what a new
         worker needs (memory, a GPU): this node leaves the job as a failed node, so that the
         others go on without it."""
-        reason = (f"workers survived SIGKILL for {WorkerGroup.KILL_TIMEOUT:g}s: {group.describe_unkillable()}; "
+        reason = (f"workers survived SIGKILL for {self._config.unkillable_timeout:g}s: {group.describe_unkillable()}; "
                   f"node {self._rdzv.node_id} leaves the job (the others go on): drain or reboot it")
         self._rdzv.bump_round(round_, reason=reason, failed_node=self._rdzv.node_id)
         self._events.emit("node_bad", round=round_, pids=group.unkillable, reason=reason)

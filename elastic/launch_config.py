@@ -90,6 +90,12 @@ class LaunchConfig:
     max_restarts: int = 0
     monitor_interval: float = 0.1
     grace: float = 5.0  # SIGTERM -> SIGKILL window when stopping workers
+    # How long a SIGKILLed worker may take to disappear before the node gives up on it (a
+    # process in uninterruptible sleep, D state, ignores even SIGKILL). A killed worker is
+    # normally gone in well under a second, but freeing tens of GB of pinned memory or a GPU
+    # context can take seconds: too short a bound throws a healthy node out of the job, while
+    # a longer one only delays a node that is lost anyway. Slurm's UnkillableStepTimeout is 60 s.
+    unkillable_timeout: float = 30.0
     module: bool = False
     no_python: bool = False
     checkpoint_dir: str | None = None
@@ -119,6 +125,8 @@ class LaunchConfig:
             raise ConfigError(f"--monitor-interval {self.monitor_interval} must be > 0 seconds")
         if self.grace < 0:
             raise ConfigError(f"--grace {self.grace} must be >= 0 seconds")
+        if self.unkillable_timeout <= 0:
+            raise ConfigError(f"--unkillable-timeout {self.unkillable_timeout} must be > 0 seconds")
         if self.hang.timeout < 0 or self.hang.first_step_timeout <= 0:
             raise ConfigError(f"--hang-timeout {self.hang.timeout:g} must be >= 0 (0 disables) and "
                               f"--first-step-timeout {self.hang.first_step_timeout:g} > 0 seconds")

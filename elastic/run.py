@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "max-restarts", default="0", help="job-wide restarts after failures (default 0)")
     _flag(p, "monitor-interval", default="0.1", help="seconds between worker checks (default 0.1)")
     _flag(p, "grace", default="5", help="seconds between SIGTERM and SIGKILL when stopping workers")
+    _flag(p, "unkillable-timeout", default="30", help="seconds a SIGKILLed worker may take to die; past "
+          "that (D state) this node leaves the job as bad and the others go on (default 30)")
     _flag(p, "checkpoint-dir", default=None, help="checkpoint URL given to workers (ELASTIC_CHECKPOINT_DIR)")
     _flag(p, "log-dir", default=None, help="directory for per-rank logs and the events log")
     _flag(p, "redirects", "-r", default="0", help="keep worker streams off the console, in log files "
@@ -101,6 +103,7 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         min_nodes = max_nodes = 1
     try:
         max_restarts, monitor, grace = int(ns.max_restarts), float(ns.monitor_interval), float(ns.grace)
+        unkillable = float(ns.unkillable_timeout)
         hang = parse_hang(ns.hang_timeout, float(ns.first_step_timeout))
         shown = frozenset(int(r) for r in ns.local_ranks_filter.split(",")) if ns.local_ranks_filter else None
     except ValueError as exc:
@@ -115,7 +118,8 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
     return LaunchConfig(
         entrypoint=ns.entrypoint, args=tuple(ns.args), min_nodes=min_nodes, max_nodes=max_nodes,
         nproc_per_node=nproc, rdzv_endpoint=endpoint, run_id=run_id,
-        max_restarts=max_restarts, monitor_interval=monitor, grace=grace, module=ns.module,
+        max_restarts=max_restarts, monitor_interval=monitor, grace=grace, unkillable_timeout=unkillable,
+        module=ns.module,
         no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=log_dir,
         redirects=redirects, local_ranks_filter=shown, hang=hang, node_id=ns.node_id,
         local_addr=ns.local_addr, warm_pool=ns.warm_pool, reconfigure=ns.reconfigure,

@@ -145,14 +145,6 @@ def error_path(run_dir: str, rank: int) -> str:
 class WorkerGroup:
     """The `nproc_per_node` workers of this node for one round."""
 
-    # How long a SIGKILLed worker may take to disappear before we call it unkillable (a
-    # process in uninterruptible sleep, D state, ignores even SIGKILL). A killed worker is
-    # normally gone in well under a second, but freeing tens of GB of pinned memory or a GPU
-    # context can take seconds: too short a bound throws a healthy node out of the job, while
-    # a longer one only delays a node that is lost anyway (its peers see the hang themselves).
-    # Slurm's equivalent, UnkillableStepTimeout, is 60 s.
-    KILL_TIMEOUT = 30.0
-
     def __init__(self, config: LaunchConfig, assignment: Assignment, run_dir: str,
                  rdzv_endpoint: str, node_id: str) -> None:
         self._config = config
@@ -162,7 +154,7 @@ class WorkerGroup:
         self._rdzv_endpoint = rdzv_endpoint
         self._procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
-        self.unkillable: list[int] = []  # pids that survived SIGKILL for KILL_TIMEOUT
+        self.unkillable: list[int] = []  # pids that survived SIGKILL for --unkillable-timeout
         # Wall-clock time of the last poll() that found every worker running: a worker killed
         # by a signal died after it (used to tell who failed first, see Agent.blame).
         self.all_alive_at = time.time()
@@ -260,7 +252,7 @@ class WorkerGroup:
                 except subprocess.TimeoutExpired:
                     break
         self._signal_all(signal.SIGKILL)
-        deadline = time.monotonic() + self.KILL_TIMEOUT
+        deadline = time.monotonic() + self._config.unkillable_timeout
         for proc in self._procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -3,7 +3,7 @@
 A rank stuck in the kernel (a dead NFS server, a wedged GPU driver) stops making progress and
 ignores SIGKILL. Here the cgroup v1 freezer makes one real: a frozen process is in D state and
 a SIGKILL stays pending until it is thawed. The node with the frozen rank must notice, give
-up after WorkerGroup.KILL_TIMEOUT (its agent exits, it does not wedge), and the other node
+up after --unkillable-timeout (its agent exits, it does not wedge), and the other node
 must go on alone from the last checkpoint and finish as the uninterrupted run would.
 
 Needs root and the freezer hierarchy at /sys/fs/cgroup/freezer; skipped with the reason
@@ -23,7 +23,6 @@ import pytest
 
 from chaos_lib import all_events, check_run, read_records, report, wait_records, wait_until
 from elastic._process import kernel_state
-from elastic.workers import WorkerGroup
 from helpers import alive
 
 pytestmark = pytest.mark.timeout(600)
@@ -31,6 +30,7 @@ pytestmark = pytest.mark.timeout(600)
 FREEZER = Path("/sys/fs/cgroup/freezer")
 PREFIX = "elastic-chaos-"
 HANG_TIMEOUT = 4.0  # node b's --hang-timeout: how soon the frozen rank is judged hung
+UNKILLABLE = 5.0  # node b's --unkillable-timeout
 
 
 def _release(group: Path) -> None:
@@ -80,14 +80,15 @@ def test_frozen_rank_makes_its_node_give_up(loop_job, etcd_server, reference, fr
     found_by="hang": b's agent judges it hung (b: --hang-timeout 4; a: 300, so the failure
     is b's to find), dumps stacks (a signal: it cannot block on a frozen rank) and SIGKILLs
     it. found_by="peer_failure": a's worker is SIGKILLed next; b learns of the failure by
-    the round bump and SIGKILLs its worker. Either way b's agent gives up after KILL_TIMEOUT
+    the round bump and SIGKILLs its worker. Either way b's agent gives up after --unkillable-timeout
     while the worker is still frozen: event node_bad, exit 1, a reason that names the rank
     and pid and says to drain or reboot the node. Node a goes on alone at world 1 from the
     last checkpoint and finishes within 1e-7 of the world-2 reference, every sample once per
     step, every committed checkpoint readable."""
     job = loop_job("1:2", etcd_server.endpoint, conf="last_call_timeout=20")
     job.start("a", "--hang-timeout", "300")
-    job.start("b", "--hang-timeout", str(HANG_TIMEOUT) if found_by == "hang" else "300")
+    job.start("b", "--hang-timeout", str(HANG_TIMEOUT) if found_by == "hang" else "300",
+              "--unkillable-timeout", str(UNKILLABLE))
     started = [wait_until(f"{node}'s workers", lambda: next(
         (e for e in job.events(node) if e["event"] == "workers_started"), None), 240) for node in ("a", "b")]
     (peer,), (victim,) = (e["pids"] for e in started)
@@ -114,9 +115,9 @@ def test_frozen_rank_makes_its_node_give_up(loop_job, etcd_server, reference, fr
     for part in (f"pid {victim}", "survived SIGKILL", "state D", "node b leaves the job", "drain or reboot"):
         assert part in end["reason"], end["reason"]
     assert end["reason"] in log_b  # the summary shows it too
-    # It waited KILL_TIMEOUT for the kill, and no longer than detection + that + slack.
+    # It waited --unkillable-timeout for the kill, and no longer than detection + that + slack.
     took = bad["time"] - fault_at
-    assert WorkerGroup.KILL_TIMEOUT <= took <= detection + WorkerGroup.KILL_TIMEOUT + 30, took
+    assert UNKILLABLE <= took <= detection + UNKILLABLE + 30, took
 
     code_a = job.agents["a"].wait(300)
     assert code_a == 0, job.log("a")[-4000:]
@@ -125,6 +126,6 @@ def test_frozen_rank_makes_its_node_give_up(loop_job, etcd_server, reference, fr
     assert alone and {r["world"] for r in alone} == {1}, alone
     events = all_events(job)
     sealed = [(e["node"], e["round"], e["world_size"]) for e in events if e["event"] == "round_sealed"]
-    report(f"frozen-rank-{found_by}", node_bad_after_s=round(took, 2), kill_timeout=WorkerGroup.KILL_TIMEOUT,
+    report(f"frozen-rank-{found_by}", node_bad_after_s=round(took, 2), unkillable_timeout=UNKILLABLE,
            sealed=sealed, a_finished_after_s=round(events[-1]["time"] - fault_at, 2))
     check_run(job.outdir, "run", job.outdir / "ckpt", reference(2), exact=False)
