@@ -31,6 +31,7 @@ validation loss) commits it again with the new metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -341,7 +342,8 @@ class TrainLoop:
     def _place(self, rank: int, world_size: int) -> None:
         """Everything that follows from this rank's place in the process group."""
         self.rank, self.world_size = rank, world_size
-        self.plan = AccumulationPlan(self.plan.global_batch_size, self.plan.micro_batch_size, world_size)
+        if self.plan.world_size != world_size:  # (a reconfiguration; __init__ built it already)
+            self.plan = dataclasses.replace(self.plan, world_size=world_size)
         self.micro_batches = self.plan.micro_batches(rank)  # this rank's, the same every step
         self.rank_range = self.plan.rank_range(rank)
         # A separate gloo group carries the SIGTERM agreement and the RNG gather, so they never
