@@ -347,9 +347,15 @@ def worker_main(conn, impl: str, endpoint: str) -> None:
                     return next((j for j in agent.joins if j[1] == kw["round"]), None)
                 return agent.joins[kw["nth"] - 1] if len(agent.joins) >= kw["nth"] else None
 
+            pending = list(want)
+
+            def all_held() -> bool:  # called on each agent's join: O(1) each, not O(agents)
+                while pending and held(pending[-1]) is not None:
+                    pending.pop()
+                return not pending
+
             with changed:
-                changed.wait_for(lambda: errors or all(held(a) is not None for a in want),
-                                 timeout=max(0.0, deadline - time.monotonic()))
+                changed.wait_for(lambda: errors or all_held(), timeout=max(0.0, deadline - time.monotonic()))
                 return {"results": {a.idx: held(a) for a in want if held(a) is not None}, "errors": list(errors)}
         if cmd == "mirrored":  # until each agent's own mirror shows `count` members of `round`
             deadline = time.monotonic() + kw["timeout"]

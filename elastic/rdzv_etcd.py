@@ -102,6 +102,11 @@ class _Mirror:
         """{name: value} of the keys directly under `parent` (which ends in '/'), a copy."""
         return dict(self._dirs.get(parent, ()))
 
+    def names(self, parent: str) -> set[str]:
+        """The names of the keys directly under `parent`."""
+        with self._lock:
+            return set(self._dirs.get(parent, ()))
+
 
 class EtcdBackend:
     """One agent's connection to the run's keys. Writes are transactions; reads use the mirror."""
@@ -227,7 +232,7 @@ class EtcdBackend:
         return json.loads(raw) if raw is not None else None
 
     def alive(self) -> set[str]:
-        return set(self._children("alive/"))
+        return self._mirror.names("alive/")
 
     def finished(self, round_: int) -> set[str]:
         """Members of `round_` that finished or left on purpose (their absence is no failure)."""

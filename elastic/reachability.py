@@ -12,6 +12,11 @@ the store every rank connects to, and its neighbours on the ring of members. Pro
 peers costs N^2 connections per round: at 1,024 nodes a million connects, and the bursts
 of 1,023 SYNs overflow listeners' accept queues, so healthy peers look cut off. A node cut
 off from everyone is still seen by both ends: it reports its neighbours, they report it.
+
+`Prober` does the probing while the node waits for the round to form, on the peers it
+would have if the round sealed as it stands, and keeps them verified; the check once the
+round is sealed then probes only the peers that changed. A verification holds for a lease
+TTL (what etcd knows of a peer's liveness is no fresher) and until the node sees a failure.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ def probe_targets(node_ids: Sequence[str], me: str, neighbours: int = RING_NEIGH
     """The peers `me` probes in a round of `node_ids` (rank order): the first node and the
     `neighbours` nearest on each side on the ring. A node not in the round (a spare asking
     to be let in) probes as if it were appended last, where it would join."""
-    ring = list(node_ids) if me in node_ids else [*node_ids, me]
+    ring = node_ids if me in node_ids else [*node_ids, me]
     at, size = ring.index(me), len(ring)
-    chosen = {ring[0]} | {ring[(at + d) % size] for d in range(-neighbours, neighbours + 1)}
-    return [n for n in ring if n in chosen and n != me]
+    # Positions, not a scan of the ring: every agent of a 1,024-node round calls this at once.
+    chosen = {0} | {(at + d) % size for d in range(-neighbours, neighbours + 1)}
+    return [ring[i] for i in sorted(chosen - {at})]
 
 
 class ProbeListener:
@@ -98,3 +104,83 @@ def unreachable(targets: dict[str, tuple[str, int]], timeout: float) -> list[str
         sock.close()
     selector.close()
     return sorted(failed)
+
+
+Targets = dict[str, tuple[str, int]]  # peer name -> (addr, probe port)
+
+
+class Prober:
+    """Reachability checks that remember which peers answered, and a background thread that
+    verifies the peers a forming round will probably need (`expect`), so that the check
+    when it seals (`unreachable`) finds them done. A peer is remembered by its address and
+    port: a restarted agent listens on a new port and is probed again."""
+
+    def __init__(self, timeout: float, fresh_for: float, clock=time.monotonic) -> None:
+        self._timeout = timeout
+        self._fresh_for = fresh_for
+        self._clock = clock
+        self._answered: dict[tuple[str, int], float] = {}  # (addr, port) -> when it answered
+        self._expected: Targets = {}
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def unreachable(self, targets: Targets) -> list[str]:
+        """The names in `targets` that do not answer now; peers verified lately are not probed."""
+        return self._probe(self.unverified(targets))
+
+    def unverified(self, targets: Targets) -> Targets:
+        """The part of `targets` not verified within the lifetime of a verification."""
+        return {n: t for n, t in targets.items() if self._age(t) >= self._fresh_for}
+
+    def expect(self, targets: Targets) -> None:
+        """Verify these peers in the background, and keep them verified, until the next call."""
+        with self._changed:
+            if targets == self._expected:
+                return  # the usual case: an event that did not change this node's peers
+            self._expected = dict(targets)
+            if not targets:
+                return  # nothing to do now: the thread finds out when it next wakes
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._keep_verified, name="reachability-expect",
+                                                daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def forget(self) -> None:
+        """Something failed: what was verified before it says little now."""
+        with self._changed:
+            self._answered.clear()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
+    def _age(self, target: tuple[str, int]) -> float:
+        with self._changed:
+            answered = self._answered.get(target)
+        return self._clock() - answered if answered is not None else float("inf")
+
+    def _probe(self, targets: Targets) -> list[str]:
+        started = self._clock()
+        failed = unreachable(targets, self._timeout) if targets else []
+        with self._changed:
+            self._answered.update((t, started) for n, t in targets.items() if n not in failed)
+        return failed
+
+    def _keep_verified(self) -> None:
+        """Probe the expected peers not verified, or verified half a lifetime ago; then sleep
+        until the oldest verification is that old again, or `expect` names other peers."""
+        renew_at = self._fresh_for / 2
+        while True:
+            with self._changed:
+                if self._closed:
+                    return
+                expected = self._expected
+            self._probe({n: t for n, t in expected.items() if self._age(t) >= renew_at})
+            with self._changed:
+                if self._expected is expected and not self._closed:
+                    # Peers that did not answer are tried again at the next wake, not at once.
+                    due = [renew_at - age for age in map(self._age, expected.values()) if age < renew_at]
+                    self._changed.wait(min(due, default=renew_at) if expected else None)

@@ -25,6 +25,7 @@ from elastic.rdzv_protocol import (
     Joined,
     Member,
     Register,
+    RunState,
     Seal,
     SealedRound,
     Settings,
@@ -36,7 +37,7 @@ from elastic.rdzv_protocol import (
     decide_growth,
     decide_join,
 )
-from elastic.reachability import ProbeListener, probe_targets, unreachable
+from elastic.reachability import Prober, ProbeListener, Targets, probe_targets
 from elastic.workers import Assignment
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class EtcdRendezvous:
         self._growth_seen: float | None = None
         self._gone_seen: tuple[int, float] | None = None  # (round, when a departure was first seen)
         self._probe: ProbeListener | None = None
+        self._prober = Prober(config.rdzv.probe_timeout, fresh_for=config.rdzv.lease_ttl)
         self.lease_lost = False
         self.should_abort: Callable[[], None] = lambda: None  # raises to abort a wait (signals)
 
@@ -92,6 +94,7 @@ class EtcdRendezvous:
         """Take a lease, announce this agent, and start mirroring the run's keys."""
         if self._probe is None:
             self._probe = ProbeListener(self._addr)
+        self._prober.forget()  # a restart after a lost lease: this node may have been cut off
         self._backend.open_lease(self._config.rdzv.lease_ttl)
         self._refreshed_at = time.monotonic()
         self.lease_lost = False
@@ -133,6 +136,7 @@ class EtcdRendezvous:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._prober.close()
         if self._probe is not None:
             self._probe.close()
         self._backend.shutdown()
@@ -180,14 +184,18 @@ class EtcdRendezvous:
             if state.round != tracked_round:
                 tracked_round, min_reached_at, sealable_since = state.round, None, None
                 deadline = max(deadline, now + self._config.rdzv.join_timeout)  # the job moves: not stuck
-            if len(admissible(state, self._settings, now)) >= self._config.min_nodes:
+            chosen = admissible(state, self._settings, now)
+            if len(chosen) >= self._config.min_nodes:
                 min_reached_at = min_reached_at if min_reached_at is not None else now
             else:
                 min_reached_at = None
             action = decide_join(state, self.node_id, self._settings, now, min_reached_at)
             if isinstance(action, Closed):
                 raise RendezvousClosedError(action.reason, ok=action.ok)
+            if isinstance(action, (Seal, Wait)):
+                self._expect_peers(state, chosen)
             if isinstance(action, Joined):
+                self._prober.expect({})
                 if not self._peers_reachable(action.assignment.round):
                     continue  # the round was ended; join the next one
                 if waiting:
@@ -269,7 +277,10 @@ class EtcdRendezvous:
         Reported at once to the first live member of the round, which bumps the round; to
         the k-th only after k times TAKEOVER_DELAY (they see the bump by watch well before).
         """
-        alive, finished = self._backend.alive(), self._backend.finished(round_)
+        alive = self._backend.alive()
+        if alive.issuperset(members):
+            return []  # the usual answer, found in C: every agent asks on every change
+        finished = self._backend.finished(round_)
         gone = [n for n in members if n not in alive and n not in finished]
         if not gone:
             return []
@@ -318,6 +329,7 @@ class EtcdRendezvous:
         sealed = self._backend.sealed(round_)
         if sealed is None or sealed.node_ids == (self.node_id,):
             return self.node_id  # alone in the round: no one else to blame, no need to wait
+        self._prober.forget()  # probe afresh: the failure may be a peer cut off a moment ago
         cut_off = self._unreachable_peers(sealed)
         self._backend.claim_failure(round_, FailureClaim(when, tuple(cut_off)))
         if cut_off:
@@ -341,9 +353,12 @@ class EtcdRendezvous:
         registered = self._backend.members(sealed.round)  # the record names nodes only
         peers = probe_targets(sealed.node_ids, self.node_id)
         gone = [n for n in peers if n not in registered]
-        targets = {n: (registered[n].addr, registered[n].probe_port) for n in peers
-                   if n in registered and registered[n].probe_port}
-        return gone + (unreachable(targets, self._config.rdzv.probe_timeout) if targets else [])
+        return gone + self._prober.unreachable(_targets(peers, registered))
+
+    def _expect_peers(self, state: RunState, chosen: list[str]) -> None:
+        """While the round forms: have the peers this node would probe if it sealed as it
+        stands verified in the background, so that the check once it seals is quick."""
+        self._prober.expect(_targets(probe_targets(chosen, self.node_id), state.members))
 
     def _peers_reachable(self, round_: int) -> bool:
         """Before starting workers for a sealed round: can this node reach every peer? If not,
@@ -376,3 +391,9 @@ class EtcdRendezvous:
 
     def close(self, *, ok: bool, reason: str) -> None:
         self._backend.close(ok=ok, reason=reason)
+
+
+def _targets(peers: list[str], registered: dict[str, Member]) -> Targets:
+    """Where `peers` answer probes, from their registrations (those that have a listener)."""
+    return {n: (registered[n].addr, registered[n].probe_port) for n in peers
+            if n in registered and registered[n].probe_port}

@@ -12,7 +12,7 @@ from helpers import SCRIPTS
 
 from elastic._net import free_port, interface_of
 from elastic.launch_config import LaunchConfig, RendezvousSettings
-from elastic.reachability import ProbeListener, probe_targets, unreachable
+from elastic.reachability import Prober, ProbeListener, probe_targets, unreachable
 from elastic.workers import Assignment, worker_env
 
 
@@ -46,6 +46,79 @@ def test_a_peer_that_never_answers_is_unreachable_within_the_timeout():
     if answered == []:
         pytest.skip("this kernel answered beyond the accept queue: no black hole to probe")
     assert answered == ["x"] and took < 2.0
+
+
+class _Peer:
+    """A listener that never accepts: each probe that reached it waits in its accept queue,
+    so a test can count probes without racing a thread."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.target = ("127.0.0.1", self.sock.getsockname()[1])
+
+    def probed(self, timeout: float = 0.0) -> int:
+        """How many probes arrived (waiting up to `timeout` for the first)."""
+        count = 0
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                self.sock.accept()[0].close()
+                count += 1
+                self.sock.setblocking(False)
+        except (BlockingIOError, TimeoutError):
+            return count
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_prober_verifies_expected_peers_in_the_background_and_the_check_skips_them():
+    peer, other = _Peer(), _Peer()
+    prober = Prober(timeout=2.0, fresh_for=60.0)
+    try:
+        prober.expect({"a": peer.target})
+        assert peer.probed(timeout=10.0) == 1  # the background thread reached it...
+        deadline = time.monotonic() + 10.0
+        while prober.unverified({"a": peer.target}) and time.monotonic() < deadline:
+            time.sleep(0.005)  # ...and records the answer once its connect returned
+        assert prober.unverified({"a": peer.target}) == {}
+        # The check once the round seals probes only the peer it has not verified.
+        assert prober.unreachable({"a": peer.target, "b": other.target}) == []
+        assert (peer.probed(), other.probed()) == (0, 1)
+        # After a failure everything is probed afresh.
+        prober.forget()
+        assert prober.unreachable({"a": peer.target}) == [] and peer.probed() == 1
+    finally:
+        prober.close()
+        peer.close()
+        other.close()
+
+
+def test_prober_verification_expires_after_its_lifetime():
+    now = [0.0]
+    peer = _Peer()
+    prober = Prober(timeout=2.0, fresh_for=5.0, clock=lambda: now[0])
+    try:
+        assert prober.unreachable({"a": peer.target}) == [] and peer.probed() == 1
+        now[0] = 4.9
+        assert prober.unreachable({"a": peer.target}) == [] and peer.probed() == 0
+        now[0] = 5.0
+        assert prober.unreachable({"a": peer.target}) == [] and peer.probed() == 1
+    finally:
+        prober.close()
+        peer.close()
+
+
+def test_prober_does_not_remember_a_peer_that_did_not_answer():
+    # No TCP connection can go to the broadcast address: connect() fails at once.
+    prober = Prober(timeout=0.3, fresh_for=60.0)
+    try:
+        assert prober.unreachable({"x": ("255.255.255.255", 9)}) == ["x"]
+        assert prober.unreachable({"x": ("255.255.255.255", 9)}) == ["x"]
+    finally:
+        prober.close()
 
 
 def test_probe_targets_are_the_first_node_and_ring_neighbours():
