@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from elastic.errors import RendezvousConnectionError
@@ -82,10 +82,11 @@ class _Mirror:
                 del self._dirs[parent + "/"]
                 self._parsed.pop(parent + "/", None)
 
-    def parsed(self, parent: str, parse: Callable[[bytes], T]) -> dict[str, T]:
-        """{name: parse(value)} of the keys directly under `parent`, each value parsed once
-        and kept until it changes: at 1,024 nodes, re-parsing a round's members on every
-        change costs every agent more than the rest of its decision."""
+    def parsed(self, parent: str, parse: Callable[[bytes], T], only: Iterable[str] | None = None) -> dict[str, T]:
+        """{name: parse(value)} of the keys directly under `parent` (those named in `only`,
+        if given), each value parsed once and kept until it changes: at 1,024 nodes,
+        re-parsing a round's members on every change costs every agent more than the rest
+        of its decision."""
         with self._lock:
             children = self._dirs.get(parent, {})
             cache = self._parsed.setdefault(parent, {})
@@ -93,7 +94,7 @@ class _Mirror:
                 for name, value in children.items():
                     if name not in cache:
                         cache[name] = parse(value)
-            return dict(cache)
+            return dict(cache) if only is None else {n: cache[n] for n in only if n in cache}
 
     def get(self, key: str) -> bytes | None:
         return self._values.get(key)
@@ -248,9 +249,10 @@ class EtcdBackend:
             return RunState(round=round_, closed=closed, sealed=sealed)
         return self.state()
 
-    def members(self, round_: int) -> dict[str, Member]:
-        """The nodes registered for `round_` (kept until round + 2 is sealed)."""
-        return self._mirror.parsed(f"rounds/{round_}/members/", _member)
+    def members(self, round_: int, only: Iterable[str] | None = None) -> dict[str, Member]:
+        """The nodes registered for `round_` (kept until round + 2 is sealed), or those of
+        them named in `only`."""
+        return self._mirror.parsed(f"rounds/{round_}/members/", _member, only)
 
     def state(self) -> RunState:
         """The protocol's view of the current round, from the mirror."""

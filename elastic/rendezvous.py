@@ -350,8 +350,8 @@ class EtcdRendezvous:
         """The peers this node checks (reachability.probe_targets) that it cannot reach. A peer
         whose registration is gone (it is bound to the lease: the peer was cut off from etcd
         too) counts as unreachable."""
-        registered = self._backend.members(sealed.round)  # the record names nodes only
         peers = probe_targets(sealed.node_ids, self.node_id)
+        registered = self._backend.members(sealed.round, only=peers)  # the record names nodes only
         gone = [n for n in peers if n not in registered]
         return gone + self._prober.unreachable(_targets(peers, registered))
 
