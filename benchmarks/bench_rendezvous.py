@@ -586,7 +586,7 @@ class Series:
     failures: list[str] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)  # churn: rounds until one held by live agents only
     first: list[float] = field(default_factory=list)  # join: seconds until the first agent held the round
-    cpu: list[float] = field(default_factory=list)  # join: CPU seconds the simulated agents used meanwhile
+    cpu: list[float] = field(default_factory=list)  # join, death: CPU seconds the simulated agents used meanwhile
     trials: int = 0
     note: str = ""
 
@@ -666,10 +666,12 @@ class Bench:
         victim = self.rng.choice(idxs)
         survivors = [i for i in idxs if i != victim]
         before = self.workers.counters(survivors)
+        cpu = self.workers.cpu_seconds()
         (reply,) = self.workers.call("kill", [victim], mode=mode)
         if self.impl == "c10d":
             self.workers.call("rejoin", survivors)  # best case: its agents detect the death at once
         results = self.workers.wait(survivors, nth=2)
+        out.cpu.append(self.workers.cpu_seconds() - cpu)
         bad = check_agreement(results, self.n - 1)
         if bad:
             raise TrialFailed(bad)
@@ -868,19 +870,23 @@ def report(ours: dict[int, dict[str, Series]], theirs: dict[int, dict[str, Serie
 
 
 def cpu_floor(ours: dict[int, dict[str, Series]]) -> list[str]:
-    """What bounds the join time when N simulated agents share this machine's cores: each
-    agent's own work after the last join (watch event, decision, peer probes) is paid N
-    times here, once per node in a real cluster."""
+    """What bounds the times when N simulated agents share this machine's cores: each
+    agent's own work (watch events, decisions, peer probes) is paid N times here, once per
+    node in a real cluster. After a death every survivor registers again, so each agent
+    receives N events: N^2 here, N per node on a cluster."""
     lines = []
     cores = os.cpu_count() or 1
     for n, rows in sorted(ours.items()):
-        join = rows.get("join")
-        if join is None or not join.cpu:
-            continue
-        per_agent = statistics.median(join.cpu) / n
-        lines.append(f"join N={n}: first agent holds the round after p50 {pct(join.first, 50) * 1e3:.1f} ms; "
-                     f"the simulated agents used p50 {per_agent * 1e3:.2f} ms CPU each meanwhile, so on "
-                     f"{cores} cores the last cannot hold it before ~{per_agent * n / cores * 1e3:.0f} ms")
+        for key in ("join", "death"):
+            series = rows.get(key)
+            if series is None or not series.cpu:
+                continue
+            per_agent = statistics.median(series.cpu) / n
+            first = (f"first agent holds the round after p50 {pct(series.first, 50) * 1e3:.1f} ms; "
+                     if series.first else "")
+            lines.append(f"{key} N={n}: {first}the simulated agents used p50 {per_agent * 1e3:.2f} ms CPU each "
+                         f"meanwhile, so on {cores} cores the last cannot hold the round before "
+                         f"~{per_agent * n / cores * 1e3:.0f} ms")
     return lines
 
 
