@@ -120,6 +120,7 @@ class Prober:
         self._fresh_for = fresh_for
         self._clock = clock
         self._answered: dict[tuple[str, int], float] = {}  # (addr, port) -> when it answered
+        self._forgotten = 0  # forget() calls: a probe begun before one must not be remembered
         self._expected: Targets = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -151,6 +152,7 @@ class Prober:
         """Something failed: what was verified before it says little now."""
         with self._changed:
             self._answered.clear()
+            self._forgotten += 1
 
     def close(self) -> None:
         with self._changed:
@@ -163,10 +165,14 @@ class Prober:
         return self._clock() - answered if answered is not None else float("inf")
 
     def _probe(self, targets: Targets) -> list[str]:
-        started = self._clock()
+        with self._changed:
+            started, forgotten = self._clock(), self._forgotten
         failed = unreachable(targets, self._timeout) if targets else []
         with self._changed:
-            self._answered.update((t, started) for n, t in targets.items() if n not in failed)
+            if self._forgotten == forgotten:
+                self._answered.update((t, started) for n, t in targets.items() if n not in failed)
+            for stale in [t for t, at in self._answered.items() if started - at >= self._fresh_for]:
+                del self._answered[stale]  # peers long gone from the round
         return failed
 
     def _keep_verified(self) -> None:
