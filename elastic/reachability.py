@@ -16,8 +16,8 @@ off from everyone is still seen by both ends: it reports its neighbours, they re
 `Prober` does the probing while the node waits for the round to form, on the peers it
 would have if the round sealed as it stands (once they stayed the same for SETTLE
 seconds), and keeps them verified; the check once the round is sealed then probes only
-the peers that changed. A verification holds for a lease TTL (what etcd knows of a peer's
-liveness is no fresher) and until the node sees a failure.
+the peers that changed. A verification holds for a lease
+TTL (what etcd knows of a peer's liveness is no fresher) and until the node sees a failure.
 """
 
 from __future__ import annotations
