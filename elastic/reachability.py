@@ -14,9 +14,8 @@ of 1,023 SYNs overflow listeners' accept queues, so healthy peers look cut off. 
 off from everyone is still seen by both ends: it reports its neighbours, they report it.
 
 `Prober` does the probing while the node waits for the round to form, on the peers it
-would have if the round sealed as it stands (once they stayed the same for SETTLE
-seconds), and keeps them verified; the check once the round is sealed then probes only
-the peers that changed. A verification holds for a lease
+would have if the round sealed as it stands, and keeps them verified; the check once the
+round is sealed then probes only the peers that changed. A verification holds for a lease
 TTL (what etcd knows of a peer's liveness is no fresher) and until the node sees a failure.
 """
 
@@ -32,9 +31,6 @@ from collections.abc import Sequence
 # connect() errors that still prove the path works: the host answered (no one listening).
 _ANSWERED = {0, errno.ECONNREFUSED, errno.EISCONN}
 RING_NEIGHBOURS = 2  # peers probed on each side: a node is checked by 2 x this many others
-# How long a forming round's expected peers must stay the same before they are probed: in a
-# burst of arrivals they change with each one, and the check at seal time covers the rest.
-SETTLE = 0.25
 
 
 def probe_targets(node_ids: Sequence[str], me: str, neighbours: int = RING_NEIGHBOURS) -> list[str]:
@@ -126,7 +122,6 @@ class Prober:
         self._answered: dict[tuple[str, int], float] = {}  # (addr, port) -> when it answered
         self._forgotten = 0  # forget() calls: a probe begun before one must not be remembered
         self._expected: Targets = {}
-        self._expected_at = float("-inf")  # self._clock() when `expect` last changed them
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -144,7 +139,7 @@ class Prober:
         with self._changed:
             if targets == self._expected:
                 return  # the usual case: an event that did not change this node's peers
-            self._expected, self._expected_at = dict(targets), self._clock()
+            self._expected = dict(targets)
             if not targets:
                 return  # nothing to do now: the thread finds out when it next wakes
             if self._thread is None:
@@ -186,8 +181,6 @@ class Prober:
         renew_at = self._fresh_for / 2
         while True:
             with self._changed:
-                while not self._closed and (left := self._expected_at + SETTLE - self._clock()) > 0:
-                    self._changed.wait(left)
                 if self._closed:
                     return
                 expected = self._expected
