@@ -17,6 +17,8 @@ off from everyone is still seen by both ends: it reports its neighbours, they re
 would have if the round sealed as it stands, and keeps them verified; the check once the
 round is sealed then probes only the peers that changed. A verification holds for a lease
 TTL (what etcd knows of a peer's liveness is no fresher) and until the node sees a failure.
+The probes start as soon as the expected peers change: waiting for a burst of arrivals to
+settle first made them pile up right before the seal (1,024 agents: p99 490 -> 691 ms).
 """
 
 from __future__ import annotations
