@@ -134,7 +134,11 @@ class Prober:
 
     def unverified(self, targets: Targets) -> Targets:
         """The part of `targets` not verified within the lifetime of a verification."""
-        return {n: t for n, t in targets.items() if self._age(t) >= self._fresh_for}
+        return self._verified_before(targets, self._fresh_for)
+
+    def _verified_before(self, targets: Targets, age: float) -> Targets:
+        """The part of `targets` last verified at least `age` seconds ago (or never)."""
+        return {n: t for n, t in targets.items() if self._age(t) >= age}
 
     def expect(self, targets: Targets) -> None:
         """Verify these peers in the background, and keep them verified, until the next call."""
@@ -186,7 +190,7 @@ class Prober:
                 if self._closed:
                     return
                 expected = self._expected
-            self._probe({n: t for n, t in expected.items() if self._age(t) >= renew_at})
+            self._probe(self._verified_before(expected, renew_at))
             with self._changed:
                 if self._expected is expected and not self._closed:
                     # Peers that did not answer are tried again at the next wake, not at once.
