@@ -91,7 +91,7 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeo
                "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", *job]
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # see the module doc
     else:
-        cmd = [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", str(world),
+        cmd = [sys.executable, "-m", "elastic", "--standalone", "--nproc-per-node", str(world),
                "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", "--log-dir",
                os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0.01",
                "--warm-pool" if name == OURS else "--no-warm-pool", *job]

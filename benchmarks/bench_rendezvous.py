@@ -111,7 +111,7 @@ class _SharedClient:
     """
 
     def __init__(self, endpoint: str) -> None:
-        from elastic.etcd_client import EtcdConfig, connect
+        from elastic.rendezvous.etcd_client import EtcdConfig, connect
 
         # A long request timeout: hundreds of agents on two cores can take seconds to get a
         # watch created; the default 5 s makes setup fail rather than measure anything.
@@ -137,10 +137,11 @@ class EtcdAgent:
         self.rdzv = self.backend = None
 
     def setup(self, params: RunParams) -> None:
-        from elastic.etcd_client import TRANSIENT_ERRORS
-        from elastic.launch_config import LaunchConfig, RendezvousSettings
-        from elastic.rdzv_etcd import EtcdBackend
-        from elastic.rendezvous import EtcdRendezvous
+        from elastic.rendezvous.etcd_client import TRANSIENT_ERRORS
+        from elastic.launcher.config import LaunchConfig
+        from elastic.rendezvous.settings import RendezvousSettings
+        from elastic.rendezvous.etcd_state import EtcdBackend
+        from elastic.rendezvous.handler import EtcdRendezvous
 
         settings = RendezvousSettings(join_timeout=SETUP_TIMEOUT + WAIT_TIMEOUT, last_call_timeout=params.last_call,
                                       lease_ttl=params.lease_ttl, key_prefix="bench", cooldown_base=0.001)
@@ -287,7 +288,7 @@ class C10dAgent:
 
 def worker_main(conn, impl: str, endpoint: str) -> None:
     """Serve the coordinator's commands over `conn` until "exit" (or the pipe closes)."""
-    from elastic._process import die_with_parent
+    from elastic.host.process import die_with_parent
 
     die_with_parent()
     import logging
@@ -499,7 +500,7 @@ class EtcdObserver:
     """The coordinator's own view of a run's keys in etcd."""
 
     def __init__(self, endpoint: str) -> None:
-        from elastic.etcd_client import EtcdConfig, connect
+        from elastic.rendezvous.etcd_client import EtcdConfig, connect
 
         self.client = connect(EtcdConfig(endpoint))
 
@@ -513,7 +514,7 @@ class EtcdObserver:
 
     def sealed(self, run_id: str, round_: int):
         """(node ids, version of the key) of round_'s sealed record, or None."""
-        from elastic.rdzv_protocol import SealedRound
+        from elastic.rendezvous.protocol import SealedRound
 
         raw, meta = self.client.get(f"/bench/{run_id}/rounds/{round_}/sealed")
         return None if raw is None else (SealedRound.from_json(raw).node_ids, meta.version)
@@ -970,7 +971,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from elastic.etcd_server import EtcdServer
+    from elastic.rendezvous.etcd_server import EtcdServer
 
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks below

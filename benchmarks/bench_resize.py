@@ -39,7 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from elastic.etcd_server import EtcdServer  # noqa: E402
+from elastic.rendezvous.etcd_server import EtcdServer  # noqa: E402
 
 WORKER = os.path.join(REPO, "tests", "loop_worker.py")
 RECONFIGURE, RESTART = "reconfigure", "restart"
@@ -76,7 +76,7 @@ class Job:
         self.a = self.agent("a", *flags)
 
     def agent(self, node: str, *flags: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "elastic.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+        cmd = [sys.executable, "-m", "elastic", "--nnodes", "1:2", "--nproc-per-node", "1",
                "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id, "--node-id", node,
                "--rdzv-conf", f"last_call_timeout={self.last_call},lease_ttl=5", "--grace", "10",
                "--monitor-interval", "0.05", "--log-dir", os.path.join(self.out, f"logs-{node}"),

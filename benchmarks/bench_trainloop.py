@@ -67,8 +67,8 @@ def worker(args: argparse.Namespace) -> None:
 
     import elastic
     from checkpoint import CheckpointManager
-    from elastic.accumulation import AccumulationPlan
-    from elastic.sampler import ElasticSampler
+    from elastic.worker.accumulation import AccumulationPlan
+    from elastic.worker.sampler import ElasticSampler
 
     ctx = elastic.init()
     torch.set_num_threads(1)

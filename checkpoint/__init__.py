@@ -8,7 +8,7 @@ from checkpoint.errors import (
     StorageError as StorageError,
 )
 from checkpoint.manager import CheckpointManager as CheckpointManager
-from checkpoint.statedict import PerRank as PerRank
+from checkpoint.format.statedict import PerRank as PerRank
 
 __all__ = [
     "CheckpointCorruptError",

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkpoint import loading, plan, retention, shardfile, statedict, storage
+from checkpoint import retention
+from checkpoint.format import plan, statedict
+from checkpoint.io import loading, shardfile, storage
 from checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -34,7 +36,7 @@ from checkpoint.errors import (
     CheckpointNotFoundError,
     StorageError,
 )
-from checkpoint.manifest import (
+from checkpoint.format.manifest import (
     MANIFEST_NAME,
     ChunkEntry,
     FileEntry,
@@ -43,7 +45,9 @@ from checkpoint.manifest import (
     dtype_name,
     torch_dtype,
 )
-from checkpoint.writer import BackgroundJob, Snapshot, StagingBuffer
+from checkpoint.io.writer import BackgroundJob, Snapshot, StagingBuffer
+from elastic.exchange import env as names
+from elastic.exchange.env import int_var
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,7 @@ class CheckpointManager:
         """Take rank, world size and rendezvous round from the current process group and
         environment: at construction, and after the group was re-formed in-process (a
         TrainLoop reconfigured by elastic-run), with no save pending."""
-        self._round = _env_int("ELASTIC_ROUND")
+        self._round = int_var(os.environ, names.ROUND, None)
         if dist.is_available() and dist.is_initialized():
             self._rank, self._world = dist.get_rank(), dist.get_world_size()
             self._group = dist.new_group(backend="gloo")
@@ -551,16 +555,6 @@ class CheckpointManager:
             log.info("checkpoint %s: deleting step %d (%s)", self._loc.url, step, kind)
             storage.delete_step(self._loc, step)
         return sorted(doomed)
-
-
-def _env_int(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if not raw:
-        return None
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} must be an integer (or unset)") from exc
 
 
 @dataclass

@@ -21,12 +21,12 @@ from elastic.errors import (
 )
 
 if TYPE_CHECKING:
-    from elastic.context import Context as Context, init as init
-    from elastic.sampler import ElasticSampler as ElasticSampler
-    from elastic.train_loop import Step as Step, TrainLoop as TrainLoop
+    from elastic.worker.context import Context as Context, init as init
+    from elastic.worker.sampler import ElasticSampler as ElasticSampler
+    from elastic.worker.train_loop import Step as Step, TrainLoop as TrainLoop
 
-_LAZY = {"Context": "elastic.context", "init": "elastic.context", "ElasticSampler": "elastic.sampler",
-         "Step": "elastic.train_loop", "TrainLoop": "elastic.train_loop"}
+_LAZY = {"Context": "elastic.worker.context", "init": "elastic.worker.context", "ElasticSampler": "elastic.worker.sampler",
+         "Step": "elastic.worker.train_loop", "TrainLoop": "elastic.worker.train_loop"}
 
 __all__ = sorted([*_LAZY, "ConfigError", "ElasticError", "RendezvousConnectionError", "RendezvousError",
                   "RendezvousTimeoutError", "StaleRoundError", "StateMismatchError", "TrainLoopUsageError"])

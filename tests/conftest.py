@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from elastic.etcd_server import EtcdServer
+from elastic.rendezvous.etcd_server import EtcdServer
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,9 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def elastic_run(*args: str, **popen_kwargs) -> subprocess.Popen:
-    """Start `python -m elastic.run ARGS` with captured output."""
+    """Start `python -m elastic ARGS` with captured output."""
     return subprocess.Popen(
-        [sys.executable, "-m", "elastic.run", *args], env=child_env(), stdout=subprocess.PIPE,
+        [sys.executable, "-m", "elastic", *args], env=child_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, **popen_kwargs,
     )
 
@@ -123,7 +123,7 @@ class Job:
         """Start node's agent; `extra`: flags for this node only (e.g. --local-addr)."""
         log = open(self.outdir / f"agent-{node}.log", "w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.run", "--nnodes", self.nnodes, "--nproc-per-node", "1",
+            [sys.executable, "-m", "elastic", "--nnodes", self.nnodes, "--nproc-per-node", "1",
              "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id, "--node-id", node,
              "--rdzv-conf", self.conf, "--max-restarts", str(self.max_restarts), "--grace", "3",
              "--log-dir", str(self.outdir / f"logs-{node}"), *self.flags, *extra, self.script, *self.script_args],

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 
-from elastic._net import free_port
+from elastic.host.net import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loop_worker.py")
 

@@ -98,7 +98,7 @@ def main() -> int:
 
         ckpt = CheckpointManager(args.ckpt or ctx.checkpoint_dir, keep_last=2)
         if args.slow_commit and ctx.restart_count == 0:
-            from checkpoint import storage
+            from checkpoint.io import storage
 
             commit = storage.commit
 

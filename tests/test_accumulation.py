@@ -7,7 +7,7 @@ import math
 import pytest
 from hypothesis import given, strategies as st
 
-from elastic.accumulation import AccumulationPlan
+from elastic.worker.accumulation import AccumulationPlan
 from elastic.errors import ConfigError
 
 

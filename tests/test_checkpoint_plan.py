@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint.manifest import ChunkEntry
-from checkpoint.plan import MIN_PIECE_BYTES, plan_reads, plan_writes
+from checkpoint.format.manifest import ChunkEntry
+from checkpoint.format.plan import MIN_PIECE_BYTES, plan_reads, plan_writes
 
 
 @settings(max_examples=60, deadline=None)

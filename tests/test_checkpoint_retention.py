@@ -190,7 +190,7 @@ def _damage(root, step: int, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
 def test_damaged_newest_never_costs_the_last_good_checkpoint(tmp_path, how, capsys):
-    from checkpoint.cli import main
+    from checkpoint.cli.commands import main
 
     with CheckpointManager(tmp_path) as ckpt:  # keeps everything while saving
         for step in (1, 2):

@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import CheckpointManager, progress
-from checkpoint.cli import main, parse_storage_option
-from checkpoint.tables import fit, size
+from checkpoint import CheckpointManager
+from checkpoint.cli import progress_bar
+from checkpoint.cli.commands import main, parse_storage_option
+from checkpoint.cli.tables import fit, size
 from helpers import REPO, child_env
 
 LOSSES = {10: 0.5, 20: 0.3, 30: 0.4, 40: 0.35}
@@ -298,11 +299,11 @@ class Terminal(io.StringIO):
 
 
 def test_progress_bar_auto_only_on_a_terminal_for_large_checkpoints():
-    assert progress.wanted(Terminal(), progress.LARGE_BYTES, "auto")
-    assert not progress.wanted(Terminal(), progress.LARGE_BYTES - 1, "auto")
-    assert not progress.wanted(io.StringIO(), progress.LARGE_BYTES, "auto")
-    assert not progress.wanted(Terminal(), progress.LARGE_BYTES, "never")
-    bar = progress.ProgressBar(stream := Terminal(), 4 << 20, "step 7")
+    assert progress_bar.wanted(Terminal(), progress_bar.LARGE_BYTES, "auto")
+    assert not progress_bar.wanted(Terminal(), progress_bar.LARGE_BYTES - 1, "auto")
+    assert not progress_bar.wanted(io.StringIO(), progress_bar.LARGE_BYTES, "auto")
+    assert not progress_bar.wanted(Terminal(), progress_bar.LARGE_BYTES, "never")
+    bar = progress_bar.ProgressBar(stream := Terminal(), 4 << 20, "step 7")
     bar.advance(1 << 20)
     bar.advance(3 << 20)
     bar.close()
@@ -470,7 +471,8 @@ def test_permission_denied_is_one_line(tmp_path, capsys):
 SHARDED_WRITER = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist
-    from checkpoint import CheckpointManager, progress
+    from checkpoint import CheckpointManager
+    from checkpoint.cli import progress_bar
     dist.init_process_group("gloo")
     big = torch.arange(1024 * 1024, dtype=torch.float32).reshape(1024, 1024)
     with CheckpointManager(sys.argv[1], async_write=False) as ckpt:

@@ -143,7 +143,7 @@ def test_hung_rank_holding_the_gil_is_detected_dumped_and_restarted(tmp_path):
 
     # The same accounting, offline, with a timeline picture.
     png = tmp_path / "timeline.png"
-    report = subprocess.run([sys.executable, "-m", "elastic.run", "report", str(log_dir / "events.jsonl"),
+    report = subprocess.run([sys.executable, "-m", "elastic", "report", str(log_dir / "events.jsonl"),
                              "--json", "--png", str(png)], capture_output=True, text=True, env=child_env())
     assert report.returncode == 0, report.stderr
     (node,) = json.loads(report.stdout).values()

@@ -1,5 +1,5 @@
 """The error record a worker leaves ($ELASTIC_ERROR_FILE) and the agent's "same failure again"
-rule built on it (elastic.agent._failure_signature)."""
+rule built on it (elastic.launcher.agent._failure_signature)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from checkpoint.errors import CheckpointError, StorageError
-from elastic.agent import _deterministic_reason, _failure_signature
-from elastic.error_record import ErrorRecord
+from elastic.launcher.agent import _deterministic_reason, _failure_signature
+from elastic.exchange.error_record import ErrorRecord
 from helpers import child_env
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a real ENOSPC comes from /dev/full")
@@ -70,7 +70,7 @@ def test_worker_main_writes_the_record_of_an_uncaught_os_error(tmp_path):
     script = tmp_path / "full.py"
     script.write_text("with open('/dev/full', 'wb', buffering=0) as f:\n    f.write(b'x')\n")
     error_file = tmp_path / "error-rank0.json"
-    done = subprocess.run([sys.executable, "-m", "elastic.worker_main", str(script)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "elastic.launcher.bootstrap", str(script)], capture_output=True,
                           env=child_env(ELASTIC_ERROR_FILE=str(error_file)), timeout=60)
     assert done.returncode == 1
     record = ErrorRecord.read(str(error_file))

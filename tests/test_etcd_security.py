@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from elastic.errors import RendezvousConnectionError
-from elastic.etcd_client import EtcdConfig, connect
-from elastic.etcd_server import EtcdServer, find_etcd_binary
+from elastic.rendezvous.etcd_client import EtcdConfig, connect
+from elastic.rendezvous.etcd_server import EtcdServer, find_etcd_binary
 from helpers import SCRIPTS, elastic_run
 
 PLAIN = os.path.join(SCRIPTS, "plain_ddp.py")

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from elastic.errors import ConfigError, RendezvousConnectionError
-from elastic.etcd_client import EtcdConfig, connect
-from elastic._net import free_port
-from elastic.etcd_server import EtcdServer
+from elastic.rendezvous.etcd_client import EtcdConfig, connect
+from elastic.host.net import free_port
+from elastic.rendezvous.etcd_server import EtcdServer
 
 
 def test_server_starts_serves_and_cleans_up():

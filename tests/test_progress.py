@@ -3,8 +3,9 @@
 import pytest
 
 from elastic.errors import ConfigError
-from elastic.launch_config import parse_hang
-from elastic.progress import Commit, HangLimits, Progress, ProgressWatch
+from elastic.launcher.config import parse_hang
+from elastic.exchange.progress import Commit, Progress
+from elastic.launcher.hang_watch import HangLimits, ProgressWatch
 
 
 class Rank:
@@ -118,9 +119,9 @@ def test_commits_are_reported_once_every_rank_has_seen_them(tmp_path):
 
 
 def test_a_parked_rank_is_not_hung_and_the_watch_sees_who_can_be_reconfigured(tmp_path):
-    """Records written by elastic.context's ProgressFile: a TrainLoop declares itself
+    """Records written by elastic.worker.context's ProgressFile: a TrainLoop declares itself
     reconfigurable, then parks at step 3 and waits, making no step, for its next round."""
-    from elastic.context import ProgressFile
+    from elastic.worker.context import ProgressFile
 
     now = [100.0]
     path = str(tmp_path / "rank0.progress")

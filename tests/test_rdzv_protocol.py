@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.rdzv_protocol import (
+from elastic.rendezvous.protocol import (
     Closed,
     FailureClaim,
     Joined,

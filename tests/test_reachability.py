@@ -10,10 +10,12 @@ import time
 import pytest
 from helpers import SCRIPTS
 
-from elastic._net import free_port, interface_of
-from elastic.launch_config import LaunchConfig, RendezvousSettings
-from elastic.reachability import Prober, ProbeListener, probe_targets, unreachable
-from elastic.workers import Assignment, worker_env
+from elastic.host.net import free_port, interface_of
+from elastic.launcher.config import LaunchConfig
+from elastic.rendezvous.settings import RendezvousSettings
+from elastic.rendezvous.reachability import Prober, ProbeListener, probe_targets, unreachable
+from elastic.launcher.worker_group import worker_env
+from elastic.rendezvous.protocol import Assignment
 
 
 def test_listener_answers_and_a_closed_port_still_proves_the_path():

@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from elastic.errors import StaleRoundError
-from elastic.etcd_client import EtcdConfig, connect
-from elastic.fencing import RoundFence
-from elastic.launch_config import LaunchConfig, RendezvousSettings
-from elastic.rdzv_etcd import EtcdBackend
-from elastic.rdzv_protocol import Member, SealedRound
-from elastic.rendezvous import EtcdRendezvous
+from elastic.rendezvous.etcd_client import EtcdConfig, connect
+from elastic.worker.fencing import RoundFence
+from elastic.launcher.config import LaunchConfig
+from elastic.rendezvous.settings import RendezvousSettings
+from elastic.rendezvous.etcd_state import EtcdBackend
+from elastic.rendezvous.protocol import Member, SealedRound
+from elastic.rendezvous.handler import EtcdRendezvous
 from helpers import Job, wait_gone, wait_until
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.report import main, summarize
+from elastic.launcher.goodput import main, summarize
 
 
 def ev(t: float, kind: str, **fields) -> dict:

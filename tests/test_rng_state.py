@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from elastic.rng_state import RngState, TorchStreams
+from elastic.worker.rng_state import RngState, TorchStreams
 
 
 def draws() -> tuple:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from elastic.accumulation import AccumulationPlan
+from elastic.worker.accumulation import AccumulationPlan
 from elastic.errors import ConfigError
-from elastic.sampler import ElasticSampler
+from elastic.worker.sampler import ElasticSampler
 
 
 def test_same_seed_same_order_other_seed_or_epoch_differs():

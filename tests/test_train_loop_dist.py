@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
-from elastic.progress import read_progress
-from elastic.sampler import ElasticSampler
+from elastic.exchange.progress import read_progress
+from elastic.worker.sampler import ElasticSampler
 from helpers import child_env
 from loop_launch import Group
 
@@ -134,7 +134,7 @@ def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, referenc
 
 def elastic_run(*argv, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", "2", *map(str, argv)],
+        [sys.executable, "-m", "elastic", "--standalone", "--nproc-per-node", "2", *map(str, argv)],
         env=dict(child_env(), OMP_NUM_THREADS="1"), cwd=cwd, capture_output=True, text=True,
         timeout=240,
     )

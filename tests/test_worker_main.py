@@ -1,4 +1,4 @@
-"""Workers run through elastic.worker_main exactly as `python SCRIPT` would run them."""
+"""Workers run through elastic.launcher.bootstrap exactly as `python SCRIPT` would run them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from elastic.warm_pool import WarmPool
+from elastic.launcher.warm_pool import WarmPool
 from helpers import child_env
 
 
@@ -17,7 +17,7 @@ def start(request, tmp_path, monkeypatch):
     spare (elastic/warm_pool.py) that imported torch first and is handed the script after."""
     if request.param == "cold":
         def cold(argv: list[str]) -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-m", "elastic.worker_main", *argv], cwd=tmp_path,
+            return subprocess.Popen([sys.executable, "-m", "elastic.launcher.bootstrap", *argv], cwd=tmp_path,
                                     env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         return cold
     monkeypatch.chdir(tmp_path)  # the spare takes on the agent's working directory

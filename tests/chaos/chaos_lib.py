@@ -175,7 +175,7 @@ class Run:
         self.console = self.tmp / f"{self.name}.console.log"
 
     def start(self) -> Run:
-        cmd = [sys.executable, "-m", "elastic.run", "--standalone", "--nproc-per-node", str(self.nproc),
+        cmd = [sys.executable, "-m", "elastic", "--standalone", "--nproc-per-node", str(self.nproc),
                "--monitor-interval", "0.05", "--log-dir", str(self.log_dir),
                "--checkpoint-dir", str(self.ckpt_dir), *self.flags,
                *job_args(self.tmp, self.tag, *self.worker_args)]

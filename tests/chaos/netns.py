@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from elastic.etcd_server import EtcdServer
+from elastic.rendezvous.etcd_server import EtcdServer
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from chaos_lib import all_events, check_run, read_records, report, wait_records, wait_until
-from elastic._process import kernel_state
+from elastic.host.process import kernel_state
 from helpers import alive
 
 pytestmark = pytest.mark.timeout(600)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from chaos_lib import all_events, check_run, read_records, recovery, report, wait_records, wait_until
-from elastic.etcd_client import EtcdConfig, connect
+from elastic.rendezvous.etcd_client import EtcdConfig, connect
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import elastic
-from elastic.context import report_progress
+from elastic.worker.context import report_progress
 
 outdir, mode, bad_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 20

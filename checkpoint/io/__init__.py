@@ -1,0 +1,3 @@
+"""Checkpoint bytes on storage: fsspec calls and the commit, safetensors shard files, the
+background writer, and verified chunk reads for loading.
+"""

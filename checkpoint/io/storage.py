@@ -1,0 +1,203 @@
+"""A few fsspec calls that make local disk, memory:// and object stores behave the same.
+
+Layout: `<root>/step_<12 digits>/` holds the shard files and `manifest.json`. Shards are
+written first and made durable; the manifest is written last and is the commit:
+- local disk: write a temp file, fsync it, rename it over `manifest.json`, fsync the directory;
+- anything else (memory://, s3://, gs://): one whole-object put; the object appearing is the
+  commit, no rename is needed (object stores make a put visible all at once).
+Deleting a checkpoint removes the manifest first, so a half-deleted step is never "committed".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from checkpoint.errors import StorageError
+from checkpoint.format.manifest import MANIFEST_NAME
+
+_STEP_DIR = re.compile(r"^step_(\d{12})$")
+_UPLOAD_SLICE = 64 << 20
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where checkpoints live: an fsspec filesystem and the root path inside it."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    url: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def step_dir(self, step: int) -> str:
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        return f"{self.root}/step_{step:012d}"
+
+    def path(self, step: int, name: str) -> str:
+        return f"{self.step_dir(step)}/{name}"
+
+
+def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Location:
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except (ValueError, ImportError) as exc:
+        raise StorageError(
+            f"cannot open checkpoint directory {url!r}: {exc}. Use a local path or an fsspec URL "
+            "(memory://..., s3://bucket/prefix) and pass credentials in storage_options."
+        ) from exc
+    return Location(fs=fs, root=root.rstrip("/") or "/", url=str(url))
+
+
+def base_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _storage_error(action: str, path: str, exc: BaseException) -> StorageError:
+    return StorageError(f"could not {action} {path!r}: {exc}", path=path)
+
+
+def step_dirs(loc: Location) -> dict[int, str]:
+    """Every step directory present, committed or not."""
+    loc.fs.invalidate_cache(loc.root)  # another rank or process may have written since
+    try:
+        entries = loc.fs.ls(loc.root, detail=False) if loc.fs.exists(loc.root) else []
+    except OSError as exc:
+        raise _storage_error("list", loc.root, exc) from exc
+    found = {}
+    for entry in entries:
+        match = _STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            found[int(match.group(1))] = entry.rstrip("/")
+    return found
+
+
+def committed_steps(loc: Location) -> list[int]:
+    """Steps whose manifest exists, ascending. Uncommitted leftovers are not listed."""
+    pattern = f"{loc.root}/step_*/{MANIFEST_NAME}"
+    loc.fs.invalidate_cache(loc.root)  # listings are cached by some backends (s3fs)
+    try:
+        paths = loc.fs.glob(pattern)
+    except OSError as exc:
+        raise _storage_error("list", pattern, exc) from exc
+    steps = []
+    for p in paths:
+        match = _STEP_DIR.match(p.rstrip("/").rsplit("/", 2)[-2])
+        if match:
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def read_bytes(loc: Location, path: str) -> bytes:
+    """Whole small file (a manifest). FileNotFoundError passes through for the caller to name."""
+    try:
+        return loc.fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _storage_error("read", path, exc) from exc
+
+
+def file_size(loc: Location, path: str) -> int:
+    if loc.is_local:
+        return os.stat(path).st_size
+    return int(loc.fs.size(path))
+
+
+def write_durably(loc: Location, path: str, parts: Iterable[memoryview | bytes]) -> None:
+    """Write a file and return only once it is durable (fsync locally; closed upload elsewhere)."""
+    try:
+        if loc.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                for part in parts:
+                    f.write(part)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(os.path.dirname(path))
+        else:
+            with loc.fs.open(path, "wb") as f:
+                for part in parts:
+                    # Buffered object-store files copy what they are given and upload a part
+                    # per block; slices keep that copy to one slice instead of the whole shard.
+                    view = memoryview(part)
+                    for start in range(0, len(view), _UPLOAD_SLICE):
+                        f.write(view[start : start + _UPLOAD_SLICE])
+    except OSError as exc:
+        raise _storage_error("write", path, exc) from exc
+
+
+def commit(loc: Location, step: int, manifest_text: str) -> str:
+    """Write the manifest of `step` atomically; after this returns the checkpoint is committed."""
+    final = loc.path(step, MANIFEST_NAME)
+    data = manifest_text.encode()
+    try:
+        if loc.is_local:
+            tmp = loc.path(step, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
+            os.makedirs(loc.step_dir(step), exist_ok=True)  # no shard if the state has no tensor
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(loc.step_dir(step))
+        else:
+            loc.fs.pipe_file(final, data)
+    except OSError as exc:
+        raise _storage_error("commit the manifest", final, exc) from exc
+    return final
+
+
+def delete_step(loc: Location, step: int) -> None:
+    """Uncommit (manifest first), then remove the directory."""
+    manifest = loc.path(step, MANIFEST_NAME)
+    try:
+        if loc.fs.exists(manifest):
+            loc.fs.rm_file(manifest)
+            if loc.is_local:
+                _fsync_dir(loc.step_dir(step))
+        if loc.fs.exists(loc.step_dir(step)):
+            loc.fs.rm(loc.step_dir(step), recursive=True)
+    except OSError as exc:
+        raise _storage_error("delete", loc.step_dir(step), exc) from exc
+
+
+def remove_files(loc: Location, paths: Iterable[str]) -> None:
+    for path in paths:
+        try:
+            loc.fs.rm_file(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _storage_error("delete", path, exc) from exc
+
+
+def file_sizes(loc: Location, step: int) -> dict[str, int]:
+    """Bare name -> size of every file in the step directory (one listing; empty if absent)."""
+    try:
+        entries = loc.fs.ls(loc.step_dir(step), detail=True)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise _storage_error("list", loc.step_dir(step), exc) from exc
+    return {
+        base_name(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") == "file"
+    }
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

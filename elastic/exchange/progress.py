@@ -1,0 +1,63 @@
+"""The progress record: what a rank's training loop tells its agent, one JSON line in a file.
+
+A worker that uses `elastic.TrainLoop` (or calls `elastic.worker.context.report_progress`) creates
+its progress file at `elastic.init()` and rewrites it after every optimizer step (and, from
+the checkpoint writer thread, after each checkpoint commit). The agent reads it to judge hangs
+(elastic/launcher/hang_watch.py), to log commits, and to see a worker park for an in-process
+reconfiguration. Torch-free: both sides import it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A checkpoint commit as one rank saw it."""
+
+    step: int
+    at: float  # wall-clock time of the commit
+    stall: float  # seconds the save held this rank's training thread
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What one rank's progress file says: one JSON line, written by elastic.worker.context."""
+
+    step: int | None  # last completed optimizer step; None before the first report
+    changed_at: float  # wall-clock time `step` was reported (before that: the file's creation)
+    resumed: int | None = None  # the first step this process reported (where TrainLoop resumed)
+    commits: tuple[Commit, ...] = ()  # the newest KEPT_COMMITS checkpoint commits this rank saw
+    reconfigurable: bool = False  # its TrainLoop can re-form the process group in-process
+    parked: int | None = None  # committed this step and waits for its next round (elastic/control.py)
+
+    # Commits kept in the record: the agent reads it every --monitor-interval, and several
+    # commits can come in between (a final save right after a periodic one).
+    KEPT_COMMITS = 8
+
+    def encode(self) -> bytes:
+        record = {"step": self.step, "at": self.changed_at, "resumed": self.resumed,
+                  "commits": [asdict(c) for c in self.commits], "reconfigurable": self.reconfigurable,
+                  "parked": self.parked}
+        return json.dumps(record).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Progress:
+        """Raises ValueError on a record read while it was being rewritten."""
+        record = json.loads(data)
+        return cls(record["step"], record["at"], record["resumed"],
+                   tuple(Commit(**c) for c in record["commits"]), record["reconfigurable"], record["parked"])
+
+
+def read_progress(path: str) -> Progress | None:
+    """None when the rank does not report progress (no file); ValueError when the record
+    was caught half rewritten."""
+    try:
+        with open(path, "rb") as f:
+            return Progress.decode(f.read())
+    except FileNotFoundError:
+        return None
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a progress record") from exc

@@ -1,0 +1,159 @@
+"""What `elastic-run` was asked to do, validated once at the boundary.
+
+`LaunchConfig` is the frozen record the CLI builds from flags (and PET_* variables); the
+agent, the rendezvous and the worker group only ever see this record, never raw flags.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from elastic.errors import ConfigError
+from elastic.launcher.hang_watch import HangLimits
+from elastic.rendezvous.settings import RendezvousSettings
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything one agent needs to run its share of a job."""
+
+    entrypoint: str
+    args: tuple[str, ...]
+    min_nodes: int = 1
+    max_nodes: int = 1
+    nproc_per_node: int = 1
+    rdzv_endpoint: str | None = None  # None: start a private etcd (standalone)
+    run_id: str = "default"
+    max_restarts: int = 0
+    monitor_interval: float = 0.1
+    grace: float = 5.0  # SIGTERM -> SIGKILL window when stopping workers
+    # How long a SIGKILLed worker may take to disappear before the node gives up on it (a
+    # process in uninterruptible sleep, D state, ignores even SIGKILL). A killed worker is
+    # normally gone in well under a second, but freeing tens of GB of pinned memory or a GPU
+    # context can take seconds: too short a bound throws a healthy node out of the job, while
+    # a longer one only delays a node that is lost anyway. Slurm's UnkillableStepTimeout is 60 s.
+    unkillable_timeout: float = 30.0
+    module: bool = False
+    no_python: bool = False
+    checkpoint_dir: str | None = None
+    log_dir: str | None = None
+    redirects: dict[int, int] = field(default_factory=dict)  # local rank -> STD bits kept off the console
+    local_ranks_filter: frozenset[int] | None = None  # local ranks shown on the console (None: all)
+    hang: HangLimits = field(default_factory=HangLimits)  # when a rank reporting progress is hung
+    node_id: str | None = None
+    local_addr: str | None = None
+    warm_pool: bool = True  # restart Python workers in spares that already imported torch
+    # Planned changes re-form TrainLoop workers' group in-process. Opt-in: a new rank runs the
+    # script from the top, so a collective before the loop (a barrier after a rank-0
+    # download) would have no partner among the kept ranks and hang the job.
+    reconfigure: bool = False
+    rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node {self.nproc_per_node} must be >= 1")
+        if self.min_nodes < 1:
+            raise ConfigError(f"--nnodes: the minimum number of nodes ({self.min_nodes}) must be >= 1")
+        if self.max_nodes < self.min_nodes:
+            raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: MAX must be >= MIN")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts {self.max_restarts} must be >= 0")
+        if self.monitor_interval <= 0:
+            raise ConfigError(f"--monitor-interval {self.monitor_interval} must be > 0 seconds")
+        if self.grace < 0:
+            raise ConfigError(f"--grace {self.grace} must be >= 0 seconds")
+        if self.unkillable_timeout <= 0:
+            raise ConfigError(f"--unkillable-timeout {self.unkillable_timeout} must be > 0 seconds")
+        if self.hang.timeout < 0 or self.hang.first_step_timeout <= 0:
+            raise ConfigError(f"--hang-timeout {self.hang.timeout:g} must be >= 0 (0 disables) and "
+                              f"--first-step-timeout {self.hang.first_step_timeout:g} > 0 seconds")
+        if not self.run_id or "/" in self.run_id:
+            raise ConfigError(f"--rdzv-id {self.run_id!r} must be non-empty and contain no '/'")
+        if self.rdzv_endpoint is None and self.max_nodes > 1:
+            raise ConfigError(
+                f"--nnodes {self.min_nodes}:{self.max_nodes} spans several nodes: give "
+                "--rdzv-endpoint HOST:PORT of an etcd all nodes reach"
+            )
+        self._check_entrypoint()
+
+    def _check_entrypoint(self) -> None:
+        if self.no_python and self.module:
+            raise ConfigError("--no-python and -m cannot be used together")
+        if self.no_python:
+            if shutil.which(self.entrypoint) is None:
+                raise ConfigError(f"program {self.entrypoint!r} not found (--no-python runs it directly)")
+        elif not self.module and not os.path.isfile(self.entrypoint):
+            raise ConfigError(f"training script {self.entrypoint!r} not found")
+
+    @property
+    def standalone(self) -> bool:
+        return self.rdzv_endpoint is None
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """'N' or 'MIN:MAX' -> (min, max)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        min_nodes = int(lo)
+        max_nodes = int(hi) if sep else min_nodes
+    except ValueError:
+        raise ConfigError(f"--nnodes {text!r} must be N or MIN:MAX (for example 2:4)") from None
+    return min_nodes, max_nodes
+
+
+def parse_hang(text: str, first_step_timeout: float) -> HangLimits:
+    """'SECONDS' (fixed) or 'auto[:FACTOR[:MIN]]' (calibrated from step times, at most the
+    default fixed timeout) -> HangLimits."""
+    usage = f"--hang-timeout {text!r} must be SECONDS, or auto[:FACTOR[:MIN_SECONDS]] (for example auto:10:30)"
+    head, _, rest = text.partition(":")
+    try:
+        if head != "auto":
+            if rest:
+                raise ValueError(text)
+            return HangLimits(timeout=float(text), first_step_timeout=first_step_timeout)
+        factor, _, floor = rest.partition(":")
+        limits = HangLimits(first_step_timeout=first_step_timeout, factor=float(factor or 10),
+                            floor=float(floor or HangLimits.floor))
+    except ValueError:
+        raise ConfigError(usage) from None
+    if limits.factor <= 1 or limits.floor <= 0:
+        raise ConfigError(f"{usage}; FACTOR must be > 1 and MIN_SECONDS > 0")
+    return limits
+
+
+STDOUT, STDERR = 1, 2  # torchrun's Std bits: 0 none, 1 stdout, 2 stderr, 3 both
+
+
+def parse_std(flag: str, text: str, nproc: int) -> dict[int, int]:
+    """torchrun's '3' (every local rank) or '0:1,1:2' (per local rank) -> {local_rank: bits}."""
+    try:
+        if ":" not in text:
+            bits = int(text)
+            mapping = {rank: bits for rank in range(nproc)}
+        else:
+            mapping = {int(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be 0-3 or LOCAL_RANK:0-3,... (1 stdout, 2 stderr, 3 both)") from None
+    if any(not 0 <= b <= 3 for b in mapping.values()):
+        raise ConfigError(f"{flag} {text!r}: each value must be 0, 1, 2 or 3")
+    return {rank: bits for rank, bits in mapping.items() if bits}
+
+
+def parse_nproc(text: str) -> int:
+    """An int, or 'auto'/'cpu'/'gpu' as torchrun accepts them."""
+    if text in ("auto", "gpu"):
+        import torch  # noqa: PLC0415  (only when asked, torch is slow to import)
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+        if text == "gpu":
+            raise ConfigError("--nproc-per-node gpu: no CUDA device is visible on this node")
+        return os.cpu_count() or 1
+    if text == "cpu":
+        return os.cpu_count() or 1
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--nproc-per-node {text!r} must be a number, 'auto', 'cpu' or 'gpu'") from None
