@@ -15,11 +15,13 @@ import os
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from elastic.exchange.codec import Record
 
 
 @dataclass(frozen=True)
-class ErrorRecord:
+class ErrorRecord(Record):
     message: str  # "Type: message" of the exception raised (its last line, if several)
     time: float  # wall clock when it was recorded
     type: str = ""  # what identifies the error: the OSError's type in the chain if any, else the raised one's
@@ -39,7 +41,7 @@ class ErrorRecord:
 
     def write(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f)
+            f.write(self.to_json())
 
     @classmethod
     def read(cls, path: str) -> ErrorRecord | None:
@@ -56,8 +58,8 @@ class ErrorRecord:
             text = str(message.get("message") or "").strip()
             return cls(text.splitlines()[-1], when) if text else None
         try:
-            return cls(**record)
-        except TypeError:
+            return cls.from_json(record)
+        except ValueError:
             return None
 
 

@@ -9,12 +9,13 @@ reconfiguration. Torch-free: both sides import it.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from elastic.exchange.codec import Record
 
 
 @dataclass(frozen=True)
-class Commit:
+class Commit(Record):
     """A checkpoint commit as one rank saw it."""
 
     step: int
@@ -23,7 +24,7 @@ class Commit:
 
 
 @dataclass(frozen=True)
-class Progress:
+class Progress(Record):
     """What one rank's progress file says: one JSON line, written by elastic.worker.context."""
 
     step: int | None  # last completed optimizer step; None before the first report
@@ -38,17 +39,7 @@ class Progress:
     KEPT_COMMITS = 8
 
     def encode(self) -> bytes:
-        record = {"step": self.step, "at": self.changed_at, "resumed": self.resumed,
-                  "commits": [asdict(c) for c in self.commits], "reconfigurable": self.reconfigurable,
-                  "parked": self.parked}
-        return json.dumps(record).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Progress:
-        """Raises ValueError on a record read while it was being rewritten."""
-        record = json.loads(data)
-        return cls(record["step"], record["at"], record["resumed"],
-                   tuple(Commit(**c) for c in record["commits"]), record["reconfigurable"], record["parked"])
+        return self.to_json().encode()
 
 
 def read_progress(path: str) -> Progress | None:
@@ -56,8 +47,6 @@ def read_progress(path: str) -> Progress | None:
     was caught half rewritten."""
     try:
         with open(path, "rb") as f:
-            return Progress.decode(f.read())
+            return Progress.from_json(f.read())
     except FileNotFoundError:
         return None
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a progress record") from exc

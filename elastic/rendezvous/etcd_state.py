@@ -40,7 +40,7 @@ OWN_WRITE_LAG = 30.0  # seconds a lagging watch is waited for before decisions g
 
 
 def _member(raw: bytes) -> Member:
-    return Member(**json.loads(raw))
+    return Member.from_json(raw)
 
 
 @functools.lru_cache(maxsize=64)
@@ -270,7 +270,7 @@ class EtcdBackend:
             previous=previous,
             previous_alive=previous_alive,
             waiting=frozenset(self._children("waiting/")),
-            nodes={n: NodeRecord(**json.loads(v)) for n, v in self._children("nodes/").items()},
+            nodes={n: NodeRecord.from_json(v) for n, v in self._children("nodes/").items()},
             restarts=self.restarts(),
         )
 
@@ -356,7 +356,7 @@ class EtcdBackend:
         """Join `round_` (only while it is the current round and not yet sealed); with
         `seal`, seal it in the same transaction (this registration completes the round)."""
         put = self._tx.put(self._key(f"rounds/{round_}/members/{member.node_id}"),
-                           json.dumps(member.__dict__), lease=self._lease)
+                           member.to_json(), lease=self._lease)
         return self._txn(self._unsealed(round_), [put, *(self._seal_ops(seal) if seal else ())])
 
     def seal(self, record: SealedRound) -> bool:
@@ -392,7 +392,7 @@ class EtcdBackend:
         if failed_node is not None:
             restarts_raw, restarts_meta = self._retry("a read", lambda: self._client.get(self._key("restarts")))
             node_raw, node_meta = self._retry("a read", lambda: self._client.get(self._key(f"nodes/{failed_node}")))
-            record = NodeRecord(**json.loads(node_raw)) if node_raw else NodeRecord()
+            record = NodeRecord.from_json(node_raw) if node_raw else NodeRecord()
             record = NodeRecord(record.failures + 1, self._clock())
             compare += [
                 self._tx.version(self._key("restarts")) == (restarts_meta.version if restarts_meta else 0),
@@ -401,7 +401,7 @@ class EtcdBackend:
             restarts = (int(restarts_raw) if restarts_raw else 0) + (1 if restart else 0)
             success += [
                 self._tx.put(self._key("restarts"), str(restarts)),
-                self._tx.put(self._key(f"nodes/{failed_node}"), json.dumps(record.__dict__)),
+                self._tx.put(self._key(f"nodes/{failed_node}"), record.to_json()),
             ]
         return self._txn(compare, success)
 

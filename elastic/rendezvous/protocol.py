@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from elastic.exchange.codec import Record
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -32,7 +34,7 @@ class Assignment:
 
 
 @dataclass(frozen=True)
-class Member:
+class Member(Record):
     """A node as it registers for a round."""
 
     node_id: str
@@ -46,7 +48,9 @@ class Member:
 class SealedRound:
     """The fixed outcome of a round: ordered members (hence ranks), their process counts and
     the master address. Only what a rank needs: every agent receives the record by watch, so
-    with 1,024 nodes its size is paid 1,024 times (node ids only: about 9 bytes a node)."""
+    with 1,024 nodes its size is paid 1,024 times (node ids only: about 9 bytes a node), which
+    is why it has a compact encoding of its own instead of the generic one (exchange/codec.py);
+    like it, decoding ignores keys it does not know."""
 
     round: int
     node_ids: tuple[str, ...]
@@ -90,7 +94,7 @@ class SealedRound:
 
 
 @dataclass(frozen=True)
-class NodeRecord:
+class NodeRecord(Record):
     """Failures of one node, kept in etcd so they survive agent restarts."""
 
     failures: int = 0
@@ -108,19 +112,12 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
-class FailureClaim:
+class FailureClaim(Record):
     """A node's report that round r failed for it: when, and which peers it could not reach."""
 
     at: float  # wall-clock seconds
     unreachable: tuple[str, ...] = ()
 
-    def to_json(self) -> str:
-        return json.dumps({"at": self.at, "unreachable": list(self.unreachable)})
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> FailureClaim:
-        data = json.loads(raw)
-        return cls(data["at"], tuple(data["unreachable"]))
 
 
 # -- the snapshot the decisions read -----------------------------------------------------------
