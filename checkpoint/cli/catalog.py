@@ -11,21 +11,17 @@ through the CheckpointManager, so the CLI and the manager apply the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from checkpoint import retention
 from checkpoint.io import shardfile, storage
 from checkpoint.errors import CheckpointCorruptError, CheckpointNotFoundError, StorageError
 from checkpoint.manager import CheckpointManager
-from checkpoint.format.manifest import ChunkEntry, Manifest, torch_dtype
-
-_STEP_NAME = re.compile(r"^step_\d{12}$")
+from checkpoint.format.manifest import Manifest
 
 COMMITTED, INCOMPLETE, CORRUPT = "committed", "incomplete", "corrupt"
 
@@ -55,14 +51,13 @@ def open_root(url: str, storage_options: dict[str, Any] | None = None, **policy:
     """Open `url` as a checkpoint root; `policy` is passed to CheckpointManager (retention)."""
     loc = storage.open_location(url, storage_options)
     try:
-        info = loc.fs.info(loc.root)
+        with _denial_named(url):
+            info = loc.fs.info(loc.root)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(
             f"{url} does not exist; pass the checkpoint directory given to CheckpointManager "
             "or elastic-run --checkpoint-dir"
         ) from exc
-    except PermissionError as exc:
-        raise _denied(url, exc) from exc
     if info.get("type") != "directory":
         raise CheckpointNotFoundError(
             f"{url} is a file, not a checkpoint root; pass the directory that holds the "
@@ -79,26 +74,30 @@ def _denied(url: str, exc: PermissionError) -> StorageError:
     )
 
 
-def step_dirs(loc: storage.Location) -> dict[int, str]:
-    """storage.step_dirs, with a permission problem named as such."""
+@contextlib.contextmanager
+def _denial_named(url: str) -> Iterator[None]:
+    """A permission problem reading `url` named as such, also when storage wrapped it."""
     try:
-        return storage.step_dirs(loc)
+        yield
+    except PermissionError as exc:
+        raise _denied(url, exc) from exc
     except StorageError as exc:
-        if isinstance(exc.__cause__, PermissionError):
-            raise _denied(loc.url, exc.__cause__) from exc
-        raise
+        if not isinstance(exc.__cause__, PermissionError):
+            raise
+        raise _denied(url, exc.__cause__) from exc
 
 
 def _require_steps(loc: storage.Location) -> None:
-    if step_dirs(loc):
-        return
-    name = loc.root.rstrip("/").rsplit("/", 1)[-1]
-    if _STEP_NAME.match(name):
+    with _denial_named(loc.url):
+        if storage.step_dirs(loc):
+            return
+    name = storage.base_name(loc.root)
+    if storage.step_of(name) is not None:
         parent = loc.url.rstrip("/").rsplit("/", 1)[0]
         raise CheckpointNotFoundError(
             f"{loc.url} is one step directory, not a checkpoint root; pass its parent {parent}"
         )
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in loc.fs.ls(loc.root, detail=False))
+    names = sorted(storage.base_name(p) for p in loc.fs.ls(loc.root, detail=False))
     found = f"it holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else "it is empty"
     raise CheckpointNotFoundError(
         f"{loc.url} is not a checkpoint root: no step_<12 digits> directories in it ({found}); "
@@ -117,17 +116,17 @@ def _mtime(entry: dict[str, Any]) -> float | None:
 
 
 def _files(loc: storage.Location, path: str) -> list[dict[str, Any]]:
-    try:
+    with _denial_named(path):
         return [e for e in loc.fs.ls(path, detail=True) if e.get("type") == "file"]
-    except PermissionError as exc:
-        raise _denied(path, exc) from exc
 
 
 def scan(root: Root) -> list[StepEntry]:
     """Every step directory, ascending by step, with its status, size and file count."""
     committed = set(root.manager.steps())
+    with _denial_named(root.loc.url):
+        dirs = storage.step_dirs(root.loc)
     entries = []
-    for step, path in sorted(step_dirs(root.loc).items()):
+    for step, path in sorted(dirs.items()):
         files = _files(root.loc, path)
         manifest, error, status = None, None, INCOMPLETE
         if step in committed:
@@ -173,10 +172,7 @@ def check(root: Root, manifest: Manifest, on_chunk: Callable[[int], None] | None
 
     `on_chunk(nbytes)` reports progress; over a whole check the calls add up to total_bytes.
     """
-    per_file: dict[str, list[tuple[ChunkEntry, torch.dtype]]] = {f.path: [] for f in manifest.files}
-    for entry in manifest.tensors.values():
-        for chunk in entry.chunks:
-            per_file[chunk.file].append((chunk, torch_dtype(entry.dtype)))
+    per_file = manifest.chunks_by_file()
     bad = []
     for f in manifest.files:
         try:

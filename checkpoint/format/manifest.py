@@ -144,6 +144,14 @@ class Manifest:
             if sizes.get(f.path) != f.size
         ]
 
+    def chunks_by_file(self) -> dict[str, list[tuple[ChunkEntry, torch.dtype]]]:
+        """Every chunk with its tensor's dtype, grouped by the shard file that holds it."""
+        per_file: dict[str, list[tuple[ChunkEntry, torch.dtype]]] = {f.path: [] for f in self.files}
+        for entry in self.tensors.values():
+            for chunk in entry.chunks:
+                per_file[chunk.file].append((chunk, torch_dtype(entry.dtype)))
+        return per_file
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 

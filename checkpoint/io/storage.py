@@ -63,6 +63,12 @@ def base_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def step_of(name: str) -> int | None:
+    """The step a directory named `name` holds (`step_<12 digits>`), or None for any other name."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
 def _storage_error(action: str, path: str, exc: BaseException) -> StorageError:
     return StorageError(f"could not {action} {path!r}: {exc}", path=path)
 
@@ -76,9 +82,9 @@ def step_dirs(loc: Location) -> dict[int, str]:
         raise _storage_error("list", loc.root, exc) from exc
     found = {}
     for entry in entries:
-        match = _STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        if match:
-            found[int(match.group(1))] = entry.rstrip("/")
+        step = step_of(base_name(entry))
+        if step is not None:
+            found[step] = entry.rstrip("/")
     return found
 
 
@@ -90,12 +96,8 @@ def committed_steps(loc: Location) -> list[int]:
         paths = loc.fs.glob(pattern)
     except OSError as exc:
         raise _storage_error("list", pattern, exc) from exc
-    steps = []
-    for p in paths:
-        match = _STEP_DIR.match(p.rstrip("/").rsplit("/", 2)[-2])
-        if match:
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    steps = (step_of(p.rstrip("/").rsplit("/", 2)[-2]) for p in paths)  # <root>/step_<N>/manifest.json
+    return sorted(step for step in steps if step is not None)
 
 
 def read_bytes(loc: Location, path: str) -> bytes:

@@ -1,0 +1,170 @@
+"""The background half of a save: write this rank's shard, then commit across ranks.
+
+Every rank writes its share and makes it durable. One all-gather of small JSON reports
+reaches rank 0, which calls the commit guard (round fencing), writes the manifest (the
+commit), prunes, and broadcasts the outcome. A failure anywhere is reported through the
+gather, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from checkpoint.collectives import RankGroup
+from checkpoint.errors import CheckpointError
+from checkpoint.format import statedict
+from checkpoint.format.manifest import ChunkEntry, FileEntry, Manifest, TensorEntry
+from checkpoint.io import shardfile, storage
+from checkpoint.io.writer import Snapshot
+from checkpoint.prune import Pruner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveJob:
+    """Everything the background needs for one save; built on the caller's thread."""
+
+    step: int
+    epoch: int | None
+    metrics: dict[str, float]
+    ranks: RankGroup
+    state_json: str  # the skeleton of the state shared by all ranks
+    rank_state_json: str  # this rank's skeletons of its PerRank entries
+    meta: dict[str, list[Any]]  # key -> [dtype, shape] of the shared tensors
+    rank_meta: dict[str, list[Any]]  # the same for this rank's own tensors
+    layout: shardfile.Layout
+    buffer: torch.Tensor
+    file_name: str
+    snapshot: Snapshot
+    started: float  # time.perf_counter() when save() was called
+    held: float | None = None  # seconds save() held its caller (async saves)
+
+
+class Committer:
+    """Writes and commits save jobs into `loc`; `pruner` runs after each commit (rank 0).
+
+    `guard` is called on rank 0 right before the manifest is written (if it raises, nothing
+    is committed); `listener(step, held)` on every rank once a save is committed.
+    """
+
+    def __init__(
+        self, loc: storage.Location, pruner: Pruner, run_id: str | None, *, guard: Callable[[], None] | None
+    ) -> None:
+        self._loc = loc
+        self._pruner = pruner
+        self._run_id = run_id
+        self.guard = guard
+        self.listener: Callable[[int, float], None] | None = None
+
+    def write_and_commit(self, job: SaveJob, copy: Callable[[], None] | None = None) -> None:
+        """Stage (if `copy`), write, then commit across ranks. A failure anywhere is reported to
+        rank 0 through the gather, so no rank is left waiting in a collective."""
+        local_error, report = self._write(job, copy)
+        reports = job.ranks.all_gather(report)
+        outcome: str | None = None
+        rank0_error: Exception | None = None
+        if job.ranks.rank == 0:
+            try:
+                self._commit(job, reports)
+            except Exception as exc:  # surfaced on rank 0 as is, on other ranks as its text
+                rank0_error = exc
+                outcome = f"{type(exc).__name__}: {exc}"
+        outcome = job.ranks.broadcast(outcome)
+        if local_error is not None:
+            raise local_error
+        if rank0_error is not None:
+            raise rank0_error
+        if outcome is not None:
+            raise CheckpointError(f"checkpoint step {job.step} was not committed: {outcome}")
+        if self.listener is not None:
+            # held is None for a synchronous save: the caller has been waiting all along.
+            self.listener(job.step, job.held if job.held is not None else time.perf_counter() - job.started)
+
+    def _write(self, job: SaveJob, copy: Callable[[], None] | None) -> tuple[Exception | None, dict[str, Any]]:
+        """This rank's shard written and durable, and its report for rank 0 (or the error)."""
+        report: dict[str, Any] = {
+            "meta": job.meta, "rank_meta": job.rank_meta, "rank_state": json.loads(job.rank_state_json), "error": None,
+        }
+        try:
+            if copy is not None:
+                copy()
+            if job.layout.items:
+                entry, chunks = shardfile.write_shard(
+                    self._loc, job.step, job.file_name, job.layout, job.buffer, job.snapshot.wait_for
+                )
+                report["file"] = asdict(entry)
+                report["chunks"] = [[i.key, asdict(chunks[i.name])] for i in job.layout.items]
+        except Exception as exc:  # reported to rank 0 so no rank commits, then re-raised by the caller
+            report["error"] = f"rank {job.ranks.rank}: {exc!r}"
+            return exc, report
+        return None, report
+
+    def _commit(self, job: SaveJob, reports: list[dict[str, Any]]) -> None:
+        _check_reports(job, reports)
+        manifest = _manifest(job, reports, self._run_id)
+        text = manifest.to_json()
+        Manifest.from_json(text, where=f"manifest of step {job.step} being written")  # same rules as readers
+        if self.guard is not None:
+            self.guard()
+        storage.commit(self._loc, job.step, text)
+        log.info("checkpoint %s: committed step %d (%d files)", self._loc.url, job.step, len(manifest.files))
+        self._pruner.after_commit(job.step, {f.path for f in manifest.files})
+
+
+def _check_reports(job: SaveJob, reports: list[dict[str, Any]]) -> None:
+    """Raise unless every rank wrote, and all saved the same tensors and PerRank names."""
+    errors = [r["error"] for r in reports if r["error"]]
+    if errors:
+        raise CheckpointError(
+            f"checkpoint step {job.step} was not committed because a rank failed to write: {errors}"
+        )
+    for rank, r in enumerate(reports):
+        if r["meta"] != job.meta:
+            differ = sorted(k for k in set(r["meta"]) | set(job.meta) if r["meta"].get(k) != job.meta.get(k))
+            raise CheckpointError(
+                f"rank {rank} and rank 0 disagree on the tensors to save (first: {differ[:5]}); "
+                "every rank must pass the same state names, keys, shapes and dtypes"
+            )
+        if set(r["rank_state"]) != set(reports[0]["rank_state"]):
+            raise CheckpointError(
+                f"rank {rank} saves {sorted(r['rank_state'])} per rank, rank 0 saves "
+                f"{sorted(reports[0]['rank_state'])}; every rank must pass the same PerRank names"
+            )
+
+
+def _manifest(job: SaveJob, reports: list[dict[str, Any]], run_id: str | None) -> Manifest:
+    """The manifest of `job` from every rank's report."""
+    meta = dict(job.meta)
+    for r in reports:
+        meta.update(r["rank_meta"])  # keys are rooted per rank: they never collide
+    state = json.loads(job.state_json)
+    for name in reports[0]["rank_state"]:
+        state[name] = {statedict.PER_RANK_TAG: {str(rank): r["rank_state"][name] for rank, r in enumerate(reports)}}
+    chunks: dict[str, list[ChunkEntry]] = {k: [] for k in meta}
+    files = []
+    for r in reports:
+        if "file" in r:
+            files.append(FileEntry(**r["file"]))
+            for key, c in r["chunks"]:
+                c = dict(c, offsets=tuple(c["offsets"]), shape=tuple(c["shape"]))
+                chunks[key].append(ChunkEntry(**c))
+    return Manifest(
+        step=job.step,
+        world_size=job.ranks.world,
+        files=tuple(files),
+        tensors={k: TensorEntry(dtype, tuple(shape), tuple(chunks[k])) for k, (dtype, shape) in meta.items()},
+        state=state,
+        metrics=job.metrics,
+        epoch=job.epoch,
+        run_id=run_id,
+        round=job.ranks.round,
+        created=time.time(),
+    )
