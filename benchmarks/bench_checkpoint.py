@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, ge
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import CheckpointManager  # noqa: E402
+from elastic.host.net import free_port  # noqa: E402
 
 WIDTH = 2048
 
@@ -72,10 +72,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
     model, optim = build(args.size_mb, seed=0)
     m2, o2 = build(args.size_mb, seed=1)

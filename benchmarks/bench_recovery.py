@@ -36,21 +36,15 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from _common import exited, pct, read_jsonl, wait_until
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "loop_worker.py")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def records(out: str, world: int, restart: int, kind: str = "ids") -> dict[int, list[dict]]:
@@ -60,18 +54,6 @@ def records(out: str, world: int, restart: int, kind: str = "ids") -> dict[int, 
 
 class NotRecovered(Exception):
     pass
-
-
-def wait(what: str, check, proc: subprocess.Popen, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise NotRecovered(f"{what}: the launcher exited {proc.returncode}")
-        time.sleep(0.01)
-    raise NotRecovered(f"no {what} within {timeout:g}s")
 
 
 OURS, COLD, TORCHRUN = "elastic-run", "elastic-run --no-warm-pool", "torchrun"
@@ -100,18 +82,24 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeo
     def spares_ready(since: float) -> bool:
         return name != OURS or any(e["event"] == "spares_ready" and e["time"] >= since
                                    for e in read_jsonl(events_path))
+
     log = open(os.path.join(out, "console.log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(what: str, check):
+        return wait_until(f"{name}: {what}", check, timeout, alive=exited([proc], "the launcher"), poll=0.01,
+                          error=NotRecovered)
+
     rng = random.Random(seed)
     results = []
     try:
         attempt, round_start = 0, 0.0
         for fault_no in range(faults):
             try:
-                wait(f"{name}: 3 steps of attempt {attempt}",
-                     lambda: all(len(v) >= 3 for v in records(out, world, attempt).values()), proc, timeout)
+                wait(f"3 steps of attempt {attempt}",
+                     lambda: all(len(v) >= 3 for v in records(out, world, attempt).values()))
                 time.sleep(settle)
-                wait(f"{name}: spares ready", lambda: spares_ready(round_start), proc, timeout)
+                wait("spares ready", lambda: spares_ready(round_start))
                 recs = records(out, world, attempt)
                 victim = rng.randrange(world)
                 fault = time.time()
@@ -124,11 +112,11 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeo
                             return later, rs
                     return None
 
-                attempt, new = wait(f"{name}: first step after fault {fault_no + 1}", next_attempt, proc, timeout)
+                attempt, new = wait(f"first step after fault {fault_no + 1}", next_attempt)
                 round_start = fault
-                boots = wait(f"{name}: boot records of attempt {attempt}",
+                boots = wait(f"boot records of attempt {attempt}",
                              lambda: (lambda rs: rs if all(rs.values()) else None)(
-                                 records(out, world, attempt, "boot")), proc, timeout)
+                                 records(out, world, attempt, "boot")))
                 first_step = max(v[0]["t"] for v in new.values())
                 boot = {k: max(v[0][k] for v in boots.values()) for k in ("started", "imported", "initialized", "resumed")}
                 item = {"total": first_step - fault, "start": boot["started"] - fault,
@@ -173,13 +161,6 @@ def kill_leftovers(out: str) -> None:
                 os.kill(int(pid), signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             pass
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ Every trial is a fresh run id, so every trial starts at round 0 with fresh lease
            moment the last survivor holds the next sealed round. "revoke": its lease is
            revoked (a death detected at once); "ttl": its keep-alive stops and the lease
            expires (lease TTL 2 s, the least the runtime accepts), at small N only.
-           The survivors run the agent's watch rules (elastic/agent.py `_watch`): they see
+           The survivors run the agent's watch rules (elastic/launcher/round_watch.py): they see
            the member's `alive` key vanish by watch and bump the round themselves.
   churn    MIN=N/2, MAX=N, last call 0.5 s: while the round forms, 10% of the agents die and
            10% more arrive. A record sealed just before a death names the dead agent; the
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -67,11 +66,14 @@ from datetime import timedelta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from _common import pct, wait_until  # noqa: E402
+
 os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # no per-round store server
 
 C10D_NULL_SENTINEL = b"Y2FuaW1hZGFt"  # C10dRendezvousBackend's "no state yet"
 WAIT_TIMEOUT = 90.0  # one phase of one trial; beyond it the trial counts as failed
 SETUP_TIMEOUT = 600.0  # N-1 agents registering and their mirrors catching up (1,024 on a busy box)
+POLL = 0.005  # seconds between looks at etcd while the coordinator waits
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ class EtcdAgent:
             members = rdzv.sealed_members(assignment.round)
             record(joins, (time.monotonic(), assignment.round, members, assignment.group_rank,
                            assignment.world_size))
-            while not dead.is_set():  # as elastic/agent.py Agent._watch
+            while not dead.is_set():  # as elastic/launcher/round_watch.py check_round
                 if rdzv.closed() is not None:
                     return
                 if rdzv.current_round() != assignment.round:
@@ -547,14 +549,6 @@ class C10dObserver:
         pass
 
 
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.005) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TrialFailed(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(poll)
-
-
 def check_agreement(results: dict[int, tuple], expected_size: int | None) -> str | None:
     """Every agent holds the same ordered members and its rank is its place in it."""
     views = {r[2] for r in results.values()}
@@ -597,12 +591,6 @@ class Series:
         self.retries.append(retries)
 
 
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (p99 of 20 samples is the largest)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
 class Bench:
     def __init__(self, args, impl: str, endpoint: str, observer, n: int, procs: int) -> None:
         self.args, self.impl, self.n, self.observer = args, impl, n, observer
@@ -630,8 +618,8 @@ class Bench:
         idxs = list(range(n))
         before = self._setup(params, idxs)
         self.workers.call("start", idxs[:-1])
-        wait_until(lambda: self.observer.registered(params.run_id, 0) >= n - 1, SETUP_TIMEOUT,
-                   f"{n - 1} registrations")
+        wait_until(f"{n - 1} registrations", lambda: self.observer.registered(params.run_id, 0) >= n - 1,
+                   SETUP_TIMEOUT, poll=POLL, error=TrialFailed)
         if self.impl == "etcd":
             # The last node arrives once the others are waiting, their watches caught up: the
             # N^2 registration events of starting N-1 agents at once are setup, not the join.
@@ -693,8 +681,8 @@ class Bench:
         self._setup(params, idxs)
         started = time.monotonic()
         self.workers.call("start", idxs[:n])
-        wait_until(lambda: self.observer.registered(params.run_id, 0) >= n // 2, WAIT_TIMEOUT,
-                   f"{n // 2} registrations")
+        wait_until(f"{n // 2} registrations", lambda: self.observer.registered(params.run_id, 0) >= n // 2,
+                   WAIT_TIMEOUT, poll=POLL, error=TrialFailed)
         leaving = self.rng.sample(range(n), extra)
         dead = {f"n{i:05d}" for i in leaving}
         self.workers.call("kill", leaving, mode="revoke")
@@ -705,8 +693,8 @@ class Bench:
             record = self.observer.sealed(params.run_id, round_)
             return (round_, record) if record is not None and not dead & set(record[0]) else None
 
-        wait_until(lambda: settled() is not None, WAIT_TIMEOUT, "a sealed round of live agents")
-        final, (members, version) = settled()
+        final, (members, version) = wait_until("a sealed round of live agents", settled, WAIT_TIMEOUT,
+                                               poll=POLL, error=TrialFailed)
         if version != 1:
             raise TrialFailed(f"round {final}'s sealed record was written {version} times")
         held = [i for i in idxs if f"n{i:05d}" in members]

@@ -27,7 +27,6 @@ modes run one after the other, not interleaved: run it on an otherwise idle mach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -39,30 +38,17 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from _common import exited, pct, read_jsonl, wait_until  # noqa: E402
 from elastic.rendezvous.etcd_server import EtcdServer  # noqa: E402
 
 WORKER = os.path.join(REPO, "tests", "loop_worker.py")
 RECONFIGURE, RESTART = "reconfigure", "restart"
+WAIT_TIMEOUT = 300.0  # seconds for any one thing the benchmark waits for
 
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def wait(what: str, check, procs: list[subprocess.Popen], timeout: float = 300.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what}: an agent exited {proc.returncode}")
-        time.sleep(0.01)
-    raise RuntimeError(f"no {what} within {timeout:g}s")
+def wait(what: str, check, procs: list[subprocess.Popen]):
+    """The first truthy value of `check`; fails when one of `procs` (agents) exits first."""
+    return wait_until(what, check, WAIT_TIMEOUT, alive=exited(procs, "an agent"), poll=0.01)
 
 
 class Job:
@@ -153,11 +139,6 @@ def run_mode(mode: str, cycles: int, endpoint: str, base: str, last_call: float,
     return found
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cycles", type=int, default=5, help="growths (and leaves) per mode (default 5)")
@@ -177,7 +158,7 @@ def main() -> int:
     for change in ("growth", "leave"):
         for mode in (RECONFIGURE, RESTART):
             values = results[mode][change]
-            print(f"{change:8} {mode:12} {statistics.median(values):8.3f} {percentile(values, 0.95):8.3f}  {len(values)}")
+            print(f"{change:8} {mode:12} {statistics.median(values):8.3f} {pct(values, 95):8.3f}  {len(values)}")
     for change in ("growth", "leave"):
         ratio = statistics.median(results[RECONFIGURE][change]) / statistics.median(results[RESTART][change])
         print(f"ratio {change} p50 reconfigure/restart: {ratio:.2f}")

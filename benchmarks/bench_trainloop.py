@@ -31,7 +31,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from elastic.host.net import free_port  # noqa: E402
 
 
 class Segments:
@@ -210,9 +211,7 @@ def main() -> int:
         if shutil.which("valgrind") is None:
             raise SystemExit("--instructions needs valgrind on the PATH")
         args.world_size = 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-trainloop-") as tmp:
         segments_file = os.path.join(tmp, "segments.json")
         cg_out = os.path.join(tmp, "cg.out")

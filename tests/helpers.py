@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
+
+if REPO not in sys.path:
+    sys.path.append(REPO)  # benchmarks/ is found in the checkout, not installed
+from benchmarks._common import read_jsonl, wait_until  # noqa: E402, F401  (re-exported for the tests)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -42,25 +44,6 @@ def wait_for_files(paths: list[str], timeout: float = 60.0, proc: subprocess.Pop
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {paths}")
         time.sleep(0.05)
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, *,
-               alive: Callable[[], str | None] | None = None, poll: float = 0.02) -> Any:
-    """Poll `check` until it returns something truthy (returned); fail at the deadline, or at
-    once when `alive` returns a reason (a process we depend on has exited)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if alive is not None:
-            dead = alive()
-            if dead:
-                raise AssertionError(f"while waiting for {what}: {dead}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll)
-
 
 
 def descendants(pid: int) -> set[int]:
@@ -166,8 +149,7 @@ class Job:
         return (self.outdir / f"agent-{node}.log").read_text()
 
     def events(self, node: str) -> list[dict]:
-        path = self.outdir / f"logs-{node}" / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return read_jsonl(self.outdir / f"logs-{node}" / "events.jsonl")
 
     def kill_all(self) -> None:
         for proc in self.agents.values():

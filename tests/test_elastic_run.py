@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import SCRIPTS, alive, child_env, descendants, elastic_run, wait_for_files, wait_gone
+from helpers import SCRIPTS, alive, child_env, descendants, elastic_run, read_jsonl, wait_for_files, wait_gone
 
 PLAIN = os.path.join(SCRIPTS, "plain_ddp.py")
 
@@ -181,7 +181,7 @@ def test_redirects_and_rank_filter_keep_streams_in_files(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert "[rank0]" in err and "[rank1]" not in out + err
     assert "RuntimeError: boom at step 3" in (log_dir / "round0" / "rank1.stderr.log").read_text()
-    events = [json.loads(line) for line in (log_dir / "events.jsonl").read_text().splitlines()]
+    events = read_jsonl(log_dir / "events.jsonl")
     assert [e["event"] for e in events][:2] == ["round_sealed", "workers_started"]
     assert events[-1]["event"] == "job_end" and events[-1]["exit_code"] == 1
     failure = next(e for e in events if e["event"] == "failure")
@@ -198,8 +198,7 @@ LOOP = os.path.join(os.path.dirname(SCRIPTS), "loop_worker.py")
 
 
 def events_of(log_dir) -> list[dict]:
-    path = log_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_jsonl(log_dir / "events.jsonl")
 
 
 def wait_event(log_dir, kind: str, proc: subprocess.Popen, after: float = 0.0, timeout: float = 120.0) -> dict:

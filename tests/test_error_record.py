@@ -1,5 +1,5 @@
 """The error record a worker leaves ($ELASTIC_ERROR_FILE) and the agent's "same failure again"
-rule built on it (elastic.launcher.agent._failure_signature)."""
+rule built on it (elastic.launcher.failure_rules.failure_signature)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from checkpoint.errors import CheckpointError, StorageError
-from elastic.launcher.agent import _deterministic_reason, _failure_signature
+from elastic.launcher.failure_rules import FailureHistory, deterministic_reason, failure_signature
 from elastic.exchange.error_record import ErrorRecord
 from helpers import child_env
 
@@ -81,33 +81,49 @@ def test_worker_main_writes_the_record_of_an_uncaught_os_error(tmp_path):
 def test_same_os_error_is_the_same_failure_whatever_the_file_rank_or_step():
     a = ErrorRecord.from_exception(disk_full("/ckpt/step_9/rank0-aaaaaaaaaaaa.safetensors"))
     b = ErrorRecord.from_exception(disk_full("/ckpt/step_12/manifest.json"))
-    first = _failure_signature(a, "rank 0 raised ...", 9, committed=6)
-    assert first == _failure_signature(b, "rank 1 raised ...", 11, committed=6)
-    assert first == _failure_signature(b, "rank 1 raised ...", None, committed=6)  # no step reported
+    first = failure_signature(a, "rank 0 raised ...", 9, committed=6)
+    assert first == failure_signature(b, "rank 1 raised ...", 11, committed=6)
+    assert first == failure_signature(b, "rank 1 raised ...", None, committed=6)  # no step reported
     # A newer checkpoint was committed in between: the job made progress, so it is a new fault.
-    assert first != _failure_signature(b, "rank 1 raised ...", 11, committed=9)
+    assert first != failure_signature(b, "rank 1 raised ...", 11, committed=9)
     other = ErrorRecord("OSError: [Errno 13] Permission denied", 0.0, "builtins.PermissionError", errno.EACCES)
-    assert first != _failure_signature(other, "rank 0 raised ...", 9, committed=6)
+    assert first != failure_signature(other, "rank 0 raised ...", 9, committed=6)
 
 
 def test_other_errors_must_repeat_their_message_at_the_same_step():
     def boom(token: str) -> ErrorRecord:
         return ErrorRecord(f"RuntimeError: boom in /tmp/x-{token}", 0.0, "builtins.RuntimeError")
 
-    first = _failure_signature(boom("3f9c2a1b7d4e"), "", 3, committed=0)
-    assert first == _failure_signature(boom("9e8d7c6b5a41"), "", 3, committed=0)  # random token blanked
-    assert first != _failure_signature(boom("9e8d7c6b5a41"), "", 4, committed=0)
-    assert _failure_signature(boom("3f9c2a1b7d4e"), "", None, committed=0) is None
+    first = failure_signature(boom("3f9c2a1b7d4e"), "", 3, committed=0)
+    assert first == failure_signature(boom("9e8d7c6b5a41"), "", 3, committed=0)  # random token blanked
+    assert first != failure_signature(boom("9e8d7c6b5a41"), "", 4, committed=0)
+    assert failure_signature(boom("3f9c2a1b7d4e"), "", None, committed=0) is None
     hang = "rank 1 hung: no step for 4s after step 6"  # no error recorded: the detail counts
-    assert _failure_signature(None, hang, 6, None) == _failure_signature(None, hang, 6, 3)
+    assert failure_signature(None, hang, 6, None) == failure_signature(None, hang, 6, 3)
+
+
+def test_a_failure_repeats_only_with_the_same_signature_and_not_when_killed():
+    history = FailureHistory()
+    boom = ("message", "RuntimeError: boom", 3)
+    assert not history.repeated(boom, killed=False)
+    assert history.repeated(boom, killed=False)
+    assert not history.repeated(boom, killed=True)  # a signal says nothing about the code
+    assert not history.repeated(None, killed=False) and not history.repeated(None, killed=False)
+
+
+def test_only_a_crash_loop_backs_off():
+    history = FailureHistory()
+    assert [history.back_off(step_done=False) for _ in range(5)] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert history.back_off(step_done=True) == 0.0  # a step since the restart: it worked
+    assert [history.back_off(step_done=False) for _ in range(9)][-1] == 30.0
 
 
 def test_reason_for_a_full_checkpoint_directory_says_what_to_do():
     record = ErrorRecord.from_exception(disk_full("/data/ckpt/step_9/manifest.json"))
-    reason = _deterministic_reason("rank 1 raised X", 9, record, "/data/ckpt")
+    reason = deterministic_reason("rank 1 raised X", 9, record, "/data/ckpt")
     assert "the checkpoint directory's filesystem is full (ENOSPC)" in reason
     assert "free space or point --checkpoint-dir elsewhere" in reason
-    elsewhere = _deterministic_reason("rank 1 raised X", 9, record, "/other")
+    elsewhere = deterministic_reason("rank 1 raised X", 9, record, "/other")
     assert "the filesystem of /data/ckpt/step_9/manifest.json is full (ENOSPC)" in elsewhere
-    assert _deterministic_reason("rank 1 raised Y", 3, None, None) == \
+    assert deterministic_reason("rank 1 raised Y", 3, None, None) == \
         "rank 1 raised Y again at step 3; not retrying a deterministic failure"

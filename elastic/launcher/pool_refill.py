@@ -1,0 +1,24 @@
+"""When to start the next warm spares (elastic/launcher/warm_pool.py): once the round is under
+way, so that their imports never compete with the round's start."""
+
+from __future__ import annotations
+
+import time
+
+from elastic.launcher.events import EventLog
+from elastic.launcher.hang_watch import ProgressWatch
+from elastic.launcher.warm_pool import WarmPool
+
+# Spares are started once the round's first step is done (their imports would slow the
+# round's start), or this long after the round started, for workers that report no steps.
+REFILL_DELAY = 10.0
+
+
+def tend_pool(pool: WarmPool, progress: ProgressWatch, round_started: float, events: EventLog) -> None:
+    """Start the next spares once the round is under way (`round_started`: monotonic time);
+    log when they are ready."""
+    if not pool.full and (progress.first_step_done() or time.monotonic() - round_started >= REFILL_DELAY):
+        pool.fill()
+        events.emit("spares_started", pids=pool.pids)
+    if pool.newly_ready():
+        events.emit("spares_ready", pids=pool.pids)
