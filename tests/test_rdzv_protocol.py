@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from elastic.rendezvous.protocol import (
     Closed,
     FailureClaim,
+    JobClosed,
     Joined,
     Member,
     NodeRecord,
     Register,
+    RoundEnd,
     RunState,
     Seal,
     SealedRound,
@@ -134,7 +138,19 @@ def test_beyond_max_waits_as_spare():
 
 
 def test_closed_job():
-    assert decide_join(RunState(closed={"reason": "done"}), "a", S, 0, None) == Closed("done")
+    assert decide_join(RunState(closed=JobClosed(reason="done")), "a", S, 0, None) == Closed("done")
+    assert decide_join(RunState(closed=JobClosed(ok=True, reason="finished")), "a", S, 0, None) == Closed(
+        "finished", ok=True)
+
+
+@pytest.mark.parametrize("record, keys", [
+    (RoundEnd(failure=True, reason="rank 1 died"), {"failure": True, "reason": "rank 1 died"}),
+    (JobClosed(ok=False, reason="budget spent"), {"ok": False, "reason": "budget spent"}),
+])
+def test_round_end_and_close_records_keep_their_json_keys(record, keys):
+    """The values in etcd are read by agents of other versions: same keys, same values."""
+    assert json.loads(record.to_json()) == keys
+    assert type(record).from_json(json.dumps(keys)) == record
 
 
 @pytest.mark.parametrize(("registered", "multiple", "expected"), [

@@ -1,5 +1,5 @@
-"""Reachability probes (elastic/reachability.py) and which interface holds an address
-(elastic/_net.py): what lets a node with several networks work and be judged fairly."""
+"""Reachability probes (elastic/rendezvous/reachability.py) and which interface holds an address
+(elastic/host/net.py): what lets a node with several networks work and be judged fairly."""
 
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def test_stale_round_commit_is_refused(etcd_server, run_id):
 
 
 def test_mirror_members_follow_re_registration_and_lease_loss(etcd_server, run_id):
-    """Members are parsed once and cached (rdzv_etcd._Mirror.parsed): a changed or vanished
+    """Members are parsed once and cached (mirror.KeyIndex.parsed): a changed or vanished
     registration must still show at once in every agent's view."""
     backends = [EtcdBackend(connect(EtcdConfig(etcd_server.endpoint)), "elastic", run_id, n) for n in "ab"]
     for backend in backends:
@@ -318,7 +318,7 @@ class _InProcessAgent:
 
 def saw_round(round_: int, *agents: _InProcessAgent) -> None:
     """Wait until each agent's mirror shows `round_`: an agent joins only after its watch
-    showed the round move on (elastic/agent.py), else it would hold the old round again."""
+    showed the round move on (elastic/launcher/agent.py), else it would hold the old round again."""
     for agent in agents:
         wait_until(f"{agent.rdzv.node_id} sees round {round_}", lambda: agent.backend.current_round() == round_, 30)
 

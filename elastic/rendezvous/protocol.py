@@ -41,7 +41,7 @@ class Member(Record):
     addr: str
     port: int  # a port this node reserved for the torch.distributed store, used if it is rank 0
     nproc: int
-    probe_port: int = 0  # where its agent answers reachability probes (elastic/reachability.py); 0: none
+    probe_port: int = 0  # where its agent answers reachability probes (rendezvous/reachability.py); 0: none
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,21 @@ class FailureClaim(Record):
     unreachable: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class RoundEnd(Record):
+    """Why a round was ended (rounds/<r>/end): a failure, or a planned change."""
+
+    failure: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobClosed(Record):
+    """The job is over (the `closed` key): nobody joins again. The first reason wins."""
+
+    ok: bool = False
+    reason: str = "closed"
+
 
 # -- the snapshot the decisions read -----------------------------------------------------------
 
@@ -142,7 +157,7 @@ class RunState:
     """Everything under /<prefix>/<run_id>/ that the protocol looks at, read in one request."""
 
     round: int = 0
-    closed: dict | None = None
+    closed: JobClosed | None = None
     sealed: SealedRound | None = None  # of `round`
     members: dict[str, Member] = field(default_factory=dict)  # registered for `round`
     previous: SealedRound | None = None  # sealed record of round - 1
@@ -191,6 +206,21 @@ class Closed:
 Action = Wait | Seal | Joined | Register | WaitAsSpare | Closed
 
 
+# When a round can be sealed (or a member is gone), every agent sees it by the same watch
+# event. Only one agent acts at once: the first node of the record to seal (or the first live
+# member of the running round); the k-th in that order acts only if nothing happened for k
+# times this long (the ones before it may have died, their leases not yet expired). Without
+# this, all N agents send the same compare-and-swap and N-1 of them fail; with one common
+# delay, they all do so at once whenever the first one is slower than the delay.
+TAKEOVER_DELAY = 1.0
+
+
+def takeover_at(since: float, order: tuple[str, ...], node: str) -> float:
+    """When `node` acts on something first seen at `since`, if nobody before it in `order` has."""
+    place = order.index(node) if node in order else len(order)
+    return since + place * TAKEOVER_DELAY
+
+
 def admissible(state: RunState, settings: Settings, now: float) -> list[str]:
     """Registered members that may enter the round, in rank order.
 
@@ -225,7 +255,7 @@ def decide_join(state: RunState, node: str, settings: Settings, now: float,
     newcomers, then seal.
     """
     if state.closed is not None:
-        return Closed(state.closed.get("reason", "closed"), bool(state.closed.get("ok")))
+        return Closed(state.closed.reason, state.closed.ok)
     if state.sealed is not None:
         assignment = state.sealed.assignment_for(node)
         if assignment is not None:

@@ -5,7 +5,7 @@ listeners at once.
 A node that keeps etcd but loses its peers (an asymmetric partition) looks healthy to the
 rendezvous: its lease lives. Its workers would hang in the process-group set-up or in the
 first collective. Probing before the workers start, and when a round fails, tells the
-rendezvous which node the others cannot reach (elastic/rdzv_protocol.py decides).
+rendezvous which node the others cannot reach (elastic/rendezvous/blame.py judges).
 
 A node probes a bounded set of peers (`probe_targets`): the round's first node, which hosts
 the store every rank connects to, and its neighbours on the ring of members. Probing all
