@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import elastic
 from elastic.worker.context import ProgressFile, context_from_env
 from elastic.exchange.progress import Progress, read_progress
-from elastic.worker.train_loop import check_interval
+from elastic.worker.stop_agreement import check_interval
 from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
 
 N = 23

@@ -9,11 +9,11 @@ Call order (every rank runs the same sequence):
   4. When the loop advances: optimizer.step(), zero_grad(), scheduler.step(), the progress
      file, the preemption check, and the periodic checkpoint.
   5. After `max_steps` the final state is saved; on SIGTERM every rank stops after the same
-     step, saves it, waits for the commit and exits with code 143.
+     step, saves it, waits for the commit and exits with code 143 (stop_agreement.py).
   6. Under `elastic-run --reconfigure`, a DDP loop with a checkpoint manager is reconfigured
-     in-process on a planned membership change (growth, a peer leaving; elastic/control.py): at the same
-     agreement as for SIGTERM it saves the step, parks until its agent hands it the next
-     round, re-forms the process group (elastic.worker.context.rejoin), and resumes from that
+     in-process on a planned membership change (growth, a peer leaving; elastic/exchange/control.py):
+     at the same agreement as for SIGTERM it saves the step, parks until its agent hands it the
+     next round, re-forms the process group (reconfigure.py), and resumes from that
      step's checkpoint at the new world size exactly as a freshly started worker would.
      `loop.rank`, `loop.world_size` and the Context of `elastic.init()` then hold the new values.
 
@@ -33,81 +33,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
-import time
 from collections.abc import Callable, Iterator, Mapping
-from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.utils import _sync_module_states, _verify_param_shape_across_processes
 from torch.utils.data import default_collate
 
-from elastic.exchange import control, env as names
+from elastic.errors import ConfigError, TrainLoopUsageError
 from elastic.worker.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is_ddp, is_fsdp2
-from elastic.worker.context import rejoin, report_commit, report_parked, report_progress, report_reconfigurable
-from elastic.errors import ConfigError, StateMismatchError, TrainLoopUsageError
+from elastic.worker.context import report_commit, report_progress
 from elastic.worker.fencing import commit_guard_from_env
-from elastic.worker.rng_state import RngState, TorchStreams, seed_all
+from elastic.worker.loop_state import RESERVED, Checkpointer, LoopState, SampleOrder, checkpoint_state
+from elastic.worker.reconfigure import Reconfiguration
+from elastic.worker.rng_state import RngState, TorchStreams
 from elastic.worker.sampler import ElasticSampler, StepSamples
+from elastic.worker.stop_agreement import PREEMPTED_EXIT_CODE, STOP_CHECK_SECONDS, StopAgreement
 
 log = logging.getLogger(__name__)
-
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, what the supervisor expects
-
-
-class Checkpointer(Protocol):
-    """The part of checkpoint.CheckpointManager the loop uses."""
-
-    def save(
-        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
-        *, epoch: int | None = None, overlap: bool = False,
-    ) -> None: ...
-    def wait_snapshot(self) -> None: ...
-    def wait(self) -> None: ...
-    def load(self, state: Mapping[str, Any], step: int | None = None) -> int | None: ...
-    def regroup(self) -> None: ...
-    def set_commit_guard(self, guard: Callable[[], None]) -> None: ...
-    def set_commit_listener(self, listener: Callable[[int, float], None]) -> None: ...
-
-
-STOP_CHECK_SECONDS = 0.25  # default wall time between SIGTERM agreements (well inside --grace)
-MAX_CHECK_INTERVAL = 1000  # steps
-PARKED_POLL_SECONDS = 0.01  # how often a parked loop looks for its next round
-
-
-def check_interval(mean_step_seconds: float, every: int | None) -> int:
-    """Steps until the next SIGTERM agreement: `every` if given, else about STOP_CHECK_SECONDS
-    worth of steps (at least 1; at most MAX_CHECK_INTERVAL)."""
-    if every is not None:
-        return every
-    if mean_step_seconds <= 0.0:
-        return 1
-    return max(1, min(MAX_CHECK_INTERVAL, int(STOP_CHECK_SECONDS / mean_step_seconds)))
-
-
-def _regroup_ddp(model: torch.nn.Module) -> None:
-    """Move a DDP model to the new default group as if it had just been built there: the
-    collectives its constructor makes in a new rank (default init_sync=True: a shape check, a
-    broadcast of the module's state from rank 0, which the checkpoint load then overwrites)
-    and a new reducer with the constructor's first-iteration buckets (the survivor's are laid
-    out by its last round's gradient order; ranks with other layouts sum the wrong elements)."""
-    group = dist.group.WORLD
-    model.process_group = group
-    parameters, expect_sparse_gradient = model._build_params_for_reducer()
-    _verify_param_shape_across_processes(group, parameters)
-    _sync_module_states(module=model.module, process_group=group, broadcast_bucket_size=model.broadcast_bucket_size,
-                        src=0, params_and_buffers_to_ignore=model.parameters_to_ignore,
-                        broadcast_buffers=model.forward_sync_buffers)
-    static_graph, model.static_graph = model.static_graph, False
-    model._ddp_init_helper(parameters, expect_sparse_gradient, model._build_debug_param_to_name_mapping(parameters),
-                           static_graph)
-    model._has_rebuilt_buckets = False
-    if static_graph:
-        model._set_static_graph()
-    model._lazy_init_ran = False
 
 
 class Step:
@@ -210,19 +153,6 @@ class Step:
         self._backward_calls += 1
 
 
-class _LoopState:
-    """Step position, sampler identity and every rank's RNG streams, all JSON values."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.values)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.values = dict(state)
-
-
 class TrainLoop:
     """Owns the step counter, the elastic sampler, accumulation, checkpoints and resume.
 
@@ -265,26 +195,7 @@ class TrainLoop:
         self.rank, self.world_size = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         )
-        if max_steps < 0:
-            raise ConfigError(f"max_steps={max_steps}: it must be >= 0")
-        if save_every is not None and save_every <= 0:
-            raise ConfigError(f"save_every={save_every}: it must be >= 1, or None for no periodic saves")
-        if stop_check_every is not None and stop_check_every <= 0:
-            raise ConfigError(
-                f"stop_check_every={stop_check_every}: it must be >= 1, or None to agree on "
-                f"SIGTERM about every {STOP_CHECK_SECONDS} s"
-            )
-        if save_every is not None and checkpoint is None:
-            raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
-        if overlap_save and checkpoint is None:
-            raise ConfigError("overlap_save=True needs a checkpoint manager: pass checkpoint=...")
-        buffers = [name for name, _ in model.named_buffers()]
-        if overlap_save and buffers:
-            raise ConfigError(
-                f"overlap_save=True, but the model has buffers ({', '.join(buffers[:3])}"
-                f"{', ...' if len(buffers) > 3 else ''}) that a forward pass may change while the "
-                "snapshot is copied (BatchNorm statistics); use overlap_save=False"
-            )
+        _check_options(model, checkpoint, max_steps, save_every, stop_check_every, overlap_save)
         self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
         self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
         if self.world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
@@ -304,34 +215,14 @@ class TrainLoop:
         self.checkpoint = checkpoint
         self.overlap_save = overlap_save
 
-        self._loop_state = _LoopState()
-        self._state: dict[str, Any] = {
-            # The manager keys optimizer state by parameter names through the model and drops
-            # DDP's "module." prefix; a checkpoint from another model fails its key check
-            # (checkpoint.CheckpointMismatchError, naming the keys) before anything is loaded.
-            "model": model,
-            "optimizer": optimizer,
-            "loop": self._loop_state,
-        }
-        if scheduler is not None:
-            self._state["scheduler"] = scheduler
-        for key, value in (extra_state or {}).items():
-            if key in self._state:
-                raise ConfigError(f"extra_state key {key!r} is reserved by the loop; rename it")
-            self._state[key] = value
+        self._loop_state = LoopState(SampleOrder(self.plan.global_batch_size, self.sampler.dataset_size, seed))
+        self._state = checkpoint_state(model, optimizer, self._loop_state, scheduler, extra_state)
 
-        self._set_commit_guard()
         if checkpoint is not None:  # commits and their stall reach the agent's events log
             checkpoint.set_commit_listener(report_commit)
-        # Set when this worker can be reconfigured in-process: a plain DDP model (FSDP2's
-        # sharding is bound to its mesh; comm hooks and mixed precision keep state of their
-        # own), and a checkpoint to resume from exactly as the new ranks do.
-        plain_ddp = is_ddp(model) and not model._comm_hooks and model.mixed_precision is None
-        self._control = (os.environ.get(names.CONTROL_FILE) or None
-                         if plain_ddp and checkpoint is not None else None)
-
-        self._sigterm = False
-        self._stop_check_every = stop_check_every
+        self._reconfiguration = Reconfiguration.for_worker(model, checkpoint)
+        control_file = None if self._reconfiguration is None else self._reconfiguration.control_file
+        self._stop = StopAgreement(every=stop_check_every, control_file=control_file)
         self._place(self.rank, self.world_size)
 
         self._completed = 0
@@ -348,12 +239,9 @@ class TrainLoop:
         self.rank_range = self.plan.rank_range(rank)
         # A separate gloo group carries the SIGTERM agreement and the RNG gather, so they never
         # queue behind (or between) the model's gradient buckets, and work under NCCL too.
-        self._flag_group = dist.new_group(backend="gloo") if world_size > 1 else None
-        self._next_check = 0  # the completed-step count at which ranks next agree on SIGTERM
-        self._last_check: tuple[int, float] | None = None  # (completed steps, perf_counter)
-
-    def _set_commit_guard(self) -> None:
-        guard = commit_guard_from_env()
+        self._group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self._stop.restart(self._group)
+        guard = commit_guard_from_env()  # the fence of this rank's round
         if guard is not None and self.checkpoint is not None:
             self.checkpoint.set_commit_guard(guard)
 
@@ -365,7 +253,7 @@ class TrainLoop:
     def extra(self, name: str) -> Any:
         """The `extra_state` entry `name` as it is now: after a resume, JSON values are the
         loaded ones (objects and tensors are restored in place)."""
-        if name in ("model", "optimizer", "loop", "scheduler") or name not in self._state:
+        if name in RESERVED or name not in self._state:
             raise KeyError(f"{name!r} is not an extra_state entry of this loop")
         return self._state[name]
 
@@ -378,7 +266,7 @@ class TrainLoop:
         if loaded is None:
             log.info("rank %d: no checkpoint, starting at step 0", self.rank)
             return None
-        self._apply_loop_state(loaded)
+        self._loop_state.restore(loaded, self.rank)
         self._resumed = self._completed = self._last_saved = loaded
         log.info("rank %d: resumed from step %d", self.rank, loaded)
         return loaded
@@ -389,16 +277,8 @@ class TrainLoop:
             raise ConfigError("loop.save() needs a checkpoint manager: pass checkpoint=... to TrainLoop")
         step = self._completed
         epoch, step_in_epoch = self.sampler.position(step)
-        self._loop_state.values = {
-            "step": step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_batch_size": self.plan.global_batch_size,
-            "dataset_size": self.sampler.dataset_size,
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "rng": self._gather_rng(RngState.capture(self._rng_at_boundary)),
-        }
+        self._loop_state.capture(step, epoch, step_in_epoch, RngState.capture(self._rng_at_boundary), self._group,
+                                 self.world_size)
         self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch, overlap=self.overlap_save)
         self._last_saved = step
         log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
@@ -406,13 +286,12 @@ class TrainLoop:
     def __iter__(self) -> Iterator[Step]:
         # Installed before the (possibly long) resume, so a SIGTERM during the load is
         # answered at the first boundary instead of killing the worker.
-        previous = self._install_sigterm()
-        try:
+        with self._stop.sigterm_handled(self.rank):
             self.resume()
             self._report_started()
             while self._completed < self.max_steps:
-                if self._stop_agreed():
-                    self._stop()  # exits, or returns with the loop placed in the next round
+                if self._stop.agreed(self._completed):
+                    self._stop_here()  # exits, or returns with the loop placed in the next round
                     continue  # agree again, in the new group, as its new ranks do first
                 step = Step(self, self.sampler.samples(self._completed))
                 if self.checkpoint is not None:
@@ -420,20 +299,14 @@ class TrainLoop:
                 yield step
                 self._rng_at_boundary = None
                 self._finish(step)
-            if self.checkpoint is not None:
-                if self._last_saved != self._completed:
-                    self.save()
-                self.checkpoint.wait()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            self._commit_last()
 
     # -- step boundary --------------------------------------------------------------------
 
     def _report_started(self) -> None:
         report_progress(self._completed)
-        if self._control is not None:
-            report_reconfigurable()
+        if self._reconfiguration is not None:
+            self._reconfiguration.declare()
 
     def _finish(self, step: Step) -> None:
         if not step._finished:
@@ -452,118 +325,54 @@ class TrainLoop:
         if self.save_every is not None and self._completed % self.save_every == 0:
             self.save()
 
-    def _install_sigterm(self) -> Any:
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            self._sigterm = True
-
-        try:
-            return signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:  # not the main thread: preemption is then the caller's business
-            log.warning("rank %d: TrainLoop not in the main thread; SIGTERM is not handled", self.rank)
-            return None
-
-    def _stop_agreed(self) -> bool:
-        """Whether every rank stops now (called at each step boundary, same on all ranks).
-
-        The ranks agree by a MAX all-reduce of [local SIGTERM flag, local mean step time]. A
-        collective costs ranks a rendezvous, so it runs only every `stop_check_every` steps,
-        or by default every STOP_CHECK_SECONDS of training: the interval to the next check is
-        computed from the reduced (hence identical) step time, so all ranks check, and stop,
-        after the same step.
-        """
-        if self._flag_group is None:
-            return self._stop_wanted()
-        if self._completed < self._next_check:
-            return False
-        now = time.perf_counter()
-        mean = 0.0
-        if self._last_check is not None and self._completed > self._last_check[0]:
-            mean = (now - self._last_check[1]) / (self._completed - self._last_check[0])
-        agreed = torch.tensor([float(self._stop_wanted()), mean], dtype=torch.float64)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._flag_group)
-        self._last_check = (self._completed, now)
-        self._next_check = self._completed + check_interval(agreed[1].item(), self._stop_check_every)
-        return bool(agreed[0].item())
-
-    def _stop_wanted(self) -> bool:
-        """This rank's vote: SIGTERM, or its agent asks it to park (elastic/control.py)."""
-        return self._sigterm or (self._control is not None and control.park_requested(self._control))
-
-    def _stop(self) -> None:
-        """Save the agreed step; exit on SIGTERM, else (peers stop or our agent asks) park
-        and re-form the group in the next round, if this loop can."""
-        parks = self._control is not None and not self._sigterm
-        log.warning("rank %d: %s; saving step %d", self.rank,
-                    "parking for a membership change" if parks else "preempted (SIGTERM), exiting", self._completed)
+    def _commit_last(self) -> None:
+        """Save the current step unless it is saved already, and wait for the commit."""
         if self.checkpoint is not None:
             if self._last_saved != self._completed:
                 self.save()
             self.checkpoint.wait()
+
+    def _stop_here(self) -> None:
+        """Save the agreed step; exit on SIGTERM, else (peers stop or our agent asks) park
+        and re-form the group in the next round, if this loop can."""
+        parks = self._reconfiguration is not None and not self._stop.sigterm
+        log.warning("rank %d: %s; saving step %d", self.rank,
+                    "parking for a membership change" if parks else "preempted (SIGTERM), exiting", self._completed)
+        self._commit_last()
         if not parks:
             raise SystemExit(PREEMPTED_EXIT_CODE)
-        report_parked(self._completed)
-        self._rejoin(self._wait_for_round())
-
-    def _wait_for_round(self) -> dict[str, str]:
-        """The next round's environment, once the agent sends it; SIGTERM ends the wait."""
-        while (env := control.read_assignment(self._control)) is None:
-            if self._sigterm:
-                log.warning("rank %d: SIGTERM while parked at step %d; exiting", self.rank, self._completed)
-                raise SystemExit(PREEMPTED_EXIT_CODE)
-            time.sleep(PARKED_POLL_SECONDS)
-        return env
-
-    def _rejoin(self, env: dict[str, str]) -> None:
-        """Join the next round's process group and resume from the committed checkpoint of
-        the parked step, as the round's fresh workers do (the same state, bitwise)."""
+        # Join the next round and resume from the committed checkpoint of the parked step, as
+        # the round's fresh workers do (the same state, bitwise).
         parked = self._completed
-        ctx = rejoin(env)
-        # The collectives and groups of the new ranks' scripts, in the same order: DDP's
-        # construction, the CheckpointManager's group, the loop's.
-        _regroup_ddp(self.model)
-        self.checkpoint.regroup()
+        ctx = self._reconfiguration.park(parked, self._stop, self.rank)
         self._place(ctx.rank, ctx.world_size)
-        self._set_commit_guard()  # the fence of the new round
         self._resumed = None
         self.resume()
         self._report_started()
         log.warning("rank %d of %d: reconfigured in round %d at step %d", ctx.rank, ctx.world_size,
                     ctx.round, parked)
 
-    # -- resume ---------------------------------------------------------------------------
 
-    def _gather_rng(self, snapshot: RngState) -> list[Any]:
-        local = snapshot.to_json()
-        if self._flag_group is None:
-            return [local]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local, group=self._flag_group)
-        return gathered
-
-    def _apply_loop_state(self, step: int) -> None:
-        saved = self._loop_state.values
-        expected = {
-            "global_batch_size": self.plan.global_batch_size,
-            "dataset_size": self.sampler.dataset_size,
-            "seed": self.seed,
-        }
-        different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-        if different:
-            detail = ", ".join(f"{k}: checkpoint {a} != now {b}" for k, (a, b) in different.items())
-            raise StateMismatchError(
-                f"the checkpoint of step {step} was written with another sample order ({detail}); "
-                "resuming would change which samples each step sees: use the same global batch "
-                "size, dataset and seed, or a new checkpoint directory"
-            )
-        if saved.get("step") != step:
-            raise StateMismatchError(
-                f"the checkpoint of step {step} records loop step {saved.get('step')}; it is "
-                "inconsistent, remove it or resume from another step"
-            )
-        rng = saved["rng"]
-        if self.rank < len(rng):
-            RngState.from_json(rng[self.rank]).restore(f"the checkpoint of step {step}")
-        else:
-            # A rank that did not exist when the checkpoint was written gets a fresh,
-            # deterministic stream rather than a copy of another rank's.
-            seed_all(self.seed + 1_000_003 * self.rank + step)
+def _check_options(model: torch.nn.Module, checkpoint: Checkpointer | None, max_steps: int,
+                   save_every: int | None, stop_check_every: int | None, overlap_save: bool) -> None:
+    """The constructor's checks of the options that need nothing built yet."""
+    if max_steps < 0:
+        raise ConfigError(f"max_steps={max_steps}: it must be >= 0")
+    if save_every is not None and save_every <= 0:
+        raise ConfigError(f"save_every={save_every}: it must be >= 1, or None for no periodic saves")
+    if stop_check_every is not None and stop_check_every <= 0:
+        raise ConfigError(
+            f"stop_check_every={stop_check_every}: it must be >= 1, or None to agree on "
+            f"SIGTERM about every {STOP_CHECK_SECONDS} s"
+        )
+    if save_every is not None and checkpoint is None:
+        raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
+    if overlap_save and checkpoint is None:
+        raise ConfigError("overlap_save=True needs a checkpoint manager: pass checkpoint=...")
+    buffers = [name for name, _ in model.named_buffers()]
+    if overlap_save and buffers:
+        raise ConfigError(
+            f"overlap_save=True, but the model has buffers ({', '.join(buffers[:3])}"
+            f"{', ...' if len(buffers) > 3 else ''}) that a forward pass may change while the "
+            "snapshot is copied (BatchNorm statistics); use overlap_save=False"
+        )
