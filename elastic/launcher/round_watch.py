@@ -63,7 +63,7 @@ def check_round(group: WorkerGroup, round_: int, members: tuple[str, ...], rdzv:
         return Watched(Outcome.LEASE_LOST, [], "this node's lease expired")
     closed = rdzv.closed()
     if closed is not None:
-        return Watched(Outcome.CLOSED, [], closed["reason"])
+        return Watched(Outcome.CLOSED, [], closed.reason)
     if rdzv.current_round() != round_:
         return Watched(Outcome.ROUND_CHANGED, [], "the job moved to a new round")
     gone = rdzv.departed_members(round_, members)

@@ -9,12 +9,11 @@ these by the same watch event; only one acts at once (protocol.takeover_at).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 
 from elastic.rendezvous.etcd_state import EtcdBackend
-from elastic.rendezvous.protocol import Settings, decide_growth, takeover_at
+from elastic.rendezvous.protocol import JobClosed, Settings, decide_growth, takeover_at
 from elastic.rendezvous.settings import RendezvousJob
 
 log = logging.getLogger(__name__)
@@ -51,10 +50,9 @@ class RunningRound:
     def current_round(self) -> int:
         return self._backend.current_round()
 
-    def closed(self) -> dict | None:
-        """{"ok", "reason"} once the job is over (the launcher reads it as a dict)."""
-        closed = self._backend.closed()
-        return dataclasses.asdict(closed) if closed is not None else None
+    def closed(self) -> JobClosed | None:
+        """Why the job is over, once it is."""
+        return self._backend.closed()
 
     def ended_by_failure(self, round_: int) -> bool:
         """Whether round `round_` was ended because something failed (vs. a planned change)."""
