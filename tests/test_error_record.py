@@ -66,7 +66,7 @@ def test_torch_record_format_and_unreadable_files(tmp_path):
     assert ErrorRecord.read(str(tmp_path / "missing.json")) is None
 
 
-def test_worker_main_writes_the_record_of_an_uncaught_os_error(tmp_path):
+def test_bootstrap_writes_the_record_of_an_uncaught_os_error(tmp_path):
     script = tmp_path / "full.py"
     script.write_text("with open('/dev/full', 'wb', buffering=0) as f:\n    f.write(b'x')\n")
     error_file = tmp_path / "error-rank0.json"

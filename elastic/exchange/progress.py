@@ -32,7 +32,7 @@ class Progress(Record):
     resumed: int | None = None  # the first step this process reported (where TrainLoop resumed)
     commits: tuple[Commit, ...] = ()  # the newest KEPT_COMMITS checkpoint commits this rank saw
     reconfigurable: bool = False  # its TrainLoop can re-form the process group in-process
-    parked: int | None = None  # committed this step and waits for its next round (elastic/control.py)
+    parked: int | None = None  # committed this step and waits for its next round (elastic/exchange/control.py)
 
     # Commits kept in the record: the agent reads it every --monitor-interval, and several
     # commits can come in between (a final save right after a periodic one).

@@ -11,10 +11,10 @@ Non-daemon threads are joined and atexit handlers run first, as at a normal exit
 Two more things for the agent: SIGUSR1 dumps every thread's Python stack to stderr (the
 agent sends it to a hung rank before killing it; faulthandler writes even while another
 thread holds the GIL), and an uncaught exception is also written as JSON to
-$ELASTIC_ERROR_FILE (elastic/error_record.py), so the job's summary can name the error that
+$ELASTIC_ERROR_FILE (elastic/exchange/error_record.py), so the job's summary can name the error that
 ended it and the agent can tell a deterministic failure.
 
-Warm start (`python -m elastic.launcher.bootstrap --warm FD`, see elastic/warm_pool.py): the process
+Warm start (`python -m elastic.launcher.bootstrap --warm FD`, see elastic/launcher/warm_pool.py): the process
 imports WARM_IMPORTS first, sends one byte on socket FD to say it is ready, then blocks until
 the agent writes its assignment there (JSON: the worker's full environment, its working
 directory and the argv above) and runs it as a cold worker would; end of file without an

@@ -2,13 +2,13 @@
 
 A Python worker spends seconds before its script's first line: the interpreter, then torch
 (about 3 s of the 4 s a restart took here). The agent keeps `size` processes that ran
-`python -m elastic.launcher.bootstrap --warm FD`, imported torch (worker_main.WARM_IMPORTS), said so
+`python -m elastic.launcher.bootstrap --warm FD`, imported torch (bootstrap.WARM_IMPORTS), said so
 with one byte on socket FD and wait there for their assignment. A round hands each of its ranks to one of them: the worker's
 full environment, its argv and working directory, as JSON; the process takes them on and runs
-the script exactly as a cold worker would (elastic/worker_main.py). A process that is still
+the script exactly as a cold worker would (elastic/launcher/bootstrap.py). A process that is still
 importing can be handed a rank too: it starts the script as soon as its imports are done.
 
-Spares are started like workers (elastic/_process.py: own session, parent-death signal,
+Spares are started like workers (elastic/host/process.py: own session, parent-death signal,
 stdout/stderr pipes that the worker group reads once the process is a rank), so an idle one
 never outlives the agent either. Their environment is the part of a worker's environment that
 is the same for every rank and round, so variables read at import time (OMP_NUM_THREADS) are

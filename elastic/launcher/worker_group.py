@@ -3,7 +3,7 @@
 Each worker runs in a session of its own (so a signal to its process group reaches anything
 it started) with a parent-death signal (so a SIGKILLed agent leaves no orphans). Output is
 read line by line and shown with a rank prefix, and copied to per-rank files under
-`--log-dir` when given. Python workers are normally warm spares (elastic/warm_pool.py) that
+`--log-dir` when given. Python workers are normally warm spares (elastic/launcher/warm_pool.py) that
 get their rank here; the streams are taken over the same way.
 """
 
@@ -67,7 +67,7 @@ def worker_main_args(config: LaunchConfig) -> list[str]:
 
 def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str) -> dict[str, str]:
     """The part of every worker's environment that is the same for all ranks and rounds
-    (a warm spare starts with it: see elastic/warm_pool.py)."""
+    (a warm spare starts with it: see elastic/launcher/warm_pool.py)."""
     env = dict(os.environ)
     env.update(
         LOCAL_WORLD_SIZE=str(config.nproc_per_node),
@@ -166,13 +166,13 @@ class WorkerGroup:
 
     def adopt(self, parked: WorkerGroup) -> None:
         """Take over the parked workers of the last round (same processes, same output pumps
-        and log files) and hand each its place in this round (elastic/control.py)."""
+        and log files) and hand each its place in this round (elastic/exchange/control.py)."""
         self._procs, self._pumps = parked._procs, parked._pumps
         for local_rank in range(self._config.nproc_per_node):
             control.send_assignment(control.control_path(self._run_dir, local_rank), self._env(local_rank))
 
     def request_park(self) -> None:
-        """Ask every worker to park after the step they agree on (see elastic/control.py)."""
+        """Ask every worker to park after the step they agree on (see elastic/exchange/control.py)."""
         for local_rank in range(self._config.nproc_per_node):
             control.request_park(control.control_path(self._run_dir, local_rank))
 

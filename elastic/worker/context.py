@@ -126,7 +126,7 @@ def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Con
 
 def rejoin(env: Mapping[str, str]) -> Context:
     """Leave the process group and join the one `env` describes (the agent's next round for a
-    worker reconfigured in-process, see elastic/control.py): the environment takes `env`'s
+    worker reconfigured in-process, see elastic/exchange/control.py): the environment takes `env`'s
     values, the progress file moves to the new rank's, and the Context takes the new values."""
     global _context, _progress
     os.environ.update(env)

@@ -14,7 +14,7 @@ from helpers import child_env
 @pytest.fixture(params=["cold", "warm"])
 def start(request, tmp_path, monkeypatch):
     """How elastic-run starts a Python worker: a fresh interpreter given the script, or a warm
-    spare (elastic/warm_pool.py) that imported torch first and is handed the script after."""
+    spare (elastic/launcher/warm_pool.py) that imported torch first and is handed the script after."""
     if request.param == "cold":
         def cold(argv: list[str]) -> subprocess.Popen:
             return subprocess.Popen([sys.executable, "-m", "elastic.launcher.bootstrap", *argv], cwd=tmp_path,
