@@ -11,7 +11,9 @@ Python's json module does (strict JSON parsers need allow-NaN mode).
 
 Parsing validates everything once, at the boundary: an unknown `format_version`, a path that
 is not a bare file name (so nothing can escape the step directory), a byte range outside its
-file or a set of chunks that does not cover its tensor all raise CheckpointCorruptError.
+file, chunks that do not tile their tensor exactly once (overlap, gap, outside it), a state
+entry naming a tensor that is not listed, or any field of the wrong type all raise
+CheckpointCorruptError naming the manifest, never a KeyError or TypeError.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 
 from checkpoint.errors import CheckpointCorruptError
-from checkpoint.format.statedict import PER_RANK_TAG
+from checkpoint.format.statedict import ITEMS_TAG, PER_RANK_TAG, TENSOR_TAG, TUPLE_TAG
+from checkpoint.format.tiling import tiling_problem
 
 try:  # the same CRC-32 as zlib's, ~8x faster (carry-less multiply); both release the GIL
     from zlib_ng.zlib_ng import crc32 as _crc32
@@ -160,92 +163,196 @@ class Manifest:
         """Parse and validate; `where` names the manifest in every error message."""
         try:
             raw = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CheckpointCorruptError(f"{where}: manifest is not valid JSON ({exc})") from exc
         try:
             return _parse(raw, where)
-        except (KeyError, TypeError, ValueError) as exc:
+        except _Malformed as exc:
             raise CheckpointCorruptError(
-                f"{where}: manifest does not follow format_version {FORMAT_VERSION} ({exc!r})"
+                f"{where}: manifest does not follow format_version {FORMAT_VERSION}: {exc}"
             ) from exc
 
 
-def _parse(raw: dict[str, Any], where: str) -> Manifest:
+class _Malformed(ValueError):
+    """A field of the manifest has the wrong type or value (the message names the field)."""
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Malformed(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _Malformed(f"{what} must be a JSON list, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, what: str, minimum: int = 0) -> int:
+    if type(value) is not int or value < minimum:  # bool is an int subclass: refused
+        raise _Malformed(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _Malformed(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if type(value) not in (int, float):
+        raise _Malformed(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _optional(value: Any, what: str, read: Any) -> Any:
+    return None if value is None else read(value, what)
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if type(value) is list and all(type(v) is int and v >= 0 for v in value):
+        return tuple(value)  # the common case, without building a name per element
+    return tuple(_int(v, f"{what}[{i}]") for i, v in enumerate(_list(value, what)))
+
+
+def _parse(raw: Any, where: str) -> Manifest:
+    raw = _object(raw, "the manifest")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointCorruptError(
             f"{where}: format_version {version!r} is not supported; this reader understands "
             f"{FORMAT_VERSION}. Load it with the version of the package that wrote it."
         )
-    files = tuple(
-        FileEntry(str(f["path"]), int(f["size"]), int(f["header_size"]), str(f["header_checksum"]))
-        for f in raw["files"]
-    )
-    sizes: dict[str, int] = {}
-    for f in files:
-        if not is_safe_name(f.path):
-            raise CheckpointCorruptError(
-                f"{where}: file path {f.path!r} is not a bare file name; manifest paths must "
-                "stay inside the step directory. Refusing to read this checkpoint."
-            )
-        sizes[f.path] = f.size
-    tensors: dict[str, TensorEntry] = {}
-    for key, t in raw["tensors"].items():
-        shape = tuple(int(d) for d in t["shape"])
-        dtype = str(t["dtype"])
-        if dtype not in _BY_NAME:
-            raise CheckpointCorruptError(f"{where}: tensor {key!r} has unknown dtype {dtype!r}")
-        itemsize = torch.empty((), dtype=_BY_NAME[dtype]).element_size()
-        chunks = tuple(
-            ChunkEntry(
-                str(c["file"]), str(c["name"]), tuple(int(o) for o in c["offsets"]),
-                tuple(int(d) for d in c["shape"]), int(c["begin"]), int(c["end"]), str(c["checksum"]),
-            )
-            for c in t["chunks"]
-        )
-        covered = 0
-        for c in chunks:
-            if c.file not in sizes:
-                raise CheckpointCorruptError(
-                    f"{where}: tensor {key!r} points to {c.file!r}, which is not in the file list"
-                )
-            nbytes = math.prod(c.shape) * itemsize
-            fits = len(c.offsets) == len(shape) == len(c.shape) and all(
-                0 <= o and o + n <= d for o, n, d in zip(c.offsets, c.shape, shape)
-            )
-            if not fits or c.end - c.begin != nbytes or c.begin < 0 or c.end > sizes[c.file]:
-                raise CheckpointCorruptError(
-                    f"{where}: chunk {c.name!r} of tensor {key!r} (offsets {c.offsets}, shape "
-                    f"{c.shape}, bytes {c.begin}-{c.end} of {c.file}) does not fit the tensor "
-                    f"shape {shape} or its file of {sizes[c.file]} bytes"
-                )
-            covered += math.prod(c.shape)
-        if covered != math.prod(shape):
-            raise CheckpointCorruptError(
-                f"{where}: the chunks of tensor {key!r} cover {covered} of {math.prod(shape)} "
-                "elements; the checkpoint is incomplete"
-            )
-        tensors[key] = TensorEntry(dtype, shape, chunks)
-    world_size = int(raw["world_size"])
-    for name, value in raw["state"].items():
-        if isinstance(value, dict) and set(value) == {PER_RANK_TAG}:
-            if sorted(value[PER_RANK_TAG], key=int) != [str(r) for r in range(world_size)]:
-                raise CheckpointCorruptError(
-                    f"{where}: per-rank state {name!r} lists ranks {sorted(value[PER_RANK_TAG])}, "
-                    f"expected 0..{world_size - 1}"
-                )
-    metrics = {str(k): float(v) for k, v in raw.get("metrics", {}).items()}
-    epoch = raw.get("epoch")
-    rnd = raw.get("round")
+    files = _files(raw.get("files"), where)
+    sizes = {f.path: f.size for f in files}
+    tensors = {
+        key: _tensor(key, t, sizes, where) for key, t in _object(raw.get("tensors"), "tensors").items()
+    }
+    world_size = _int(raw.get("world_size"), "world_size", minimum=1)
+    state = _object(raw.get("state"), "state")
+    _check_skeleton(state, tensors, world_size, where)
+    metrics = {k: _number(v, f"metrics[{k!r}]") for k, v in _object(raw.get("metrics", {}), "metrics").items()}
     return Manifest(
-        step=int(raw["step"]),
+        step=_int(raw.get("step"), "step"),
         world_size=world_size,
         files=files,
         tensors=tensors,
-        state=raw["state"],
+        state=state,
         metrics=metrics,
-        epoch=None if epoch is None else int(epoch),
-        run_id=raw.get("run_id"),
-        round=None if rnd is None else int(rnd),
-        created=float(raw.get("created", 0.0)),
+        epoch=_optional(raw.get("epoch"), "epoch", _int),
+        run_id=_optional(raw.get("run_id"), "run_id", _str),
+        round=_optional(raw.get("round"), "round", _int),
+        created=_number(raw.get("created", 0.0), "created"),
     )
+
+
+def _files(raw: Any, where: str) -> tuple[FileEntry, ...]:
+    files = []
+    for i, f in enumerate(_list(raw, "files")):
+        f = _object(f, f"files[{i}]")
+        entry = FileEntry(
+            _str(f.get("path"), f"files[{i}].path"), _int(f.get("size"), f"files[{i}].size"),
+            _int(f.get("header_size"), f"files[{i}].header_size"),
+            _str(f.get("header_checksum"), f"files[{i}].header_checksum"),
+        )
+        if not is_safe_name(entry.path):
+            raise CheckpointCorruptError(
+                f"{where}: file path {entry.path!r} is not a bare file name; manifest paths must "
+                "stay inside the step directory. Refusing to read this checkpoint."
+            )
+        files.append(entry)
+    return tuple(files)
+
+
+def _tensor(key: str, raw: Any, sizes: Mapping[str, int], where: str) -> TensorEntry:
+    what = f"tensors[{key!r}]"
+    t = _object(raw, what)
+    shape = _ints(t.get("shape"), f"{what}.shape")
+    dtype = _str(t.get("dtype"), f"{what}.dtype")
+    if dtype not in _BY_NAME:
+        raise CheckpointCorruptError(f"{where}: tensor {key!r} has unknown dtype {dtype!r}")
+    itemsize = torch.empty((), dtype=_BY_NAME[dtype]).element_size()
+    chunks = tuple(_chunk(c, f"{what}.chunks[{i}]") for i, c in enumerate(_list(t.get("chunks"), f"{what}.chunks")))
+    for c in chunks:
+        if c.file not in sizes:
+            raise CheckpointCorruptError(
+                f"{where}: tensor {key!r} points to {c.file!r}, which is not in the file list"
+            )
+        if c.end - c.begin != math.prod(c.shape) * itemsize or c.end > sizes[c.file]:
+            raise CheckpointCorruptError(
+                f"{where}: chunk {c.name!r} of tensor {key!r} (shape {c.shape}, bytes "
+                f"{c.begin}-{c.end} of {c.file}) does not fit its {dtype} elements or its file of "
+                f"{sizes[c.file]} bytes"
+            )
+    problem = tiling_problem(shape, [(c.offsets, c.shape) for c in chunks])
+    if problem is not None:
+        raise CheckpointCorruptError(
+            f"{where}: the chunks of tensor {key!r} do not tile it exactly once: {problem}; "
+            "the checkpoint is incomplete or damaged"
+        )
+    return TensorEntry(dtype, shape, chunks)
+
+
+def _chunk(raw: Any, what: str) -> ChunkEntry:
+    c = _object(raw, what)
+    return ChunkEntry(
+        _str(c.get("file"), f"{what}.file"), _str(c.get("name"), f"{what}.name"),
+        _ints(c.get("offsets"), f"{what}.offsets"), _ints(c.get("shape"), f"{what}.shape"),
+        _int(c.get("begin"), f"{what}.begin"), _int(c.get("end"), f"{what}.end"),
+        _str(c.get("checksum"), f"{what}.checksum"),
+    )
+
+
+def _check_skeleton(state: dict[str, Any], tensors: Mapping[str, TensorEntry], world_size: int, where: str) -> None:
+    """Every tagged node of the state skeleton well formed, every tensor it names listed.
+    Iterative: a hostile manifest nested thousands deep must not exhaust the stack."""
+    pending: list[tuple[Any, str]] = []
+    for name, value in state.items():
+        if isinstance(value, dict) and PER_RANK_TAG in value:
+            ranks = _object(value[PER_RANK_TAG], f"state[{name!r}].{PER_RANK_TAG}")
+            # The length first: a hostile world_size must not build a set of a billion names.
+            if len(value) != 1 or len(ranks) != world_size or set(ranks) != {str(r) for r in range(world_size)}:
+                raise CheckpointCorruptError(
+                    f"{where}: per-rank state {name!r} lists ranks {sorted(ranks)}, "
+                    f"expected 0..{world_size - 1}"
+                )
+            pending += [(v, f"state[{name!r}] of rank {r}") for r, v in ranks.items()]
+        else:
+            pending.append((value, f"state[{name!r}]"))
+    while pending:
+        node, what = pending.pop()
+        if isinstance(node, list):
+            pending += [(v, what) for v in node]
+        elif isinstance(node, dict):
+            pending += _tagged_children(node, what, tensors, where)
+
+
+def _tagged_children(
+    node: dict[str, Any], what: str, tensors: Mapping[str, TensorEntry], where: str
+) -> list[tuple[Any, str]]:
+    """The children of one skeleton dict to check next, after checking its tag if it has one."""
+    if TENSOR_TAG in node:
+        key = node[TENSOR_TAG]
+        if len(node) != 1 or not isinstance(key, str) or key not in tensors:
+            raise CheckpointCorruptError(f"{where}: {what} refers to tensor {key!r}, which is not in the manifest")
+        return []
+    if ITEMS_TAG in node or TUPLE_TAG in node:
+        tag = ITEMS_TAG if ITEMS_TAG in node else TUPLE_TAG
+        if len(node) != 1:
+            raise _Malformed(f"{what}: {tag} must be the only key of its object")
+        values = _list(node[tag], f"{what}.{tag}")
+        if tag == TUPLE_TAG:
+            return [(v, what) for v in values]
+        for pair in values:
+            if not (isinstance(pair, list) and len(pair) == 2 and _is_json_scalar(pair[0])):
+                raise _Malformed(f"{what}: every {ITEMS_TAG} entry must be a [JSON scalar key, value] pair")
+        return [(pair[1], what) for pair in values]
+    if PER_RANK_TAG in node:
+        raise _Malformed(f"{what}: {PER_RANK_TAG} is allowed only at the top of a state entry")
+    return [(v, what) for v in node.values()]
+
+
+def _is_json_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
