@@ -3,7 +3,8 @@
 The manager's collectives run on a gloo group of their own, created when the ranks are
 taken (all ranks together), so checkpoint traffic never interleaves with the training
 loop's collectives on the default group. Only small JSON metadata travels this way, never
-anything read from a file.
+anything read from a file. The group is destroyed when the manager closes or takes its
+ranks again.
 """
 
 from __future__ import annotations
@@ -29,15 +30,36 @@ class RankGroup:
     group: dist.ProcessGroup | None  # the private gloo group; None without a process group
 
     @classmethod
-    def current(cls) -> RankGroup:
-        """Rank, world size and round of the current process group and environment.
+    def current(cls, process_group: dist.ProcessGroup | None = None) -> RankGroup:
+        """Rank, world size and round within `process_group` (default: the world) and the environment.
 
-        A collective in a process group: it creates the private gloo group.
+        A collective of the ranks of `process_group` (of the default group when None): it
+        creates the private gloo group among them.
         """
         round_ = int_var(os.environ, names.ROUND, None)
-        if dist.is_available() and dist.is_initialized():
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group is not None:
+                raise ValueError("process_group= was given but torch.distributed is not initialized; "
+                                 "call elastic.init() (or init_process_group) first, or drop process_group")
+            return cls(0, 1, round_, None)
+        if process_group is None:
             return cls(dist.get_rank(), dist.get_world_size(), round_, dist.new_group(backend="gloo"))
-        return cls(0, 1, round_, None)
+        if dist.get_rank(process_group) < 0:
+            raise ValueError(f"rank {dist.get_rank()} is not in process_group: only its ranks create "
+                             "this CheckpointManager")
+        # Only the group's ranks take part, so several groups may each have their own manager.
+        group = dist.new_group(dist.get_process_group_ranks(process_group), backend="gloo",
+                               use_local_synchronization=True)
+        return cls(dist.get_rank(process_group), dist.get_world_size(process_group), round_, group)
+
+    def close(self) -> None:
+        """Destroy the private group (a local call, not a collective)."""
+        if self.group is None:
+            return
+        try:
+            dist.destroy_process_group(self.group)
+        except ValueError:
+            pass  # destroyed already, with every group, by dist.destroy_process_group() (a rejoin)
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Gather small JSON metadata from every rank."""

@@ -2,8 +2,9 @@
 
 Every rank writes its share and makes it durable. One all-gather of small JSON reports
 reaches rank 0, which calls the commit guard (round fencing), writes the manifest (the
-commit), prunes, and broadcasts the outcome. A failure anywhere is reported through the
-gather, so no rank is left waiting in a collective.
+commit) and broadcasts the outcome; only then, off the path every rank waits on, does rank 0
+apply retention. A failure anywhere before the broadcast is reported through the gather, so
+no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from checkpoint.collectives import RankGroup
+from checkpoint.committed import CommittedCheckpoints
 from checkpoint.errors import CheckpointError
 from checkpoint.format import statedict
 from checkpoint.format.manifest import ChunkEntry, FileEntry, Manifest, TensorEntry
@@ -49,16 +51,17 @@ class SaveJob:
 
 
 class Committer:
-    """Writes and commits save jobs into `loc`; `pruner` runs after each commit (rank 0).
+    """Writes and commits save jobs into `committed.loc`; `pruner` runs after each commit (rank 0).
 
     `guard` is called on rank 0 right before the manifest is written (if it raises, nothing
     is committed); `listener(step, held)` on every rank once a save is committed.
     """
 
     def __init__(
-        self, loc: storage.Location, pruner: Pruner, run_id: str | None, *, guard: Callable[[], None] | None
+        self, committed: CommittedCheckpoints, pruner: Pruner, run_id: str | None, *, guard: Callable[[], None] | None
     ) -> None:
-        self._loc = loc
+        self._committed = committed
+        self._loc = committed.loc
         self._pruner = pruner
         self._run_id = run_id
         self.guard = guard
@@ -71,9 +74,10 @@ class Committer:
         reports = job.ranks.all_gather(report)
         outcome: str | None = None
         rank0_error: Exception | None = None
+        manifest: Manifest | None = None
         if job.ranks.rank == 0:
             try:
-                self._commit(job, reports)
+                manifest = self._commit(job, reports)
             except Exception as exc:  # surfaced on rank 0 as is, on other ranks as its text
                 rank0_error = exc
                 outcome = f"{type(exc).__name__}: {exc}"
@@ -84,9 +88,12 @@ class Committer:
             raise rank0_error
         if outcome is not None:
             raise CheckpointError(f"checkpoint step {job.step} was not committed: {outcome}")
+        self._committed.forget(job.step)  # a step saved again has a new manifest, on every rank
         if self.listener is not None:
             # held is None for a synchronous save: the caller has been waiting all along.
             self.listener(job.step, job.held if job.held is not None else time.perf_counter() - job.started)
+        if manifest is not None:
+            self._retain(manifest)
 
     def _write(self, job: SaveJob, copy: Callable[[], None] | None) -> tuple[Exception | None, dict[str, Any]]:
         """This rank's shard written and durable, and its report for rank 0 (or the error)."""
@@ -107,16 +114,27 @@ class Committer:
             return exc, report
         return None, report
 
-    def _commit(self, job: SaveJob, reports: list[dict[str, Any]]) -> None:
+    def _commit(self, job: SaveJob, reports: list[dict[str, Any]]) -> Manifest:
         _check_reports(job, reports)
         manifest = _manifest(job, reports, self._run_id)
         text = manifest.to_json()
         Manifest.from_json(text, where=f"manifest of step {job.step} being written")  # same rules as readers
+        replacing = storage.is_committed(self._loc, job.step)  # seen before the fence: a save again
         if self.guard is not None:
             self.guard()
-        storage.commit(self._loc, job.step, text)
+        storage.commit(self._loc, job.step, text, replace=replacing)
         log.info("checkpoint %s: committed step %d (%d files)", self._loc.url, job.step, len(manifest.files))
-        self._pruner.after_commit(job.step, {f.path for f in manifest.files})
+        return manifest
+
+    def _retain(self, manifest: Manifest) -> None:
+        """Rank 0, once every rank has the outcome: retention. The step is committed whatever
+        happens here, so a failure is logged and retention runs again after the next commit."""
+        self._committed.remember(manifest)
+        try:
+            self._pruner.after_commit(manifest.step, {f.path for f in manifest.files})
+        except CheckpointError as exc:
+            log.warning("checkpoint %s: step %d is committed, but retention failed (%s); it runs again "
+                        "after the next commit, or run `elastic-ckpt prune`", self._loc.url, manifest.step, exc)
 
 
 def _check_reports(job: SaveJob, reports: list[dict[str, Any]]) -> None:

@@ -12,6 +12,25 @@ The manager is a facade over modules named after what they do: `save` (the calle
 half of a save), `commit` (the background write and the cross-rank commit), `prune`
 (retention applied to storage), `restore` (load with the fallback the ranks agree on, and
 verify), `committed` (what storage shows committed) and `collectives` (the private group).
+
+The overlap trick (opt-in): ``save(..., overlap=True)`` returns before copying; the copy
+runs in the background while the caller runs the next forward/backward. Every optimizer
+in ``state`` gets a one-shot ``step`` pre-hook that blocks ``optimizer.step()`` until the
+copy is done; anything else that changes state in place (BatchNorm running statistics
+change in forward, a manual ``tensor.add_``) must call ``wait_snapshot()`` first. Use it
+only when nothing in ``state`` changes before ``optimizer.step()``.
+
+``state`` maps names to objects with ``state_dict()/load_state_dict()`` (modules,
+optimizers, schedulers), tensors, or JSON values. Optimizer state is keyed by parameter
+names. In a process group, plain tensors are taken as replicated (DDP): the ranks split
+the writing by bytes; DTensors (FSDP2) are saved as local shards with their offsets.
+JSON values are saved from rank 0 and, on load, replace the entries of ``state``.
+
+State that differs between ranks (RNG streams, rank-local buffers or counters) goes in
+as ``PerRank(value)``: every rank saves its own value and gets it back on load at the
+same world size. At another world size load() raises CheckpointMismatchError naming
+the entry, unless it was given as ``PerRank(value, on_resize="keep")``, which keeps the
+current value and loads the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +41,8 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from types import TracebackType
 from typing import Any
+
+import torch.distributed as dist
 
 from checkpoint import restore, retention
 from checkpoint.collectives import RankGroup
@@ -39,10 +60,19 @@ log = logging.getLogger(__name__)
 class CheckpointManager:
     """Sharded, async, atomically committed, verified checkpoints on any fsspec filesystem.
 
-    Call order (every rank of the default process group makes every call, in the same order):
+    Collectives: the constructor, ``regroup()``, ``save()`` and ``load()`` are collectives
+    of the ranks of ``process_group`` (default: the world): every one of them makes each of
+    these calls, in the same order. ``wait()`` and ``close()`` are local (they wait for this
+    rank's part of the pending commit, which needs every rank's ``save()``); the rest
+    (``steps``, ``latest``, ``best``, ``manifest``, ``damage``, ``verify``, ``preflight``,
+    ``prune``) read storage on the calling rank only.
+
+    Call order:
     1. ``CheckpointManager(directory, ...)`` on every rank (it creates a private gloo group for
        the background commit, so checkpoint traffic never interleaves with training
-       collectives).
+       collectives). Options are keyword-only. ``process_group`` decides the ranks, as in
+       DCP: rank and world size are this process's in that group, which saves and loads
+       together; a rank outside it must not create this manager.
     2. ``save(step, state, metrics)``: snapshots this rank's share of the state into a reusable
        CPU staging buffer and returns; hashing, writing, the cross-rank commit and retention
        run in a background thread. A second ``save()`` first waits for the previous one (at
@@ -52,47 +82,34 @@ class CheckpointManager:
        falls back (with a warning) to older ones when the newest is corrupt or incomplete.
     5. ``close()`` (or leave a ``with`` block): waits for the pending save.
 
-    The overlap trick (opt-in): ``save(..., overlap=True)`` returns before copying; the copy
-    runs in the background while the caller runs the next forward/backward. Every optimizer
-    in ``state`` gets a one-shot ``step`` pre-hook that blocks ``optimizer.step()`` until the
-    copy is done; anything else that changes state in place (BatchNorm running statistics
-    change in forward, a manual ``tensor.add_``) must call ``wait_snapshot()`` first. Use it
-    only when nothing in ``state`` changes before ``optimizer.step()``.
-
-    ``state`` maps names to objects with ``state_dict()/load_state_dict()`` (modules,
-    optimizers, schedulers), tensors, or JSON values. Optimizer state is keyed by parameter
-    names. In a process group, plain tensors are taken as replicated (DDP): the ranks split
-    the writing by bytes; DTensors (FSDP2) are saved as local shards with their offsets.
-    JSON values are saved from rank 0 and, on load, replace the entries of ``state``.
-
-    State that differs between ranks (RNG streams, rank-local buffers or counters) goes in
-    as ``PerRank(value)``: every rank saves its own value and gets it back on load at the
-    same world size. At another world size load() raises CheckpointMismatchError naming
-    the entry, unless it was given as ``PerRank(value, on_resize="keep")``, which keeps the
-    current value and loads the rest.
+    What ``state`` may hold, and ``save(..., overlap=True)``: see the module docstring.
     """
 
     def __init__(
         self,
         directory: str | os.PathLike[str],
+        *,
         keep_best: int | None = None,
         metric: str | None = None,
         mode: str = "min",
         keep_last: int | None = None,
         async_write: bool = True,
         storage_options: dict[str, Any] | None = None,
-        *,
         commit_guard: Callable[[], None] | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         policy = retention.RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode)
-        self._loc = storage.open_location(os.fspath(directory), storage_options)
+        self._loc = storage.open_location(_directory(directory), storage_options)
         self._committed = CommittedCheckpoints(self._loc)
         # Recorded in every manifest; the run id also scopes retention (see prune()).
         run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
         self._pruner = Pruner(self._committed, policy, run_id, verify=self.verify)
-        self._committer = Committer(self._loc, self._pruner, run_id, guard=commit_guard)
+        self._committer = Committer(self._committed, self._pruner, run_id, guard=None)
         self._saver = Saver(self._loc, self._committer, async_write)
         self._closed = False
+        self._process_group = process_group
+        self._ranks: RankGroup | None = None
+        self.set_commit_guard(commit_guard)
         self.regroup()
 
     # ------------------------------------------------------------------ public API
@@ -100,11 +117,18 @@ class CheckpointManager:
     def regroup(self) -> None:
         """Take rank, world size and rendezvous round from the current process group and
         environment: at construction, and after the group was re-formed in-process (a
-        TrainLoop reconfigured by elastic-run), with no save pending."""
-        self._ranks = RankGroup.current()
+        TrainLoop reconfigured by elastic-run), with no save pending. A collective (see the
+        class doc); the previous private group is destroyed first."""
+        if self._ranks is not None:
+            self._ranks.close()
+        self._ranks = RankGroup.current(self._process_group)
 
     def set_commit_guard(self, fn: Callable[[], None] | None) -> None:
-        """Called on rank 0 right before the manifest is written; if it raises, nothing is committed."""
+        """Called on rank 0 right before the manifest is written; if it raises, nothing is committed.
+
+        The manager owns the guard: one with a ``close()`` method (a RoundFence) is closed
+        when another replaces it and when the manager closes."""
+        _close_guard(self._committer.guard)
         self._committer.guard = fn
 
     def set_commit_listener(self, fn: Callable[[int, float], None] | None) -> None:
@@ -122,7 +146,7 @@ class CheckpointManager:
         epoch: int | None = None,
         overlap: bool = False,
     ) -> None:
-        """Snapshot `state` as checkpoint `step` and commit it in the background (see class doc)."""
+        """Snapshot `state` as checkpoint `step` and commit it in the background (a collective; see class doc)."""
         started = time.perf_counter()
         self._check_open()
         if not isinstance(step, int) or step < 0:
@@ -138,9 +162,14 @@ class CheckpointManager:
         self._saver.wait()
 
     def close(self) -> None:
+        """Wait for the pending save, then release the private group and the commit guard (local)."""
         if not self._closed:
             self._closed = True
-            self.wait()
+            try:
+                self.wait()
+            finally:
+                self.set_commit_guard(None)
+                self._ranks.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -196,7 +225,7 @@ class CheckpointManager:
         restore.preflight(self._committed, self._ranks, state, step)
 
     def load(self, state: MutableMapping[str, Any], step: int | None = None) -> int | None:
-        """Load into `state`; returns the step loaded, or None when nothing is committed.
+        """Load into `state`; returns the step loaded, or None when nothing is committed (a collective).
 
         Chunks are verified as they are read, some straight into the live tensors; if no
         checkpoint can be loaded the error is raised and `state` may be partly overwritten.
@@ -205,32 +234,36 @@ class CheckpointManager:
         self.wait()
         return restore.load(self._committed, self._ranks, state, step)
 
-    def prune(
-        self,
-        *,
-        dry_run: bool = False,
-        all_runs: bool = False,
-        protect: tuple[int, ...] = (),
-        verify_resume_point: bool = True,
-    ) -> list[int]:
+    def prune(self, *, dry_run: bool = False, all_runs: bool = False, protect: tuple[int, ...] = (),
+              verify_resume_point: bool = True) -> list[int]:
         """Remove uncommitted leftovers and the committed checkpoints the policy lets go.
 
         Only checkpoints of this run (TORCHELASTIC_RUN_ID) are candidates unless `all_runs`.
         Damaged checkpoints (see `damage()`) are neither counted nor deleted. With
-        `verify_resume_point`, before anything is deleted the newest undamaged checkpoint is
-        read whole and its checksums checked (a flipped byte does not show in a listing); if
-        it fails it counts as damaged and the decision is made again. After every commit the
-        manager prunes with `protect` = the step just committed and no verification: that
-        step was hashed as it was written, so a good resume point is kept either way. Returns the steps
-        removed (or that would be, with `dry_run`), ascending. Call it from one process only,
-        with no save in flight.
+        `verify_resume_point`, the newest undamaged checkpoint is first read whole (a flipped
+        byte does not show in a listing); if it fails it counts as damaged and the decision is
+        made again. After every commit rank 0 prunes with `protect` = the step just committed
+        (hashed as written) and no verification. Returns the steps removed (or that would be,
+        with `dry_run`), ascending. Call it from one process only, with no save in flight.
         """
-        return self._pruner.prune(
-            dry_run=dry_run, all_runs=all_runs, protect=protect, verify_resume_point=verify_resume_point
-        )
+        return self._pruner.prune(dry_run=dry_run, all_runs=all_runs, protect=protect,
+                                  verify_resume_point=verify_resume_point)
 
     # ------------------------------------------------------------------ internals
 
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager({self._loc.url!r}) is closed; create a new one")
+
+
+def _directory(directory: str | os.PathLike[str]) -> str:
+    if directory is None:
+        raise TypeError("CheckpointManager(directory=None): pass a local path or an fsspec URL "
+                        "(elastic.init().checkpoint_dir is one under elastic-run)")
+    return os.fspath(directory)
+
+
+def _close_guard(guard: Callable[[], None] | None) -> None:
+    close = getattr(guard, "close", None)
+    if close is not None:
+        close()

@@ -69,11 +69,14 @@ class Pruner:
             kind = "retention" if step in committed_steps else "uncommitted leftover"
             log.info("checkpoint %s: deleting step %d (%s)", self._loc.url, step, kind)
             storage.delete_step(self._loc, step)
+            self._committed.forget(step)
         return sorted(doomed)
 
     def _dropped(self, all_runs: bool, verify_resume_point: bool) -> list[int]:
         """The committed steps the policy lets go; with `verify_resume_point`, decided again
         until the resume point (the newest undamaged step) reads whole."""
+        if self._policy.keeps_everything:
+            return []
         while True:
             infos = self._infos(only_run=not all_runs)
             dropped = [i.step for i, keep in zip(infos, retention.decide(infos, self._policy)) if not keep]

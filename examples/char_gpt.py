@@ -89,16 +89,16 @@ def main() -> None:
     model = DistributedDataParallel(net) if ctx.world_size > 1 else net
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.max_steps)
-    ckpt = CheckpointManager(ctx.checkpoint_dir or "runs/char_gpt", keep_best=3,
-                             metric="val_loss", mode="min", keep_last=2)
+    ckpt = CheckpointManager(ctx.checkpoint_dir, keep_best=3, metric="val_loss", mode="min", keep_last=2)
     loop = elastic.TrainLoop(model=model, optimizer=optimizer, dataset=train,
                              global_batch_size=args.global_batch,
                              micro_batch_size=args.micro_batch, checkpoint=ckpt,
                              save_every=None, max_steps=args.max_steps, seed=0,
                              scheduler=scheduler)
+    resumed = loop.resume()  # a collective: every rank loads, not only the one that prints
     if ctx.rank == 0:
         print(f"corpus {len(text)} chars, vocab {len(chars)}, {len(train)} training windows, "
-              f"resuming from step {loop.resume() or 0}")
+              f"resuming from step {resumed or 0}")
     for step in loop:
         if step.index % args.eval_every == 0:
             # Before this step's forwards: the parameters are those after step.index

@@ -19,7 +19,7 @@ model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Flatten(), tor
 if ctx.world_size > 1:
     model = DDP(model)
 optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-ckpt = CheckpointManager(ctx.checkpoint_dir or "runs/minimal_ddp", keep_last=2)
+ckpt = CheckpointManager(ctx.checkpoint_dir, keep_last=2)  # --checkpoint-dir, or ./checkpoints/<run id>
 loop = elastic.TrainLoop(model=model, optimizer=optimizer, dataset=dataset, global_batch_size=64,
                          micro_batch_size=16, checkpoint=ckpt, save_every=50, max_steps=200, seed=0)
 for step in loop:

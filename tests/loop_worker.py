@@ -93,7 +93,7 @@ def main() -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
     ckpt = None
-    if args.ckpt or ctx.checkpoint_dir:  # --ckpt, or elastic-run's --checkpoint-dir
+    if args.ckpt or os.environ.get("ELASTIC_CHECKPOINT_DIR"):  # --ckpt, or elastic-run's --checkpoint-dir
         from checkpoint import CheckpointManager
 
         ckpt = CheckpointManager(args.ckpt or ctx.checkpoint_dir, keep_last=2)

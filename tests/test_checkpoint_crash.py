@@ -1,7 +1,7 @@
 """Crash safety: SIGKILL a saving process at many points; the latest committed checkpoint loads.
 
 A fresh interpreter imports torch once, then forks one saver per kill point. Each saver
-counts calls to a filesystem primitive (os.fsync, os.replace, os.remove) and SIGKILLs itself
+counts calls to a filesystem primitive (os.fsync, os.link, os.remove) and SIGKILLs itself
 right before the k-th call, i.e. between two steps of the write/commit/retention protocol.
 The parent then checks that every committed checkpoint verifies and that the latest loads
 bitwise equal to what was saved at that step.
@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 HERE = os.path.abspath(__file__)
-POINTS = [("fsync", k) for k in (1, 2, 3, 4, 5, 7, 10, 13)] + [("replace", k) for k in (1, 2, 3)] + [
+POINTS = [("fsync", k) for k in (1, 2, 3, 4, 5, 7, 10, 13)] + [("link", k) for k in (1, 2, 3)] + [
     ("remove", k) for k in (1, 2)
 ]
 

@@ -223,3 +223,61 @@ def test_damaged_newest_never_costs_the_last_good_checkpoint(tmp_path, how, caps
     assert ckpt.steps() == [2, 3] and ckpt.latest() == 3
     assert ckpt.load(state) == 3 and torch.equal(state["x"], torch.full((1000,), 3.0))
     ckpt.close()
+
+
+def test_retention_runs_after_the_commit_outcome(tmp_path):
+    # The listener runs once every rank has the outcome: retention must not have run yet
+    # (before, rank 0 pruned before broadcasting, on the path every rank waits on).
+    seen = {}
+    with CheckpointManager(tmp_path, keep_last=1) as ckpt:
+        ckpt.set_commit_listener(lambda step, held: seen.setdefault(step, CheckpointManager(tmp_path).steps()))
+        for step in (1, 2):
+            ckpt.save(step, {"w": torch.ones(3)})
+        ckpt.wait()
+        assert ckpt.steps() == [2]
+    assert seen == {1: [1], 2: [1, 2]}
+
+
+def test_retention_reads_each_committed_manifest_once(tmp_path, monkeypatch):
+    from checkpoint.io import storage
+
+    with CheckpointManager(tmp_path) as ckpt:
+        for step in range(10):
+            ckpt.save(step, {"w": torch.ones(3)}, metrics={"loss": float(step)})
+    reads: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda loc, path: reads.append(path) or real(loc, path))
+    with CheckpointManager(tmp_path, keep_last=20) as ckpt:
+        for step in range(10, 15):
+            ckpt.save(step, {"w": torch.ones(3)}, metrics={"loss": float(step)})
+    manifests = [p for p in reads if p.endswith("manifest.json")]
+    assert sorted(manifests) == sorted(set(manifests)) and len(manifests) == 10, manifests
+
+
+def test_manifest_cache_follows_recommits_and_deletions(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=2, keep_best=1, metric="loss") as ckpt:
+        ckpt.save(1, {"w": torch.ones(3)}, metrics={"loss": 5.0})
+        ckpt.save(2, {"w": torch.ones(3)}, metrics={"loss": 1.0})
+        ckpt.wait()
+        assert ckpt.best() == [2]
+        ckpt.save(2, {"w": torch.ones(3)}, metrics={"loss": 9.0})  # saved again: a new manifest
+        ckpt.wait()
+        assert ckpt.manifest(2).metrics == {"loss": 9.0} and ckpt.best() == [1]
+        CheckpointManager(tmp_path, keep_last=1).prune()  # another process deletes step 1
+        assert ckpt.steps() == [2] and ckpt.best() == [2] and ckpt.latest() == 2
+
+
+def test_a_retention_failure_does_not_fail_the_committed_save(tmp_path, monkeypatch, caplog):
+    from checkpoint.errors import StorageError
+    from checkpoint.io import storage
+
+    def refuse(loc, step):  # a fault: as root, permissions cannot make a real delete fail
+        raise StorageError(f"could not delete step {step}: Permission denied")
+
+    monkeypatch.setattr(storage, "delete_step", refuse)
+    with CheckpointManager(tmp_path, keep_last=1) as ckpt:
+        ckpt.save(1, {"w": torch.ones(3)})
+        ckpt.save(2, {"w": torch.ones(3)})
+        ckpt.wait()  # step 2 is committed: its save succeeded, whatever retention did
+        assert ckpt.steps() == [1, 2]
+    assert "step 2 is committed, but retention failed" in caplog.text

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import uuid
 
 import pytest
 import torch
 
-from checkpoint import CheckpointManager, CheckpointNotFoundError
+from checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    StorageError,
+)
+from checkpoint.io import storage
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +99,49 @@ def test_corrupt_latest_falls_back(store):
         with pytest.warns(RuntimeWarning, match=f"step 2 .*{m.files[0].path}.*checksum"):
             assert ckpt.load(state) == 1
         assert torch.equal(state["x"], torch.ones(100))
+
+
+def test_a_commit_never_replaces_a_manifest_it_did_not_see(store):
+    """The create-only put: S3 If-None-Match (moto implements it), an exclusive create in
+    memory://, a hard link on local disk."""
+    url, options = store
+    loc = storage.open_location(url, options)
+    storage.commit(loc, 5, '{"first": 1}', replace=False)
+    with pytest.raises(StorageError, match=r"step 5 was not committed: .*manifest.json' appeared while"):
+        storage.commit(loc, 5, '{"second": 2}', replace=False)
+    assert storage.read_bytes(loc, loc.path(5, "manifest.json")) == b'{"first": 1}'
+    storage.commit(loc, 5, '{"third": 3}', replace=True)  # a save of a step it saw committed
+    assert storage.read_bytes(loc, loc.path(5, "manifest.json")) == b'{"third": 3}'
+    assert sorted(storage.file_sizes(loc, 5)) == ["manifest.json"]  # no temp file left behind
+
+
+def test_newer_round_committing_between_fence_and_put_is_not_overwritten(store):
+    """The fence is check-then-act: here a newer round commits step 4 right after the stale
+    worker's fence check passed. The stale manifest put must fail, not replace it."""
+    url, options = store
+    newer = CheckpointManager(url, storage_options=options)
+
+    def fence_then_newer_round_commits():
+        newer.save(4, {"x": torch.full((3,), 2.0)})
+        newer.wait()
+
+    stale = CheckpointManager(url, storage_options=options, commit_guard=fence_then_newer_round_commits)
+    with pytest.raises(CheckpointError, match="appeared while this save was committing"):
+        stale.save(4, {"x": torch.full((3,), 1.0)})
+        stale.wait()
+    target = {"x": torch.zeros(3)}
+    assert CheckpointManager(url, storage_options=options).load(target) == 4
+    assert target["x"].tolist() == [2.0] * 3
+
+
+def test_local_commit_on_a_filesystem_without_hard_links_renames(tmp_path, monkeypatch):
+    """vfat and some FUSE mounts refuse link(2) with EPERM: the commit renames instead."""
+
+    def refuse(*_args, **_kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    loc = storage.open_location(str(tmp_path / "ckpt"))
+    storage.commit(loc, 1, '{"only": 1}', replace=False)
+    assert storage.read_bytes(loc, loc.path(1, "manifest.json")) == b'{"only": 1}'
+    assert sorted(os.listdir(loc.step_dir(1))) == ["manifest.json"]

@@ -161,4 +161,5 @@ def test_minimal_example_under_elastic_run(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "done at step 200" in done.stdout
     assert "world 2 accumulation 2" in done.stdout
-    assert "step_000000000200" in os.listdir(tmp_path / "runs" / "minimal_ddp")
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()  # no --checkpoint-dir: ./checkpoints/<run id>
+    assert "step_000000000200" in os.listdir(run_dir)

@@ -40,15 +40,15 @@ _PREFIX = "elastic_ckpt."
 
 def full_tensors(root: Root, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, whole and verified, keyed by its manifest key."""
-    reader = shardfile.ShardReader(root.loc, manifest.step, {f.path: f.size for f in manifest.files})
     out = {}
-    for key, entry in manifest.tensors.items():
-        dtype = torch_dtype(entry.dtype)
-        full = torch.empty(entry.shape, dtype=dtype)
-        for chunk in entry.chunks:
-            region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.shape))
-            full[region] = reader.read(chunk, dtype)
-        out[key] = full
+    with shardfile.ShardReader(root.loc, manifest.step, {f.path: f.size for f in manifest.files}) as reader:
+        for key, entry in manifest.tensors.items():
+            dtype = torch_dtype(entry.dtype)
+            full = torch.empty(entry.shape, dtype=dtype)
+            for chunk in entry.chunks:
+                region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.shape))
+                full[region] = reader.read(chunk, dtype)
+            out[key] = full
     return out
 
 

@@ -2,14 +2,28 @@
 
 Layout: `<root>/step_<12 digits>/` holds the shard files and `manifest.json`. Shards are
 written first and made durable; the manifest is written last and is the commit:
-- local disk: write a temp file, fsync it, rename it over `manifest.json`, fsync the directory;
+- local disk: write a temp file, fsync it, move it to `manifest.json`, then fsync every
+  directory on the way up whose entry is new (the step directory, the root, and any parent
+  of the root the save created), all before retention may delete anything: after a power
+  cut the new checkpoint is there, or the old ones still are;
 - anything else (memory://, s3://, gs://): one whole-object put; the object appearing is the
   commit, no rename is needed (object stores make a put visible all at once).
 Deleting a checkpoint removes the manifest first, so a half-deleted step is never "committed".
+
+A commit never replaces a manifest it has not seen (`replace=False`): the round fence is
+checked before the manifest is written, so a newer round may commit the same step in
+between, and that manifest must survive. The write is then create-only: a hard link
+locally, `mode="create"` elsewhere (S3 `If-None-Match: *` through s3fs, GCS generation
+match 0 through gcsfs, an exclusive open in memory://). Remaining windows: a store that
+ignores the condition (an S3-compatible server without conditional writes) or has no atomic
+create (fsspec then checks and puts), a local filesystem without hard links (a plain
+rename), and a save of a step that was already committed before the check (it replaces
+what it saw with a plain put or rename) still overwrite whatever landed in between.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
@@ -120,13 +134,13 @@ def write_durably(loc: Location, path: str, parts: Iterable[memoryview | bytes])
     """Write a file and return only once it is durable (fsync locally; closed upload elsewhere)."""
     try:
         if loc.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            created = _make_dirs(os.path.dirname(path))
             with open(path, "wb") as f:
                 for part in parts:
                     f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(os.path.dirname(path))
+            _fsync_dirs([os.path.dirname(path)] + [os.path.dirname(d) for d in created])
         else:
             with loc.fs.open(path, "wb") as f:
                 for part in parts:
@@ -139,25 +153,75 @@ def write_durably(loc: Location, path: str, parts: Iterable[memoryview | bytes])
         raise _storage_error("write", path, exc) from exc
 
 
-def commit(loc: Location, step: int, manifest_text: str) -> str:
-    """Write the manifest of `step` atomically; after this returns the checkpoint is committed."""
+def is_committed(loc: Location, step: int) -> bool:
+    """Whether `step` has a manifest now (a save of it would replace one)."""
+    loc.fs.invalidate_cache(loc.step_dir(step))
+    return bool(loc.fs.exists(loc.path(step, MANIFEST_NAME)))
+
+
+def commit(loc: Location, step: int, manifest_text: str, *, replace: bool) -> str:
+    """Write the manifest of `step` atomically; after this returns the checkpoint is committed.
+
+    With `replace=False` an existing manifest is never overwritten (see the module docstring):
+    StorageError says another writer committed the step first.
+    """
     final = loc.path(step, MANIFEST_NAME)
     data = manifest_text.encode()
     try:
         if loc.is_local:
-            tmp = loc.path(step, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
-            os.makedirs(loc.step_dir(step), exist_ok=True)  # no shard if the state has no tensor
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(loc.step_dir(step))
+            _commit_local(loc, step, data, replace)
         else:
-            loc.fs.pipe_file(final, data)
+            if replace:
+                loc.fs.pipe_file(final, data)
+            else:
+                loc.fs.pipe_file(final, data, mode="create")
+    except FileExistsError as exc:
+        raise StorageError(
+            f"step {step} was not committed: {final!r} appeared while this save was committing "
+            "(another writer, e.g. a newer rendezvous round, committed the same step); it was left "
+            "as it is", path=final,
+        ) from exc
     except OSError as exc:
         raise _storage_error("commit the manifest", final, exc) from exc
     return final
+
+
+def _commit_local(loc: Location, step: int, data: bytes, replace: bool) -> None:
+    step_dir, final = loc.step_dir(step), loc.path(step, MANIFEST_NAME)
+    created = _make_dirs(step_dir)  # no shard was written if the state has no tensor
+    tmp = loc.path(step, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        linked = not replace and _link_new(tmp, final)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise
+    if not linked:
+        os.replace(tmp, final)
+    # The new entries, bottom up: the manifest's, the step directory's, and those of every
+    # directory this commit created. Durable before anything (retention, the temp) is deleted.
+    _fsync_dirs([step_dir, os.path.dirname(step_dir)] + [os.path.dirname(d) for d in created])
+    if linked:
+        os.unlink(tmp)
+
+
+def _link_new(tmp: str, final: str) -> bool:
+    """Create `final` as a hard link to `tmp` unless it exists (FileExistsError); False when
+    the filesystem has no hard links (the caller renames instead)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        if os.path.samefile(tmp, final):  # NFS: a retransmitted link reports EEXIST for our own link
+            return True
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            return False
+        raise
+    return True
 
 
 def delete_step(loc: Location, step: int) -> None:
@@ -195,6 +259,22 @@ def file_sizes(loc: Location, step: int) -> dict[str, int]:
     return {
         base_name(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") == "file"
     }
+
+
+def _make_dirs(path: str) -> list[str]:
+    """Create `path` and its missing parents; the ones this call found missing, deepest first."""
+    missing, d = [], os.path.abspath(path)
+    while not os.path.isdir(d) and os.path.dirname(d) != d:
+        missing.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(path, exist_ok=True)
+    return missing
+
+
+def _fsync_dirs(paths: Iterable[str]) -> None:
+    """fsync each directory once, in order: makes the entries made in it durable."""
+    for path in dict.fromkeys(paths):
+        _fsync_dir(path)
 
 
 def _fsync_dir(path: str) -> None:
