@@ -290,9 +290,11 @@ class C10dAgent:
 
 def worker_main(conn, impl: str, endpoint: str) -> None:
     """Serve the coordinator's commands over `conn` until "exit" (or the pipe closes)."""
+    import os
+
     from elastic.host.process import die_with_parent
 
-    die_with_parent()
+    die_with_parent(os.getppid())
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)

@@ -164,14 +164,15 @@ def test_calibrated_hang_timeout_follows_the_step_times(tmp_path):
     assert (tmp_path / "done-rank1-restart1").exists()
 
 
-def test_same_error_at_same_step_stops_at_once(tmp_path):
+def test_same_error_at_same_step_stops_at_the_third(tmp_path):
     proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "5", PROGRESS,
                        str(tmp_path), "raise", "3")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "rank 1 raised RuntimeError: boom at step 3 again at step 2" in err
+    assert "the same-failure rule stopped the job (3 identical failures in a row" in err
     assert "not retrying a deterministic failure" in err
-    assert "restarts: 1" in err  # stopped after the second identical failure, not after 5 restarts
+    assert "restarts: 2" in err  # stopped after the third identical failure, not after 5 restarts
 
 
 def test_redirects_and_rank_filter_keep_streams_in_files(tmp_path):

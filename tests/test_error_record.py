@@ -103,7 +103,7 @@ def test_other_errors_must_repeat_their_message_at_the_same_step():
 
 
 def test_a_failure_repeats_only_with_the_same_signature_and_not_when_killed():
-    history = FailureHistory()
+    history = FailureHistory(limit=2)
     boom = ("message", "RuntimeError: boom", 3)
     assert not history.repeated(boom, killed=False)
     assert history.repeated(boom, killed=False)
@@ -120,10 +120,11 @@ def test_only_a_crash_loop_backs_off():
 
 def test_reason_for_a_full_checkpoint_directory_says_what_to_do():
     record = ErrorRecord.from_exception(disk_full("/data/ckpt/step_9/manifest.json"))
-    reason = deterministic_reason("rank 1 raised X", 9, record, "/data/ckpt")
+    reason = deterministic_reason("rank 1 raised X", 9, record, "/data/ckpt", 3)
     assert "the checkpoint directory's filesystem is full (ENOSPC)" in reason
     assert "free space or point --checkpoint-dir elsewhere" in reason
-    elsewhere = deterministic_reason("rank 1 raised X", 9, record, "/other")
+    elsewhere = deterministic_reason("rank 1 raised X", 9, record, "/other", 3)
     assert "the filesystem of /data/ckpt/step_9/manifest.json is full (ENOSPC)" in elsewhere
-    assert deterministic_reason("rank 1 raised Y", 3, None, None) == \
-        "rank 1 raised Y again at step 3; not retrying a deterministic failure"
+    assert deterministic_reason("rank 1 raised Y", 3, None, None, 3) == (
+        "rank 1 raised Y again at step 3; the same-failure rule stopped the job (3 identical failures "
+        "in a row; --same-failure-limit): not retrying a deterministic failure")

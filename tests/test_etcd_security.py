@@ -95,15 +95,17 @@ def test_user_password_auth(auth_etcd, tmp_path):
     client = connect(EtcdConfig(auth_etcd.endpoint, user="root", password="s3cret"))
     client.put("/auth", "ok")
     client.close()
+    (tmp_path / "password").write_text("s3cret")
     proc = elastic_run("--rdzv-endpoint", auth_etcd.endpoint, "--rdzv-conf",
-                       "user=root,password=s3cret,last_call_timeout=0.5", PLAIN, str(tmp_path))
+                       f"user=root,password_file={tmp_path / 'password'},last_call_timeout=0.5", PLAIN, str(tmp_path))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
 
 
 def test_wrong_password_is_a_clear_one_line_error(auth_etcd, tmp_path):
+    (tmp_path / "password").write_text("wrong")
     proc = elastic_run("--rdzv-endpoint", auth_etcd.endpoint, "--rdzv-conf",
-                       "user=root,password=wrong", PLAIN, str(tmp_path))
+                       f"user=root,password_file={tmp_path / 'password'}", PLAIN, str(tmp_path))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     lines = err.strip().splitlines()

@@ -1,11 +1,14 @@
 """Hang judgement from progress files: fixed and calibrated limits (real files, a set clock)."""
 
+import time
+
 import pytest
 
 from elastic.errors import ConfigError
 from elastic.launcher.config import parse_hang
 from elastic.exchange.progress import Commit, Progress
 from elastic.launcher.hang_watch import HangLimits, ProgressWatch
+from helpers import wait_until
 
 
 class Rank:
@@ -74,6 +77,7 @@ def test_calibration_waits_for_enough_steps_and_never_exceeds_the_fixed_timeout(
 def test_steps_seen_between_two_reads_are_averaged(tmp_path):
     watch, rank, now = watch_of(tmp_path, HangLimits(timeout=300.0, factor=10.0, floor=0.1))
     rank.step(1, 1.0)
+    now[0] = 1.0
     watch.read()
     rank.step(5, 2.0)  # four steps in one second between two reads: 0.25 s each
     now[0] = 2.0
@@ -137,3 +141,26 @@ def test_a_parked_rank_is_not_hung_and_the_watch_sees_who_can_be_reconfigured(tm
     assert watch.reconfigurable() and watch.parked()
     now[0] += 60.0
     assert watch.hung() == []
+
+
+@pytest.mark.parametrize("shift", [-3600.0, 3600.0])
+def test_a_wall_clock_step_in_the_worker_neither_fakes_nor_hides_a_hang(tmp_path, monkeypatch, shift):
+    """The worker's wall clock is an hour off the agent's (an NTP step between the two
+    reads, or in one process only): a rank making steps is not hung, one that stopped is."""
+    from elastic.worker.context import ProgressFile
+
+    path = str(tmp_path / "rank0.progress")
+    watch = ProgressWatch({0: path}, HangLimits(timeout=0.3, first_step_timeout=0.3))  # the agent's own clock
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + shift)  # the NTP step: only the wall clock moves
+    progress = ProgressFile(path)
+    progress.write(1)
+    monkeypatch.setattr(time, "time", real_time)
+    watch.read()
+    assert watch.hung() == []  # it just made a step, whatever its wall clock says
+    def judged() -> list:  # no more steps: hung 0.3 s after the one it made
+        watch.read()
+        return watch.hung()
+
+    assert [h.reason for h in wait_until("the hang", judged, 10.0)] == ["no step for 0.3s after step 1"]
+    progress.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,7 +139,7 @@ def test_save_without_manager():
 
 
 def test_context_from_env():
-    assert context_from_env({}) == elastic.Context(0, 1, 0, 0, 0, "local", None)
+    assert context_from_env({}) == elastic.Context(0, 1, 0, 0, 0, "local", os.path.abspath("checkpoints/local"))
     env = {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1",
            "TORCHELASTIC_RESTART_COUNT": "4", "ELASTIC_ROUND": "7", "TORCHELASTIC_RUN_ID": "job",
            "ELASTIC_CHECKPOINT_DIR": "memory://c"}
@@ -319,3 +321,12 @@ def test_save_in_the_body_after_torch_draws_resumes_bitwise(tmp_path):
     run_saving_in_the_body(tmp_path / "b", max_steps=6, save_at=3, stop_after_save=True)
     resumed = run_saving_in_the_body(tmp_path / "b", max_steps=6)
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+
+
+def test_context_checkpoint_dir_defaults_to_checkpoints_run_id(tmp_path, monkeypatch):
+    from elastic.worker.context import context_from_env
+
+    monkeypatch.chdir(tmp_path)
+    assert context_from_env({"TORCHELASTIC_RUN_ID": "job-3"}).checkpoint_dir == str(tmp_path / "checkpoints" / "job-3")
+    assert context_from_env({}).checkpoint_dir == str(tmp_path / "checkpoints" / "local")
+    assert context_from_env({"ELASTIC_CHECKPOINT_DIR": "s3://b/p"}).checkpoint_dir == "s3://b/p"

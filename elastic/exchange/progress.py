@@ -28,7 +28,9 @@ class Progress(Record):
     """What one rank's progress file says: one JSON line, written by elastic.worker.context."""
 
     step: int | None  # last completed optimizer step; None before the first report
-    changed_at: float  # wall-clock time `step` was reported (before that: the file's creation)
+    # Wall-clock time `step` was reported (before that: the file's creation), for the events
+    # log; hang detection never compares it with another process's clock (hang_watch.py).
+    changed_at: float
     resumed: int | None = None  # the first step this process reported (where TrainLoop resumed)
     commits: tuple[Commit, ...] = ()  # the newest KEPT_COMMITS checkpoint commits this rank saw
     reconfigurable: bool = False  # its TrainLoop can re-form the process group in-process

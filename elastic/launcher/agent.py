@@ -26,11 +26,14 @@ events log and the summary: run_record.py.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import signal
 import tempfile
 import time
 
 from elastic.errors import RendezvousClosedError
+from elastic.exchange import env as names
 from elastic.launcher.config import LaunchConfig
 from elastic.launcher.events import EventLog, RunResult
 from elastic.launcher.planned_change import PlannedChange
@@ -39,9 +42,11 @@ from elastic.launcher.recovery import Recovery
 from elastic.launcher.round_watch import Outcome, Watched, check_round
 from elastic.launcher.run_record import RunRecord
 from elastic.launcher.warm_pool import WarmPool
-from elastic.launcher.worker_group import WorkerGroup, common_env
+from elastic.launcher.worker_group import WorkerGroup, common_env, password_path
 from elastic.rendezvous.handler import EtcdRendezvous
 from elastic.rendezvous.protocol import Assignment
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -59,12 +64,15 @@ class Agent:
         self._rdzv = rendezvous
         self._events = events
         self._endpoint = rdzv_endpoint
-        self._run_dir = tempfile.mkdtemp(prefix=f"elastic-{config.run_id}-")
+        self._run_dir = tempfile.mkdtemp(prefix=f"elastic-{config.run_id}-")  # mode 0700; removed by run()
+        if config.rdzv.password is not None:
+            names.write_password_file(password_path(self._run_dir), config.rdzv.password)
+        self._group: WorkerGroup | None = None  # the round's workers, once started
         self._signal: int | None = None
         self._record = RunRecord(events)
         self._recovery = Recovery(config, rendezvous, events, self._record, self._raise_if_signalled)
         self._change = PlannedChange(config, self._record, lambda: self._signal is not None)
-        self._pool = (WarmPool(config.nproc_per_node, common_env(config, rdzv_endpoint, rendezvous.node_id))
+        self._pool = (WarmPool(config.nproc_per_node, common_env(config, rdzv_endpoint, rendezvous.node_id, self._run_dir))
                       if config.warm_pool and not config.no_python else None)
         rendezvous.should_abort = self._raise_if_signalled
 
@@ -94,15 +102,19 @@ class Agent:
             return self._record.finish(ok=False, reason=f"stopped by {exc} before the workers started",
                                        code=128 + exc.signum)
         finally:
+            if self._group is not None and not self._group.ended:  # an error escaped while they ran
+                self._group.stop(0)
             if self._pool is not None:
                 self._pool.close()
             self._rdzv.shutdown()
+            shutil.rmtree(self._run_dir, ignore_errors=True)
 
     def _run_rounds(self) -> RunResult:
         while True:
             assignment = self._join()
             self._record.round_sealed(assignment)
             group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
+            self._group = group
             self._start_workers(group, assignment.round)
             watched = self._watch(group, assignment.round)
             group.progress.read()
@@ -159,8 +171,8 @@ class Agent:
         if outcome is Outcome.INTERRUPTED:
             return self._stop_on_signal(group, assignment)
         if outcome is Outcome.CLOSED:
-            self._record.result.exits = group.stop(self._config.grace)
-            return self._record.finish(ok=False, reason=f"job closed: {watched.detail}", code=1)
+            self._stop_saving(group, round_)
+            return self._record.finish(ok=False, reason=f"job closed: {watched.detail}" + self._lost(group), code=1)
         if outcome is Outcome.ROUND_CHANGED:
             self._change.leave(group, round_, failure=self._rdzv.ended_by_failure(round_))
             self._events.emit("round_left", round=round_, reason=watched.detail)
@@ -178,13 +190,32 @@ class Agent:
         Either way the workers get SIGTERM first, so a TrainLoop saves the step it is on.
         """
         name = signal.Signals(self._signal).name
+        log.warning("elastic-run: %s: the workers save the step they are on: SIGKILL after --grace %gs, or after "
+                    "up to --commit-timeout %gs more while a checkpoint commit is in flight",
+                    name, self._config.grace, self._config.commit_timeout)
         others = assignment.num_nodes - 1
         if others >= self._config.min_nodes:
             self._rdzv.leave(assignment.round)
-            self._record.result.exits = group.stop(self._config.grace)
+            self._stop_saving(group, assignment.round)
             self._events.emit("left", round=assignment.round, signal=name)
-            return self._record.finish(ok=True, reason=f"left the job on {name}; {others} nodes go on", code=0)
+            return self._record.finish(ok=True, reason=f"left the job on {name}; {others} nodes go on"
+                                       + self._lost(group), code=0)
         self._rdzv.close(ok=False, reason=f"preempted: node {self._rdzv.node_id} got {name}")
-        self._record.result.exits = group.stop(self._config.grace)
+        self._stop_saving(group, assignment.round)
         self._events.emit("interrupted", round=assignment.round, signal=name)
-        return self._record.finish(ok=False, reason=f"stopped by {name}", code=128 + self._signal)
+        return self._record.finish(ok=False, reason=f"stopped by {name}" + self._lost(group), code=128 + self._signal)
+
+    def _stop_saving(self, group: WorkerGroup, round_: int) -> None:
+        """Stop the workers, letting them save (--grace, --commit-timeout); log the commits."""
+        self._record.result.exits = group.stop(self._config.grace)
+        group.progress.read()
+        self._record.progress(group.progress, round_, force=True)
+
+    def _lost(self, group: WorkerGroup) -> str:
+        """What SIGKILL cut off, for the summary ("" when nothing was)."""
+        if group.lost_commit is None:
+            return ""
+        newest = self._record.newest_commit
+        resume = f"step {newest}" if newest is not None else "the start (no checkpoint committed)"
+        return (f"; the checkpoint of step {group.lost_commit} was still being committed after --commit-timeout "
+                f"{self._config.commit_timeout:g}s and is lost (SIGKILL): the job resumes from {resume}")

@@ -59,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "rdzv-id", default=None, help="job id scoping every rendezvous key")
     _flag(p, "rdzv-conf", default="", help="k=v,... e.g. join_timeout=600,last_call_timeout=2,"
           "lease_ttl=5,outage_timeout=60,probe_timeout=2,key_prefix=elastic,world_size_multiple=1,ca_cert=,cert=,"
-          "key=,user=,password=")
+          "key=,user=,password_file= (or $ELASTIC_RDZV_PASSWORD)")
     _flag(p, "standalone", action="store_true", help="single node with a private etcd on loopback")
     _flag(p, "max-restarts", default="0", help="job-wide restarts after failures (default 0)")
     _flag(p, "monitor-interval", default="0.1", help="seconds between worker checks (default 0.1)")
     _flag(p, "grace", default="5", help="seconds between SIGTERM and SIGKILL when stopping workers")
+    _flag(p, "commit-timeout", default="300", help="after --grace, seconds more for workers whose "
+          "checkpoint commit is in flight before SIGKILL (default 300)")
     _flag(p, "unkillable-timeout", default="30", help="seconds a SIGKILLed worker may take to die; past "
           "that (D state) this node leaves the job as bad and the others go on (default 30)")
     _flag(p, "checkpoint-dir", default=None, help="checkpoint URL given to workers (ELASTIC_CHECKPOINT_DIR)")
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="on growth or a graceful leave, keep the TrainLoop workers that stay and re-form "
           "their process group in-process; the script must make no collectives before the loop "
           "besides DDP's construction (default off: they restart)")
+    _flag(p, "same-failure-limit", default="3", help="stop the job after this many identical failures "
+          "in a row (same error, no progress between; transient errors never count); 0 disables (default 3)")
     _flag(p, "node-id", default=None, help="stable id of this node (default: host name)")
     _flag(p, "local-addr", default=None, help="address peers reach this node at")
     _flag(p, "module", "-m", action="store_true", help="run the entry point as a module (python -m)")
@@ -104,7 +108,7 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
         min_nodes = max_nodes = 1
     try:
         max_restarts, monitor, grace = int(ns.max_restarts), float(ns.monitor_interval), float(ns.grace)
-        unkillable = float(ns.unkillable_timeout)
+        unkillable, commit_timeout = float(ns.unkillable_timeout), float(ns.commit_timeout)
         hang = parse_hang(ns.hang_timeout, float(ns.first_step_timeout))
         shown = frozenset(int(r) for r in ns.local_ranks_filter.split(",")) if ns.local_ranks_filter else None
     except ValueError as exc:
@@ -119,13 +123,22 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
     return LaunchConfig(
         entrypoint=ns.entrypoint, args=tuple(ns.args), min_nodes=min_nodes, max_nodes=max_nodes,
         nproc_per_node=nproc, rdzv_endpoint=endpoint, run_id=run_id,
-        max_restarts=max_restarts, monitor_interval=monitor, grace=grace, unkillable_timeout=unkillable,
+        max_restarts=max_restarts, monitor_interval=monitor, grace=grace, commit_timeout=commit_timeout,
+        unkillable_timeout=unkillable,
         module=ns.module,
         no_python=ns.no_python, checkpoint_dir=ns.checkpoint_dir, log_dir=log_dir,
         redirects=redirects, local_ranks_filter=shown, hang=hang, node_id=ns.node_id,
         local_addr=ns.local_addr, warm_pool=ns.warm_pool, reconfigure=ns.reconfigure,
         rdzv=RendezvousSettings.parse(ns.rdzv_conf),
+        same_failure_limit=_int_flag("--same-failure-limit", ns.same_failure_limit),
     )
+
+
+def _int_flag(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be a whole number") from None
 
 
 def _install_signal_handlers(agent: Agent) -> None:

@@ -29,6 +29,10 @@ class LaunchConfig:
     max_restarts: int = 0
     monitor_interval: float = 0.1
     grace: float = 5.0  # SIGTERM -> SIGKILL window when stopping workers
+    # After --grace, workers whose progress records show a checkpoint commit in flight get up
+    # to this much longer: a multi-GB commit to object storage outlasts any short grace, and
+    # SIGKILL would lose the step they were asked to save.
+    commit_timeout: float = 300.0
     # How long a SIGKILLed worker may take to disappear before the node gives up on it (a
     # process in uninterruptible sleep, D state, ignores even SIGKILL). A killed worker is
     # normally gone in well under a second, but freeing tens of GB of pinned memory or a GPU
@@ -50,8 +54,13 @@ class LaunchConfig:
     # download) would have no partner among the kept ranks and hang the job.
     reconfigure: bool = False
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
+    # Identical failures in a row (same error, no progress between) that stop the job as
+    # deterministic; 0: never (only --max-restarts stops it). Faults never count.
+    same_failure_limit: int = 3
 
     def __post_init__(self) -> None:
+        if self.same_failure_limit < 0 or self.same_failure_limit == 1:
+            raise ConfigError(f"--same-failure-limit {self.same_failure_limit} must be 0 (off) or >= 2")
         if self.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node {self.nproc_per_node} must be >= 1")
         if self.min_nodes < 1:
@@ -64,6 +73,8 @@ class LaunchConfig:
             raise ConfigError(f"--monitor-interval {self.monitor_interval} must be > 0 seconds")
         if self.grace < 0:
             raise ConfigError(f"--grace {self.grace} must be >= 0 seconds")
+        if self.commit_timeout < 0:
+            raise ConfigError(f"--commit-timeout {self.commit_timeout} must be >= 0 seconds")
         if self.unkillable_timeout <= 0:
             raise ConfigError(f"--unkillable-timeout {self.unkillable_timeout} must be > 0 seconds")
         if self.hang.timeout < 0 or self.hang.first_step_timeout <= 0:

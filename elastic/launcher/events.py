@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO
 
-from elastic.launcher.goodput import Goodput
+from elastic.launcher.goodput import Goodput, GoodputAccount
 from elastic.launcher.worker_group import WorkerExit
 
 
@@ -18,7 +18,7 @@ class EventLog:
 
     def __init__(self, path: str | None, *, run_id: str, node_id: str) -> None:
         self.path = path
-        self.records: list[dict] = []  # kept for the summary at exit (progress is throttled)
+        self._goodput = GoodputAccount()  # the summary at exit, kept running: not every event
         self._base = {"run_id": run_id, "node": node_id}
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
@@ -29,12 +29,16 @@ class EventLog:
     def emit(self, event: str, *, at: float | None = None, **fields: object) -> None:
         """Record `event` as of wall-clock time `at` (default: now)."""
         record = {"time": round(time.time() if at is None else at, 3), "event": event, **self._base, **fields}
-        self.records.append(record)
-        if self._file is None:
-            return
         with self._lock:
-            self._file.write(json.dumps(record, default=str) + "\n")
-            self._file.flush()
+            self._goodput.add(record)
+            if self._file is not None:
+                self._file.write(json.dumps(record, default=str) + "\n")
+                self._file.flush()
+
+    def goodput(self) -> Goodput:
+        """Where this node's time went, from the events so far (elastic/launcher/goodput.py)."""
+        with self._lock:
+            return self._goodput.result()
 
     def close(self) -> None:
         if self._file is not None:

@@ -10,6 +10,7 @@ tail of each round after its last completed step (work that was thrown away).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -44,38 +45,61 @@ class Goodput:
 
 def summarize(events: list[dict]) -> Goodput:
     """Account a node's events (one agent's log) into useful and lost time."""
-    events = sorted(events, key=lambda e: e["time"])
-    result = Goodput()
-    if not events:
-        return result
-    result.wall = events[-1]["time"] - events[0]["time"]
-    cause = "start-up"
-    stretch_end = events[0]["time"]  # when training last stopped being useful
-    first = last = None  # first and last step completion times in the current round
-    for event in events:
-        kind = event["event"]
+    account = GoodputAccount()
+    for event in sorted(events, key=lambda e: e["time"]):
+        account.add(event)
+    return account.result()
+
+
+class GoodputAccount:
+    """The goodput of one node's events so far, fed one event at a time in time order: the
+    agent keeps this running summary, not the events, so its memory does not grow however
+    long the job runs (progress events come up to twice a second)."""
+
+    # Events that end a stretch of training; the cause they give the time lost after them.
+    _ENDS = {"failure": "failure recovery", "round_left": "planned changes", "lease_lost": "failure recovery",
+             "succeeded": None, "interrupted": None, "left": None, "job_end": None}
+
+    def __init__(self) -> None:
+        self._goodput = Goodput()
+        self._start: float | None = None  # time of the first event
+        self._end = 0.0  # time of the latest event
+        self._cause = "start-up"  # what the time until the next step is lost to
+        self._stretch_end = 0.0  # when training last stopped being useful
+        self._first: float | None = None  # first step completion in the current stretch
+        self._last = 0.0  # last step completion in the current stretch
+
+    def add(self, event: dict) -> None:
+        at, kind, g = event["time"], event["event"], self._goodput
+        if self._start is None:
+            self._start = self._stretch_end = at
+        self._end = max(self._end, at)
         if kind == "progress":
-            result.steps = max(result.steps, event["step"])
-            if first is None:
-                _add(result.lost, cause, event["time"] - stretch_end)
-                first = event["time"]
-            last = event["time"]
-        elif kind in ("failure", "round_left", "lease_lost", "succeeded", "interrupted", "left", "job_end"):
-            if kind == "failure":
-                result.failures.append(event.get("reason", "?"))
-            if first is not None:
-                result.useful += last - first
-                _add(result.lost, "discarded tail", event["time"] - last)
-                stretch_end = event["time"]
-                first = last = None
-            cause = {"failure": "failure recovery", "round_left": "planned changes",
-                     "lease_lost": "failure recovery"}.get(kind, cause)
+            g.steps = max(g.steps, event["step"])
+            if self._first is None:
+                _add(g.lost, self._cause, at - self._stretch_end)
+                self._first = at
+            self._last = at
+        elif kind in self._ENDS:
+            if kind == "failure":  # one per restart: bounded by --max-restarts
+                g.failures.append(event.get("reason", "?"))
+            if self._first is not None:
+                g.useful += self._last - self._first
+                _add(g.lost, "discarded tail", at - self._last)
+                self._stretch_end = at
+                self._first = None
+            self._cause = self._ENDS[kind] or self._cause
         elif kind == "round_sealed":
-            result.rounds += 1
+            g.rounds += 1
         elif kind == "checkpoint_committed":
-            result.commits += 1
-            result.stall += event["stall"]
-    return result
+            g.commits += 1
+            g.stall += event["stall"]
+
+    def result(self) -> Goodput:
+        """The account as of the last event (a copy: adding more does not change it)."""
+        g = self._goodput
+        return dataclasses.replace(g, wall=self._end - self._start if self._start is not None else 0.0,
+                                   lost=dict(g.lost), failures=list(g.failures))
 
 
 def _add(lost: dict[str, float], cause: str, seconds: float) -> None:

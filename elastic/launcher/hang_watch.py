@@ -2,8 +2,10 @@
 
 The agent judges a rank hung when its step (elastic/exchange/progress.py) has not changed
 for `hang_timeout` seconds, or when no first step arrived within `first_step_timeout` of the
-file's creation; the times are in the record, so a commit written by another thread never
-counts as a step. With a calibration factor
+file's appearance. Only a new step counts (a commit written by another thread does not), and
+the times are the agent's own: CLOCK_MONOTONIC when it first saw each step, never the wall
+clock a worker wrote, so an NTP step in either process can neither fake nor hide a hang (the
+record's wall-clock times only go to the events log, for people). With a calibration factor
 (`--hang-timeout auto`), the limit is that factor times the slowest step the rank made in
 this round, within [floor, hang_timeout], once it has made enough steps to judge. A worker
 that never creates the file (a plain torchrun script) is never judged hung. Reading the file
@@ -49,11 +51,12 @@ class ProgressWatch:
     """Judges the ranks of one worker group hung or not."""
 
     def __init__(self, paths: dict[int, str], limits: HangLimits,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._paths = paths  # rank -> progress file
         self._limits = limits
         self._clock = clock
         self._latest: dict[int, Progress] = {}  # rank -> progress, from the last read()
+        self._seen_at: dict[int, float] = {}  # rank -> clock() when its current step was first read
         self._slowest: dict[int, float] = {}  # rank -> longest seconds per step seen this round
         self._steps_seen: dict[int, int] = {}  # rank -> steps timed this round
         for path in paths.values():  # left from an earlier round: not this group's progress
@@ -64,23 +67,28 @@ class ProgressWatch:
 
     def read(self) -> None:
         """Read every rank's progress file once; the other methods use what it read."""
+        now = self._clock()
         for rank, path in self._paths.items():
             try:
                 found = read_progress(path)
             except ValueError:
                 continue  # caught mid-rewrite: keep what the last read saw
-            if found is not None:
-                self._time_steps(rank, self._latest.get(rank), found)
-                self._latest[rank] = found
+            if found is None:
+                continue
+            before = self._latest.get(rank)
+            if before is None or found.step != before.step:
+                self._time_steps(rank, before, found, now)
+                self._seen_at[rank] = now
+            self._latest[rank] = found
 
-    def _time_steps(self, rank: int, before: Progress | None, now: Progress) -> None:
+    def _time_steps(self, rank: int, before: Progress | None, found: Progress, now: float) -> None:
         """Per-step time between two reads that both saw a completed step (averaged when
         several steps went by between them)."""
-        if before is None or before.step is None or now.step is None or now.step <= before.step:
+        if before is None or before.step is None or found.step is None or found.step <= before.step:
             return
-        per_step = (now.changed_at - before.changed_at) / (now.step - before.step)
+        per_step = (now - self._seen_at[rank]) / (found.step - before.step)
         self._slowest[rank] = max(self._slowest.get(rank, 0.0), per_step)
-        self._steps_seen[rank] = self._steps_seen.get(rank, 0) + now.step - before.step
+        self._steps_seen[rank] = self._steps_seen.get(rank, 0) + found.step - before.step
 
     def steps(self) -> dict[int, int | None]:
         """rank -> last completed step, for ranks that report progress (as of read())."""
@@ -129,7 +137,7 @@ class ProgressWatch:
         for rank, progress in self._latest.items():
             if progress.parked is not None:
                 continue  # waits for the agent, which ends the wait itself (--grace)
-            quiet = now - progress.changed_at
+            quiet = now - self._seen_at[rank]
             first = self._limits.first_step_timeout
             if progress.step is None and quiet > first:
                 hangs.append(Hang(rank, f"no first step within {first:g}s"))

@@ -30,7 +30,7 @@ class Recovery:
         self._events = events
         self._record = record
         self._raise_if_signalled = raise_if_signalled
-        self._history = FailureHistory()
+        self._history = FailureHistory(limit=config.same_failure_limit)
 
     def after_failure(self, group: WorkerGroup, round_: int, watched: Watched) -> RunResult | None:
         """Kill the workers at once (nothing the survivors do can complete without the failed
@@ -80,11 +80,13 @@ class Recovery:
         if self._history.repeated(signature, killed=killed):
             # Failed the same way again without getting past where the last attempt resumed:
             # a bug or a broken environment, not a fault. Retrying would only burn the budget.
-            final = deterministic_reason(watched.detail, watched.step, recorded, self._config.checkpoint_dir)
+            final = deterministic_reason(watched.detail, watched.step, recorded, self._config.checkpoint_dir,
+                                         self._history.limit)
             self._rdzv.close(ok=False, reason=final)
             return self._record.finish(ok=False, reason=final, code=1)
         if restarts > self._config.max_restarts:
-            final = f"{watched.detail}; restarts exhausted ({self._config.max_restarts} allowed)"
+            final = (f"{watched.detail}; the restart budget stopped the job: restarts exhausted "
+                     f"({self._config.max_restarts} allowed)")
             self._rdzv.close(ok=False, reason=final)
             self._record.result.restarts = self._config.max_restarts
             return self._record.finish(ok=False, reason=final, code=1)

@@ -4,9 +4,10 @@ progress records put into the events log (the slowest step, each checkpoint comm
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from elastic.launcher.events import EventLog, RunResult
-from elastic.launcher.goodput import summarize
+from elastic.exchange.progress import Progress
 from elastic.launcher.hang_watch import ProgressWatch
 from elastic.rendezvous.protocol import Assignment
 
@@ -21,12 +22,11 @@ class RunRecord:
         self.result = RunResult(ok=False, reason="not started")
         self._step: int | None = None  # the step of this round's last progress event
         self._step_at = 0.0
-        self._commits: set[int] = set()  # steps of the checkpoint commits in the events log
-
-    @property
-    def newest_commit(self) -> int | None:
-        """The newest checkpoint commit seen, where a restart resumes."""
-        return max(self._commits, default=None)
+        # The newest checkpoint commits logged: a progress record repeats its newest few
+        # (Progress.KEPT_COMMITS) at every read, and each is logged once. Bounded: the agent
+        # must not grow with the job's length.
+        self._logged: deque[int] = deque(maxlen=4 * Progress.KEPT_COMMITS)
+        self.newest_commit: int | None = None  # the newest checkpoint commit seen, where a restart resumes
 
     def round_sealed(self, assignment: Assignment) -> None:
         self.result.rounds += 1
@@ -44,7 +44,7 @@ class RunRecord:
     def finish(self, *, ok: bool, reason: str, code: int) -> RunResult:
         self.result.ok, self.result.reason, self.result.exit_code = ok, reason, code
         self.events.emit("job_end", ok=ok, reason=reason, exit_code=code)
-        self.result.goodput = summarize(self.events.records)
+        self.result.goodput = self.events.goodput()
         return self.result
 
     def _log_step(self, progress: ProgressWatch, round_: int, force: bool) -> None:
@@ -61,7 +61,9 @@ class RunRecord:
     def _log_commits(self, progress: ProgressWatch, round_: int) -> None:
         """The checkpoint commits that every local rank has seen."""
         for commit in progress.committed():
-            if commit.step not in self._commits:
-                self._commits.add(commit.step)
+            if commit.step not in self._logged:
+                self._logged.append(commit.step)
+                if self.newest_commit is None or commit.step > self.newest_commit:
+                    self.newest_commit = commit.step
                 self.events.emit("checkpoint_committed", at=commit.at, round=round_, step=commit.step,
                                  stall=round(commit.stall, 4))

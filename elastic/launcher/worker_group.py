@@ -20,8 +20,9 @@ from typing import IO
 
 from elastic.exchange import control, env as names
 from elastic.host.net import interface_of
-from elastic.host.process import kernel_state, spawn_worker
+from elastic.host.process import kernel_state, kill_sessions, spawn_worker
 from elastic.exchange.error_record import ErrorRecord
+from elastic.launcher.commit_wait import wait_all, wait_for_commit
 from elastic.launcher.config import STDERR, STDOUT, LaunchConfig
 from elastic.launcher.hang_watch import ProgressWatch
 from elastic.launcher.warm_pool import WarmPool
@@ -65,10 +66,11 @@ def worker_main_args(config: LaunchConfig) -> list[str]:
     return [config.entrypoint, *config.args]
 
 
-def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str) -> dict[str, str]:
+def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str, run_dir: str) -> dict[str, str]:
     """The part of every worker's environment that is the same for all ranks and rounds
-    (a warm spare starts with it: see elastic/launcher/warm_pool.py)."""
-    env = dict(os.environ)
+    (a warm spare starts with it: see elastic/launcher/warm_pool.py): ours, less the
+    launcher's own settings (the etcd password, gRPC's fork setting)."""
+    env = {k: v for k, v in os.environ.items() if k not in names.LAUNCHER_ONLY}
     env.update(
         LOCAL_WORLD_SIZE=str(config.nproc_per_node),
         ROLE_NAME="default",
@@ -80,7 +82,7 @@ def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str) -> dict[s
     env[names.NODE_ID] = node_id
     env[names.RDZV_ENDPOINT] = rdzv_endpoint
     env[names.RDZV_PREFIX] = config.rdzv.key_prefix
-    env.update(names.rdzv_security_env(config.rdzv))
+    env.update(names.rdzv_security_env(config.rdzv, password_path(run_dir)))
     env.setdefault("OMP_NUM_THREADS", "1")
     if config.checkpoint_dir:
         env[names.CHECKPOINT_DIR] = config.checkpoint_dir
@@ -91,7 +93,7 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
                rdzv_endpoint: str, node_id: str) -> dict[str, str]:
     """torchrun's worker environment plus ours (see docs/ARCHITECTURE.md, "Worker environment")."""
     rank = assignment.rank_offset + local_rank
-    env = common_env(config, rdzv_endpoint, node_id)
+    env = common_env(config, rdzv_endpoint, node_id, run_dir)
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(local_rank),
@@ -119,6 +121,11 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
     return env
 
 
+def password_path(run_dir: str) -> str:
+    """The etcd password for the workers' round fence (mode 0600, written by the agent)."""
+    return os.path.join(run_dir, "etcd-password")
+
+
 def progress_path(run_dir: str, rank: int) -> str:
     return os.path.join(run_dir, f"progress-rank{rank}")
 
@@ -140,6 +147,9 @@ class WorkerGroup:
         self._procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
         self.unkillable: list[int] = []  # pids that survived SIGKILL for --unkillable-timeout
+        self._stuck_sessions: dict[int, int] = {}  # those pids -> the worker session they are in
+        self.lost_commit: int | None = None  # the step whose commit SIGKILL cut off (stop())
+        self.ended = False  # stopped, or every worker exited by itself (wait_output)
         # Wall-clock time of the last poll() that found every worker running: a worker killed
         # by a signal died after it (used to tell who failed first, see EtcdRendezvous.blame).
         self.all_alive_at = time.time()
@@ -223,34 +233,43 @@ class WorkerGroup:
         return None
 
     def stop(self, grace: float) -> list[WorkerExit]:
-        """Stop every worker: SIGTERM to each process group, `grace` seconds, then SIGKILL.
+        """Stop every worker and every process it started (its whole session, also when the
+        worker itself is already dead): SIGTERM to each running worker's process group, up to
+        `grace` seconds (longer, up to --commit-timeout, while a checkpoint commit is in
+        flight), then SIGKILL. Returns when all are gone, or --unkillable-timeout passed
+        (those left are in `unkillable`).
 
         `grace=0` kills at once (after a failure nothing the survivors do can complete: the
-        last committed checkpoint is the resume point). Returns when all are reaped.
+        last committed checkpoint is the resume point).
         """
+        self.ended = True
         if grace > 0:
             self._signal_all(signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            for proc in self._procs:
-                try:
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    break
-        self._signal_all(signal.SIGKILL)
-        deadline = time.monotonic() + self._config.unkillable_timeout
+            wait_all(self._procs, time.monotonic() + grace)
+            self.lost_commit = wait_for_commit(self._procs, self.progress, self._config.commit_timeout,
+                                               self._config.monitor_interval)
+        stuck = kill_sessions(self._own_sessions(), self._config.unkillable_timeout)
+        self.unkillable = sorted(stuck)
+        self._stuck_sessions.update(stuck)
         for proc in self._procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.unkillable.append(proc.pid)
+            if proc.pid not in stuck:
+                proc.wait()  # dead (kill_sessions saw it exit): reaps it
         self._close_output()
         return [WorkerExit(i, self._assignment.rank_offset + i, p.returncode)
                 for i, p in enumerate(self._procs)]
 
+    def _own_sessions(self) -> list[int]:
+        """The sessions our workers lead. A reaped worker's pid is ours only while a process
+        of its session lives (the kernel reuses no pid that still names a session): if a
+        process with that pid exists now, it is someone else's."""
+        return [p.pid for p in self._procs if p.returncode is None or not os.path.exists(f"/proc/{p.pid}")]
+
     def describe_unkillable(self) -> str:
-        """The workers that survived SIGKILL, with what the kernel says they are doing."""
+        """The processes that survived SIGKILL, with what the kernel says they are doing."""
         ranks = {p.pid: self._assignment.rank_offset + i for i, p in enumerate(self._procs)}
-        return ", ".join(f"rank {ranks[pid]} (pid {pid}: {kernel_state(pid)})" for pid in self.unkillable)
+        return ", ".join(
+            (f"rank {ranks[pid]}" if pid in ranks else f"a process of rank {ranks[sid]}")
+            + f" (pid {pid}: {kernel_state(pid)})" for pid, sid in sorted(self._stuck_sessions.items()))
 
     def dump_stacks(self, rank: int, wait: float = 0.5) -> None:
         """Ask a (hung) rank to print every thread's Python stack to its stderr (SIGUSR1)."""
@@ -276,7 +295,11 @@ class WorkerGroup:
         return first, errors[first.rank]
 
     def wait_output(self) -> None:
-        """After every worker exited: let the output threads drain, then close the logs."""
+        """After every worker exited: let the output threads drain, then close the logs.
+
+        What the workers started is left running, as torchrun leaves it (a script may start
+        a server meant to outlive it); only a stopped group has its sessions killed."""
+        self.ended = True
         self._close_output()
 
     def _close_output(self) -> None:

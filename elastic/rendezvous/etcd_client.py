@@ -17,6 +17,7 @@ import etcd3  # noqa: E402  (after the gRPC setting above)
 import grpc  # noqa: E402
 import etcd3.events  # noqa: E402
 import etcd3.exceptions  # noqa: E402
+import etcd3.transactions  # noqa: E402
 import etcd3.utils  # noqa: E402
 import etcd3.watch  # noqa: E402
 
@@ -52,8 +53,9 @@ _GRPC_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-# The two client types the rendezvous backend needs beyond the client object itself.
+# The client types the rendezvous backend needs beyond the client object itself.
 DeleteEvent = etcd3.events.DeleteEvent
+Put = etcd3.transactions.Put
 
 
 def prefix_range_end(prefix: str) -> bytes:
@@ -129,7 +131,7 @@ def connect(config: EtcdConfig, *, check: bool = True) -> etcd3.Etcd3Client:
                           grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
             raise RendezvousConnectionError(
                 f"etcd refused the credentials at {config.endpoint} ({exc.details()}): check the "
-                "user and password in --rdzv-conf"
+                "user in --rdzv-conf and the password (password_file= or $ELASTIC_RDZV_PASSWORD)"
             ) from exc
         raise
     return client

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elastic.host.net import free_port
-from elastic.host.process import die_with_parent
+from elastic.host.process import parent_death_hook
 from elastic.errors import EtcdServerError
 
 
@@ -67,6 +67,11 @@ class EtcdServer:
         return f"{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (tests pause it with SIGSTOP)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def scheme(self) -> str:
         return "https" if any(a.startswith("--cert-file") for a in self.extra_args) else "http"
 
@@ -103,7 +108,7 @@ class EtcdServer:
         self._log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
         self._proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            preexec_fn=parent_death_hook(),
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

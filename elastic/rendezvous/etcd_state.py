@@ -23,33 +23,23 @@ Sealing round r deletes round r-2, so the mirror stays small however long the jo
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
-from elastic.errors import RendezvousConnectionError
-from elastic.rendezvous.etcd_client import ANY_ETCD_ERROR, TRANSIENT_ERRORS, prefix_range_end
+from elastic.rendezvous.etcd_client import ANY_ETCD_ERROR, prefix_range_end
+from elastic.rendezvous.etcd_writer import EtcdWriter
 from elastic.rendezvous.protocol import FailureClaim, JobClosed, Member, NodeRecord, RoundEnd, SealedRound
-from elastic.rendezvous.run_view import RunView
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-class EtcdBackend(RunView):
+class EtcdBackend(EtcdWriter):
     """One agent's connection to the run's keys. Writes are transactions; reads use the mirror."""
 
     def __init__(self, client, key_prefix: str, run_id: str, node_id: str,
                  clock: Callable[[], float] = time.time, retry_for: float = 10.0) -> None:
-        super().__init__(client, f"/{key_prefix.strip('/')}/{run_id}/")
-        self._tx = client.transactions
+        super().__init__(client, f"/{key_prefix.strip('/')}/{run_id}/", retry_for)
         self.node_id = node_id
         self._clock = clock
         self._lease = None
-        self.writes = 0  # etcd write requests made (for benchmarks)
-        self.failed_txns = 0  # transactions whose compare failed: lost CAS races (for benchmarks)
-        self.retry_for = retry_for  # how long one request may wait out an etcd outage
 
     # -- lease (kept alive by elastic/rendezvous/lease.py) -------------------------------------
 
@@ -68,39 +58,6 @@ class EtcdBackend(RunView):
                 self._lease.revoke()
             except ANY_ETCD_ERROR:
                 pass  # etcd unreachable, or the lease already expired: nothing to release
-
-    # -- requests --------------------------------------------------------------------------------
-
-    def _retry(self, what: str, call: Callable[[], T]) -> T:
-        """Run one etcd request, retrying with backoff through an outage of up to `retry_for` s."""
-        deadline = time.monotonic() + self.retry_for
-        delay = 0.1
-        while True:
-            try:
-                return call()
-            except TRANSIENT_ERRORS as exc:
-                if time.monotonic() + delay > deadline:
-                    raise RendezvousConnectionError(
-                        f"etcd did not answer for {self.retry_for:g}s during {what}: {type(exc).__name__}"
-                    ) from exc
-                log.warning("rendezvous: etcd unavailable during %s; retrying in %.1fs", what, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    def _txn(self, compare, success) -> bool:
-        """Run one transaction, then wait until the mirror shows its outcome: our write if it
-        succeeded, else the compared keys as they were when the compare failed."""
-        self.writes += 1
-        compared = list(dict.fromkeys(c.key for c in compare))
-        ok, responses = self._retry("a transaction", lambda: self._client.transaction(
-            compare=compare, success=success, failure=[self._tx.get(key) for key in compared]))
-        if ok:
-            revision = max(getattr(r, r.WhichOneof("response")).header.revision for r in responses)
-        else:
-            self.failed_txns += 1
-            revision = max((meta.mod_revision for kvs in responses for _value, meta in kvs), default=0)
-        self.wrote(revision)
-        return ok
 
     def _key(self, suffix: str) -> str:
         return self.prefix + suffix
@@ -216,3 +173,4 @@ class EtcdBackend(RunView):
         self.stop_watching()
         self.revoke_lease()
         self._client.close()
+

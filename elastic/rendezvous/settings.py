@@ -6,10 +6,13 @@ so that it depends on nothing of the launcher.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from elastic.errors import ConfigError
+from elastic.exchange import env as names
 
 # torchrun's spellings of the same options.
 _RDZV_CONF_ALIASES = {"timeout": "join_timeout", "ca": "ca_cert", "cacert": "ca_cert",
@@ -34,7 +37,8 @@ class RendezvousSettings:
     cert: str | None = None
     key: str | None = None
     user: str | None = None
-    password: str | None = None
+    # Never from argv (ps shows it to every user): from password_file=PATH or $ELASTIC_RDZV_PASSWORD.
+    password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("join_timeout", "last_call_timeout", "lease_ttl", "connect_timeout",
@@ -45,20 +49,31 @@ class RendezvousSettings:
             raise ConfigError(f"--rdzv-conf lease_ttl={self.lease_ttl} must be >= 2 seconds (etcd's minimum)")
         if self.world_size_multiple < 1:
             raise ConfigError(f"--rdzv-conf world_size_multiple={self.world_size_multiple} must be >= 1")
+        if self.user and self.password is None:
+            raise ConfigError(f"--rdzv-conf user={self.user} needs the etcd password: give password_file=PATH "
+                              f"or set ${names.RDZV_PASSWORD}")
         if not self.key_prefix.strip("/"):
             raise ConfigError("--rdzv-conf key_prefix must not be empty")
 
     @classmethod
-    def parse(cls, text: str) -> RendezvousSettings:
-        """Parse 'k=v,k=v'; unknown keys and bad values are ConfigErrors naming the key."""
-        fields = {f: t for f, t in cls.__annotations__.items()}
+    def parse(cls, text: str, env: Mapping[str, str] = os.environ) -> RendezvousSettings:
+        """Parse 'k=v,k=v'; unknown keys and bad values are ConfigErrors naming the key. The
+        password comes from password_file=PATH, else from $ELASTIC_RDZV_PASSWORD in `env`."""
+        fields = {f: t for f, t in cls.__annotations__.items() if f != "password"}
         values: dict[str, object] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, raw = item.partition("=")
             key = key.strip().replace("-", "_")
             key = _RDZV_CONF_ALIASES.get(key, key)
+            if key == "password":
+                raise ConfigError(f"--rdzv-conf password=... shows the etcd password to every user of the host "
+                                  f"(ps): put it in a file only you can read and give password_file=PATH, "
+                                  f"or set ${names.RDZV_PASSWORD}")
+            if key == "password_file" and sep:
+                values["password"] = names.read_password_file(raw)
+                continue
             if not sep or key not in fields:
-                known = ", ".join(sorted(fields))
+                known = ", ".join(sorted([*fields, "password_file"]))
                 raise ConfigError(f"--rdzv-conf: unknown option {item!r}; known options: {known}")
             kind = fields[key]
             try:
@@ -70,6 +85,8 @@ class RendezvousSettings:
                     values[key] = raw
             except ValueError:
                 raise ConfigError(f"--rdzv-conf {key}={raw!r} is not a number") from None
+        if values.get("user") and "password" not in values and env.get(names.RDZV_PASSWORD):
+            values["password"] = env[names.RDZV_PASSWORD]
         return cls(**values)  # type: ignore[arg-type]
 
 

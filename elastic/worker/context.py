@@ -43,7 +43,9 @@ class Context:
     restart_count: int
     round: int
     run_id: str
-    checkpoint_dir: str | None
+    # --checkpoint-dir, else ./checkpoints/<run id> under the working directory at init(),
+    # made absolute so that a later chdir does not move it.
+    checkpoint_dir: str
 
 
 def context_from_env(env: Mapping[str, str]) -> Context:
@@ -65,8 +67,8 @@ def context_from_env(env: Mapping[str, str]) -> Context:
         local_rank=int_var(env, "LOCAL_RANK", 0),
         restart_count=int_var(env, "TORCHELASTIC_RESTART_COUNT", 0),
         round=int_var(env, names.ROUND, 0),
-        run_id=env.get("TORCHELASTIC_RUN_ID") or "local",
-        checkpoint_dir=env.get(names.CHECKPOINT_DIR) or None,
+        run_id=(run_id := env.get("TORCHELASTIC_RUN_ID") or "local"),
+        checkpoint_dir=env.get(names.CHECKPOINT_DIR) or os.path.abspath(os.path.join("checkpoints", run_id)),
     )
 
 

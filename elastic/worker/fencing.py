@@ -51,6 +51,19 @@ class RoundFence:
                 f"commit refused: this worker belongs to rendezvous round {self.round} but the "
                 f"newest sealed round is {newest}; a newer group has taken over the job")
 
+    def close(self) -> None:
+        """Close the etcd client opened by the first check (a later check opens another).
+        The CheckpointManager holding this fence calls it when the fence is replaced or closed."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> RoundFence:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def commit_guard_from_env(env: Mapping[str, str] = os.environ) -> Callable[[], None] | None:
     """The fence for this worker, or None outside `elastic-run` (torchrun, single process)."""

@@ -23,7 +23,7 @@ import pytest
 
 from chaos_lib import all_events, check_run, read_records, report, wait_records, wait_until
 from elastic.host.process import kernel_state
-from helpers import alive
+from helpers import SCRIPTS, alive, elastic_run, wait_for_files
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -129,3 +129,20 @@ def test_frozen_rank_makes_its_node_give_up(loop_job, etcd_server, reference, fr
     report(f"frozen-rank-{found_by}", node_bad_after_s=round(took, 2), unkillable_timeout=UNKILLABLE,
            sealed=sealed, a_finished_after_s=round(events[-1]["time"] - fault_at, 2))
     check_run(job.outdir, "run", job.outdir / "ckpt", reference(2), exact=False)
+
+
+def test_a_frozen_process_that_a_worker_started_is_reported(tmp_path, freeze):
+    """A worker's own child is frozen (D state) when its group is killed: elastic-run waits
+    --unkillable-timeout for it, not forever, and names it (whose it is, its pid, its state)."""
+    proc = elastic_run("--standalone", "--no-warm-pool", "--unkillable-timeout", "1",
+                       os.path.join(SCRIPTS, "child_starter.py"), str(tmp_path), "group", "wait")
+    wait_for_files([str(tmp_path / "ready-rank0")], proc=proc)
+    child = int((tmp_path / "child-rank0").read_text())
+    with open(f"/proc/{child}/stat") as stat:
+        worker = int(stat.read().rsplit(")", 1)[1].split()[1])
+    freeze(child)
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    for part in (f"a process of rank 0 (pid {child}: state D", "survived SIGKILL", "drain or reboot"):
+        assert part in err, err

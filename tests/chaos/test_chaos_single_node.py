@@ -185,9 +185,9 @@ def test_disk_full_in_checkpoint_dir(tmp_path, reference, runs, small_disk):
     """The checkpoint filesystem fills up mid-run. The failed save is never committed (nothing
     half-written is listed or loaded); the rank raises an error that names the problem
     (StorageError ... [Errno 28] No space left on device, with the file); the restart resumes
-    from the last committed step and hits the same full disk. That second failure is the
+    from the last committed step and hits the same full disk. The third such failure is the
     same error (OSError ENOSPC, whichever rank, file or step hit it) with no newer checkpoint
-    committed in between, so elastic-run stops there, with a message that says what to do,
+    committed in between (--same-failure-limit, default 3), so elastic-run stops there, with a message that says what to do,
     although the budget (5 restarts) would allow more. With space freed, the next
     elastic-run resumes and ends bitwise."""
     ckpt = small_disk / "ckpt"
@@ -200,10 +200,10 @@ def test_disk_full_in_checkpoint_dir(tmp_path, reference, runs, small_disk):
     assert run.finish() == 1, run.output()[-3000:]
     events = run.events()
     failures = [e for e in events if e["event"] == "failure"]
-    assert len(failures) == 2 and all("No space left on device" in f["reason"] for f in failures), failures
-    assert [e["event"] for e in events].count("restart") == 1  # stopped at the second failure
+    assert len(failures) == 3 and all("No space left on device" in f["reason"] for f in failures), failures
+    assert [e["event"] for e in events].count("restart") == 2  # stopped at the third (--same-failure-limit 3)
     reason = events[-1]["reason"]
-    assert events[-1]["event"] == "job_end" and reason.startswith(failures[1]["reason"]), events[-1]
+    assert events[-1]["event"] == "job_end" and reason.startswith(failures[-1]["reason"]), events[-1]
     for part in ("again, with no newer checkpoint to resume from",
                  "the checkpoint directory's filesystem is full (ENOSPC)",
                  "free space or point --checkpoint-dir elsewhere"):

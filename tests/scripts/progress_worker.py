@@ -3,9 +3,11 @@
 usage: progress_worker.py OUTDIR MODE STEP [STEPS]
 MODE: spin   - in the first attempt, rank 1 spins forever (holding the GIL) at STEP
       raise  - rank 1 raises RuntimeError at STEP in every attempt (a deterministic bug)
+      reset  - rank 1 raises ConnectionResetError (errno 104) at STEP in every attempt (a flaky network)
       ok     - just runs STEPS steps
 """
 
+import errno
 import os
 import sys
 import time
@@ -32,6 +34,8 @@ for step in range(1, steps + 1):
             spin_holding_the_gil()
         if mode == "raise":
             raise RuntimeError(f"boom at step {step}")
+        if mode == "reset":
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
     t = torch.ones(1)
     dist.all_reduce(t)
     time.sleep(0.05)  # a step's compute: lets the agent see steps go by (goodput accounting)
