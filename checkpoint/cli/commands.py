@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from checkpoint import retention
-from checkpoint.cli import catalog, export, progress_bar, views
+from checkpoint.cli import catalog, export, hf_export, progress_bar, views
 from checkpoint.io import storage
 from checkpoint.errors import CheckpointCorruptError, CheckpointError
 from checkpoint.cli.tables import WIDTH, fit, size
@@ -201,8 +201,18 @@ def cmd_verify(args: argparse.Namespace, now: float) -> int:
 
 
 def cmd_export(args: argparse.Namespace, now: float) -> int:
+    hf_only = args.prefix is not None or args.config is not None or args.config_entry is not None or args.exclude
+    if args.format == "safetensors" and hf_only:
+        raise UsageError("--prefix, --config, --config-entry and --exclude go with --format hf")
+    if args.format == "hf" and args.prefix is None:
+        raise UsageError("--format hf needs --prefix: the key prefix of the model's tensors, "
+                         "e.g. --prefix model/ (see elastic-ckpt inspect URL --step N)")
     root = catalog.open_root(args.url, _options(args))
-    count, nbytes = export.export(root, args.step, args.to, overwrite=args.force)
+    if args.format == "hf":
+        hf = hf_export.HfOptions(args.prefix, args.config, args.config_entry, tuple(args.exclude or ()))
+        count, nbytes = hf_export.export_hf(root, args.step, args.to, hf, overwrite=args.force)
+    else:
+        count, nbytes = export.export(root, args.step, args.to, overwrite=args.force)
     print(f"exported step {args.step}: {count} tensors, {size(nbytes)} to {args.to}")
     return EXIT_OK
 
@@ -263,11 +273,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="progress bar on stderr (auto: on a terminal, for large checkpoints)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("export", parents=[common], help="write one consolidated safetensors file")
+    p = sub.add_parser("export", parents=[common],
+                       help="write one consolidated safetensors file, or a Hugging Face model directory")
     p.add_argument("url", metavar="URL")
     p.add_argument("--step", type=_non_negative, required=True)
-    p.add_argument("--to", required=True, metavar="FILE", help="local path of the .safetensors file")
-    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="local path of the .safetensors file (of the directory, with --format hf)")
+    p.add_argument("--force", action="store_true", help="overwrite what is at PATH")
+    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="hf: PATH/model.safetensors + PATH/config.json, as transformers' from_pretrained reads")
+    p.add_argument("--prefix", help="hf: the key prefix of the model's tensors, cut from their names (model/)")
+    config = p.add_mutually_exclusive_group()
+    config.add_argument("--config", metavar="FILE", help="hf: the config.json to copy")
+    config.add_argument("--config-entry", "--config_entry", metavar="NAME",
+                        help="hf: the checkpoint's state entry holding config.json as JSON")
+    p.add_argument("--exclude", action="append", metavar="NAME",
+                   help="hf: leave out this tensor (repeatable), e.g. a tied lm_head.weight")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", parents=[common], help="save a safetensors file as a checkpoint")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -38,11 +39,13 @@ EXPORT_VERSION = "1"
 _PREFIX = "elastic_ckpt."
 
 
-def full_tensors(root: Root, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, whole and verified, keyed by its manifest key."""
+def full_tensors(root: Root, manifest: Manifest, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint named by `keys` (default: every one), whole and verified,
+    keyed by their manifest keys."""
     out = {}
     with shardfile.ShardReader(root.loc, manifest.step, {f.path: f.size for f in manifest.files}) as reader:
-        for key, entry in manifest.tensors.items():
+        for key in manifest.tensors if keys is None else keys:
+            entry = manifest.tensors[key]
             dtype = torch_dtype(entry.dtype)
             full = torch.empty(entry.shape, dtype=dtype)
             for chunk in entry.chunks:
@@ -66,6 +69,16 @@ def export(root: Root, step: int, dest: str, *, overwrite: bool) -> tuple[int, i
         f"{_PREFIX}metrics": json.dumps(dict(manifest.metrics)),
         f"{_PREFIX}state": json.dumps(manifest.state),
     }
+    write_file(tensors, dest, metadata)
+    return len(tensors), data_bytes(tensors)
+
+
+def data_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_file(tensors: dict[str, torch.Tensor], dest: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whole or not at all (a temporary file renamed onto `dest`)."""
     tmp = f"{dest}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -76,7 +89,6 @@ def export(root: Root, step: int, dest: str, *, overwrite: bool) -> tuple[int, i
         raise CheckpointError(
             f"cannot write {dest} ({exc}); check that its directory exists and is writable"
         ) from exc
-    return len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _read(src: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
