@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -22,6 +23,8 @@ class EventLog:
         self._base = {"run_id": run_id, "node": node_id}
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
+        # Called with each event as it is logged (the status key, the metrics): quick, no I/O.
+        self.listeners: list[Callable[[dict], None]] = []
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")
@@ -34,6 +37,8 @@ class EventLog:
             if self._file is not None:
                 self._file.write(json.dumps(record, default=str) + "\n")
                 self._file.flush()
+        for listener in self.listeners:
+            listener(record)
 
     def goodput(self) -> Goodput:
         """Where this node's time went, from the events so far (elastic/launcher/goodput.py)."""

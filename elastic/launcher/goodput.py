@@ -15,6 +15,8 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 
+from elastic.launcher import timeline
+
 PROG = "elastic-run report"
 
 
@@ -28,6 +30,8 @@ class Goodput:
     rounds: int = 0
     commits: int = 0  # checkpoint commits
     stall: float = 0.0  # seconds their saves held training (already inside the step time)
+    checkpoint_step: int | None = None  # the newest checkpoint committed
+    stragglers: list[str] = field(default_factory=list)  # nodes flagged as stragglers (elastic/launcher/stragglers.py)
 
     @property
     def ratio(self) -> float:
@@ -39,7 +43,10 @@ class Goodput:
         for cause, seconds in sorted(self.lost.items(), key=lambda kv: -kv[1]):
             lines.append(f"  lost to {cause:<18} {seconds:8.1f}s")
         if self.commits:
-            lines.append(f"  checkpoints: {self.commits} committed, training held {self.stall:.2f}s by their saves")
+            lines.append(f"  checkpoints: {self.commits} committed (newest: step {self.checkpoint_step}), "
+                         f"training held {self.stall:.2f}s by their saves")
+        if self.stragglers:
+            lines.append(f"  stragglers flagged: {', '.join(self.stragglers)}")
         return "\n".join(lines)
 
 
@@ -94,12 +101,15 @@ class GoodputAccount:
         elif kind == "checkpoint_committed":
             g.commits += 1
             g.stall += event["stall"]
+            g.checkpoint_step = max(event["step"], g.checkpoint_step or 0)
+        elif kind == "straggler" and event["straggler"] not in g.stragglers:  # bounded by the node count
+            g.stragglers.append(event["straggler"])
 
     def result(self) -> Goodput:
         """The account as of the last event (a copy: adding more does not change it)."""
         g = self._goodput
         return dataclasses.replace(g, wall=self._end - self._start if self._start is not None else 0.0,
-                                   lost=dict(g.lost), failures=list(g.failures))
+                                   lost=dict(g.lost), failures=list(g.failures), stragglers=list(g.stragglers))
 
 
 def _add(lost: dict[str, float], cause: str, seconds: float) -> None:
@@ -140,13 +150,17 @@ def plot_timeline(by_node: dict[str, list[dict]], png: str) -> None:
         progress = [(e["time"] - start, e["step"]) for e in events if e["event"] == "progress"]
         if progress:
             ax_steps.plot(*zip(*progress), ".-", markersize=3, label=node)
+        commits = [(e["time"] - start, e["step"]) for e in events if e["event"] == "checkpoint_committed"]
+        if commits:
+            ax_steps.plot(*zip(*commits), "s", color="green", markersize=4)
         for e in events:
-            if e["event"] == "failure":
+            color = {"failure": "red", "straggler": "orange"}.get(e["event"])
+            if color is not None:
                 for ax in (ax_world, ax_steps):
-                    ax.axvline(e["time"] - start, color="red", alpha=0.6, linewidth=1)
+                    ax.axvline(e["time"] - start, color=color, alpha=0.6, linewidth=1)
     ax_world.set_ylabel("world size")
     ax_steps.set_ylabel("completed step")
-    ax_steps.set_xlabel("seconds since start (red: failures)")
+    ax_steps.set_xlabel("seconds since start (red: failures, orange: stragglers flagged, squares: checkpoints)")
     ax_world.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -157,6 +171,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Summarise elastic-run events logs.")
     parser.add_argument("events", nargs="+", help="events.jsonl files (one per node)")
     parser.add_argument("--png", help="also draw a timeline picture into this PNG file")
+    parser.add_argument("--timeline", action="store_true", help="also draw each node's timeline as text")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     ns = parser.parse_args(argv)
     try:
@@ -172,6 +187,8 @@ def main(argv: list[str]) -> int:
             print(f"node {node}:\n{summary.table()}")
             for reason in summary.failures:
                 print(f"  failure: {reason}")
+    if ns.timeline:
+        print(timeline.render(by_node))
     if ns.png:
         try:
             plot_timeline(by_node, ns.png)

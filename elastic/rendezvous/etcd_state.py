@@ -15,6 +15,9 @@ Keys, all under /<prefix>/<run_id>/:
   rounds/<r>/end             JSON RoundEnd {"failure", "reason"}: why round r was ended
   rounds/<r>/failed/<node>   JSON FailureClaim: when the node's workers failed in round r (to blame the first)
 
+and, outside the mirrored prefix, /<prefix>/status/<run_id>/<node>: JSON NodeStatus, the
+node's live status (elastic/rendezvous/status_key.py; not watched by the agents).
+
 Every agent keeps a mirror of these keys: one range read, then a watch from the next
 revision (elastic/rendezvous/mirror.py, read by elastic/rendezvous/run_view.py). Decisions
 read the mirror, so waiting costs no requests; only writes go to etcd.
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from elastic.rendezvous.etcd_client import ANY_ETCD_ERROR, prefix_range_end
 from elastic.rendezvous.etcd_writer import EtcdWriter
 from elastic.rendezvous.protocol import FailureClaim, JobClosed, Member, NodeRecord, RoundEnd, SealedRound
+from elastic.rendezvous.status_key import NodeStatus, status_dir
 
 
 class EtcdBackend(EtcdWriter):
@@ -168,6 +172,18 @@ class EtcdBackend(EtcdWriter):
         """End the job for every agent; the first reason wins."""
         key = self._key("closed")
         self._txn([self._tx.create(key) == 0], [self._tx.put(key, JobClosed(ok=ok, reason=reason).to_json())])
+
+    def put_status(self, status: NodeStatus, *, on_lease: bool = True) -> None:
+        """Write this node's status key, one put with no retry: the next one supersedes it.
+        Off the lease, it outlives the agent (its last word on a job that ended)."""
+        key = status_dir(self.prefix) + self.node_id
+        self._client.put(key, status.to_json(), lease=self._lease if on_lease else None)
+        self.writes += 1
+
+    def peer_statuses(self) -> dict[str, NodeStatus]:
+        """Every node's status key (one range read; the keys are not mirrored)."""
+        found = self._client.get_prefix(status_dir(self.prefix))
+        return {meta.key.decode().rpartition("/")[2]: NodeStatus.from_json(value) for value, meta in found}
 
     def shutdown(self) -> None:
         self.stop_watching()

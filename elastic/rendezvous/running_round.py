@@ -15,6 +15,7 @@ from collections.abc import Callable
 from elastic.rendezvous.etcd_state import EtcdBackend
 from elastic.rendezvous.protocol import JobClosed, Settings, decide_growth, takeover_at
 from elastic.rendezvous.settings import RendezvousJob
+from elastic.rendezvous.status_key import NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +126,11 @@ class RunningRound:
 
     def close(self, *, ok: bool, reason: str) -> None:
         self._backend.close(ok=ok, reason=reason)
+
+    def publish_status(self, status: NodeStatus, *, on_lease: bool = True) -> None:
+        """Write this node's live status key (elastic/rendezvous/status_key.py)."""
+        self._backend.put_status(status, on_lease=on_lease)
+
+    def peer_statuses(self) -> dict[str, NodeStatus]:
+        """Every node's live status, read from etcd (the status keys are not mirrored)."""
+        return self._backend.peer_statuses()
