@@ -96,7 +96,7 @@ def test_always_failing_script_exhausts_restarts_with_a_summary(tmp_path):
          "cannot reach etcd at 127.0.0.1:1"),
         (["--rdzv-endpoint", "nonsense", PLAIN], "is not HOST:PORT"),
         (["--rdzv-conf", "bogus=1", PLAIN], "unknown option 'bogus=1'"),
-        (["--rdzv-backend", "c10d", PLAIN], "--rdzv-backend 'c10d' is not supported"),
+        (["--rdzv-backend", "zookeeper", PLAIN], "--rdzv-backend 'zookeeper' is not supported"),
     ],
 )
 def test_bad_input_gets_one_line_error_fast(args, message):

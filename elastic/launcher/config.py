@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from elastic.errors import ConfigError
 from elastic.launcher.hang_watch import HangLimits
+from elastic.launcher.torchrun_flags import DEFAULT_SIGNALS, StaticMaster, parse_signals, virtual_local_rank_env
 from elastic.rendezvous.settings import RendezvousSettings
 
 
@@ -57,8 +58,30 @@ class LaunchConfig:
     # Identical failures in a row (same error, no progress between) that stop the job as
     # deterministic; 0: never (only --max-restarts stops it). Faults never count.
     same_failure_limit: int = 3
+    # torchrun's static rendezvous (--master-addr/--master-port/--node-rank): a fixed world, no etcd.
+    static: StaticMaster | None = None
+    # --rdzv-backend c10d|static|etcd-v2 with an endpoint: the endpoint's host serves the etcd.
+    embedded_etcd: bool = False
+    role: str = "default"  # ROLE_NAME of the workers
+    signals: tuple[int, ...] = parse_signals(DEFAULT_SIGNALS)  # stop the job as SIGTERM does
+    virtual_local_rank: bool = False  # LOCAL_RANK=0, CUDA_VISIBLE_DEVICES=the worker's own GPU
+    # --numa-binding: the CPUs each local rank's worker is bound to (those near its GPU).
+    cpu_binding: tuple[frozenset[int], ...] | None = None
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (elastic/launcher/metrics.py)
+    # A node busy more than this x the others' median per step is a straggler (0: never judged).
+    straggler_factor: float = 2.0
+    exclude_stragglers: bool = False  # a node that stays a straggler for the window counts as failed
+    straggler_window: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port {self.metrics_port} must be a port number (0-65535)")
+        if self.straggler_factor < 0 or 0 < self.straggler_factor <= 1 or self.straggler_window <= 0:
+            raise ConfigError(f"--straggler-factor {self.straggler_factor:g} must be 0 (off) or > 1, and "
+                              f"--straggler-window {self.straggler_window:g} > 0 seconds")
+        if self.run_id == "status":
+            raise ConfigError("--rdzv-id 'status' is reserved (the status keys live under /<prefix>/status/): "
+                              "pick another run id")
         if self.same_failure_limit < 0 or self.same_failure_limit == 1:
             raise ConfigError(f"--same-failure-limit {self.same_failure_limit} must be 0 (off) or >= 2")
         if self.nproc_per_node < 1:
@@ -82,11 +105,14 @@ class LaunchConfig:
                               f"--first-step-timeout {self.hang.first_step_timeout:g} > 0 seconds")
         if not self.run_id or "/" in self.run_id:
             raise ConfigError(f"--rdzv-id {self.run_id!r} must be non-empty and contain no '/'")
-        if self.rdzv_endpoint is None and self.max_nodes > 1:
+        if self.rdzv_endpoint is None and self.static is None and self.max_nodes > 1:
             raise ConfigError(
                 f"--nnodes {self.min_nodes}:{self.max_nodes} spans several nodes: give "
-                "--rdzv-endpoint HOST:PORT of an etcd all nodes reach"
+                "--rdzv-endpoint HOST:PORT of an etcd all nodes reach (or, for --nnodes N, "
+                "--master-addr/--master-port/--node-rank: a static rendezvous)"
             )
+        if self.virtual_local_rank:
+            virtual_local_rank_env(self.nproc_per_node - 1)  # every local rank has a GPU to see
         self._check_entrypoint()
 
     def _check_entrypoint(self) -> None:
@@ -100,7 +126,8 @@ class LaunchConfig:
 
     @property
     def standalone(self) -> bool:
-        return self.rdzv_endpoint is None
+        """A private etcd on loopback (not the static rendezvous, which has no etcd)."""
+        return self.rdzv_endpoint is None and self.static is None
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:
@@ -153,18 +180,20 @@ def parse_std(flag: str, text: str, nproc: int) -> dict[int, int]:
 
 
 def parse_nproc(text: str) -> int:
-    """An int, or 'auto'/'cpu'/'gpu' as torchrun accepts them."""
-    if text in ("auto", "gpu"):
+    """An int, or 'auto'/'cpu'/'gpu'/'xpu' as torchrun accepts them."""
+    if text in ("auto", "gpu", "xpu"):
         import torch  # noqa: PLC0415  (only when asked, torch is slow to import)
 
-        if torch.cuda.is_available():
-            return torch.cuda.device_count()
-        if text == "gpu":
-            raise ConfigError("--nproc-per-node gpu: no CUDA device is visible on this node")
-        return os.cpu_count() or 1
+        if text == "auto":  # torchrun: the current accelerator's devices, else one worker per CPU
+            accelerator = getattr(torch, "accelerator", torch.cuda)  # torch.accelerator: torch >= 2.6
+            return accelerator.device_count() if accelerator.is_available() else os.cpu_count() or 1
+        device = torch.cuda if text == "gpu" else torch.xpu
+        if not device.is_available():
+            raise ConfigError(f"--nproc-per-node {text}: no {text.upper()} device is visible on this node")
+        return device.device_count()
     if text == "cpu":
         return os.cpu_count() or 1
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"--nproc-per-node {text!r} must be a number, 'auto', 'cpu' or 'gpu'") from None
+        raise ConfigError(f"--nproc-per-node {text!r} must be a number, 'auto', 'cpu', 'gpu' or 'xpu'") from None

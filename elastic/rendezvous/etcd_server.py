@@ -58,6 +58,7 @@ class EtcdServer:
     data_dir: str | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout: float = 15.0
+    fixed_port: bool = False  # serve on `port` or fail (an endpoint others were told), never another
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _own_dir: bool = field(default=False, init=False, repr=False)
     _log: object = field(default=None, init=False, repr=False)
@@ -81,7 +82,7 @@ class EtcdServer:
             self.data_dir = tempfile.mkdtemp(prefix="elastic-etcd-")
             self._own_dir = True
         last_error = ""
-        for _attempt in range(5):
+        for _attempt in range(1 if self.fixed_port else 5):
             if not self.port or _attempt:
                 self.port = free_port(self.host)
             peer_port = free_port(self.host)

@@ -17,6 +17,10 @@ from elastic.exchange import env as names
 # torchrun's spellings of the same options.
 _RDZV_CONF_ALIASES = {"timeout": "join_timeout", "ca": "ca_cert", "cacert": "ca_cert",
                       "keepalive_ttl": "lease_ttl", "prefix": "key_prefix"}
+# torchrun's c10d store options: accepted so that its --rdzv-conf runs unchanged; an etcd
+# lease and watch replace the store's keep-alives, and the endpoint's host always serves.
+_TORCHRUN_STORE_ONLY = frozenset({"read_timeout", "close_timeout", "keep_alive_interval",
+                                  "keep_alive_max_attempt", "use_libuv", "is_host"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class RendezvousSettings:
             key, sep, raw = item.partition("=")
             key = key.strip().replace("-", "_")
             key = _RDZV_CONF_ALIASES.get(key, key)
+            if key in _TORCHRUN_STORE_ONLY and sep:
+                continue
             if key == "password":
                 raise ConfigError(f"--rdzv-conf password=... shows the etcd password to every user of the host "
                                   f"(ps): put it in a file only you can read and give password_file=PATH, "
