@@ -5,6 +5,11 @@ reaches rank 0, which calls the commit guard (round fencing), writes the manifes
 commit) and broadcasts the outcome; only then, off the path every rank waits on, does rank 0
 apply retention. A failure anywhere before the broadcast is reported through the gather, so
 no rank is left waiting in a collective.
+
+Node-local locations (the memory tier: each node's shared memory holds its own ranks'
+shards) get the manifest on every node: rank 0 writes it into its node's directory before
+the broadcast, which carries the manifest text to the other nodes' leaders (their lowest
+rank), which write it into theirs and apply retention there.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,7 +30,6 @@ from checkpoint.format import statedict
 from checkpoint.format.manifest import ChunkEntry, FileEntry, Manifest, TensorEntry
 from checkpoint.io import shardfile, storage
 from checkpoint.io.writer import Snapshot
-from checkpoint.prune import Pruner
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +54,44 @@ class SaveJob:
     held: float | None = None  # seconds save() held its caller (async saves)
 
 
+class Retention(Protocol):
+    def after_commit(self, committed: int, current_files: set[str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class NodeRole:
+    """This rank's part in a node-local location: `leader` (the node's lowest rank) writes the
+    manifest and applies retention in its node's directory; `nodes` directories in the job."""
+
+    leader: bool
+    nodes: int
+
+
 class Committer:
-    """Writes and commits save jobs into `committed.loc`; `pruner` runs after each commit (rank 0).
+    """Writes and commits save jobs into `committed.loc`; `retention` runs after each commit
+    (on rank 0; with `node`, on every node's leader).
 
     `guard` is called on rank 0 right before the manifest is written (if it raises, nothing
     is committed); `listener(step, held)` on every rank once a save is committed.
     """
 
     def __init__(
-        self, committed: CommittedCheckpoints, pruner: Pruner, run_id: str | None, *, guard: Callable[[], None] | None
+        self, committed: CommittedCheckpoints, retention: Retention, run_id: str | None, *,
+        guard: Callable[[], None] | None, node: NodeRole | None = None, tier: str = "durable",
     ) -> None:
         self._committed = committed
         self._loc = committed.loc
-        self._pruner = pruner
+        self._retention = retention
         self._run_id = run_id
+        self._node = node
+        self._tier = tier
         self.guard = guard
         self.listener: Callable[[int, float], None] | None = None
 
-    def write_and_commit(self, job: SaveJob, copy: Callable[[], None] | None = None) -> None:
+    def write_and_commit(self, job: SaveJob, copy: Callable[[], None] | None = None, *, notify: bool = True) -> None:
         """Stage (if `copy`), write, then commit across ranks. A failure anywhere is reported to
-        rank 0 through the gather, so no rank is left waiting in a collective."""
+        rank 0 through the gather, so no rank is left waiting in a collective. `notify`: call
+        the listener (one save written to two locations notifies once)."""
         local_error, report = self._write(job, copy)
         reports = job.ranks.all_gather(report)
         outcome: str | None = None
@@ -81,7 +103,9 @@ class Committer:
             except Exception as exc:  # surfaced on rank 0 as is, on other ranks as its text
                 rank0_error = exc
                 outcome = f"{type(exc).__name__}: {exc}"
-        outcome = job.ranks.broadcast(outcome)
+        # Other nodes' leaders need the manifest itself (node-local locations only).
+        text = manifest.to_json() if manifest is not None and self._node is not None and self._node.nodes > 1 else None
+        outcome, text = job.ranks.broadcast([outcome, text])
         if local_error is not None:
             raise local_error
         if rank0_error is not None:
@@ -89,7 +113,9 @@ class Committer:
         if outcome is not None:
             raise CheckpointError(f"checkpoint step {job.step} was not committed: {outcome}")
         self._committed.forget(job.step)  # a step saved again has a new manifest, on every rank
-        if self.listener is not None:
+        if text is not None and job.ranks.rank != 0 and self._node.leader:
+            manifest = self._publish(job.step, text)
+        if notify and self.listener is not None:
             # held is None for a synchronous save: the caller has been waiting all along.
             self.listener(job.step, job.held if job.held is not None else time.perf_counter() - job.started)
         if manifest is not None:
@@ -116,7 +142,7 @@ class Committer:
 
     def _commit(self, job: SaveJob, reports: list[dict[str, Any]]) -> Manifest:
         _check_reports(job, reports)
-        manifest = _manifest(job, reports, self._run_id)
+        manifest = _manifest(job, reports, self._run_id, self._tier)
         text = manifest.to_json()
         Manifest.from_json(text, where=f"manifest of step {job.step} being written")  # same rules as readers
         replacing = storage.is_committed(self._loc, job.step)  # seen before the fence: a save again
@@ -126,12 +152,24 @@ class Committer:
         log.info("checkpoint %s: committed step %d (%d files)", self._loc.url, job.step, len(manifest.files))
         return manifest
 
+    def _publish(self, step: int, text: str) -> Manifest | None:
+        """Another node's leader: the manifest rank 0 committed, written into this node's
+        directory. A failure here is this node's alone (its copy of the step is missing, so a
+        restore falls back): logged, never raised, since the other ranks have moved on."""
+        try:
+            storage.commit(self._loc, step, text, replace=storage.is_committed(self._loc, step))
+        except CheckpointError as exc:
+            log.warning("checkpoint %s: step %d is committed, but not on this node: %s", self._loc.url, step, exc)
+            return None
+        return Manifest.from_json(text, where=f"manifest of step {step}")
+
     def _retain(self, manifest: Manifest) -> None:
-        """Rank 0, once every rank has the outcome: retention. The step is committed whatever
-        happens here, so a failure is logged and retention runs again after the next commit."""
+        """Rank 0 (node-local: every node's leader), once every rank has the outcome: retention.
+        The step is committed whatever happens here, so a failure is logged and retention runs
+        again after the next commit."""
         self._committed.remember(manifest)
         try:
-            self._pruner.after_commit(manifest.step, {f.path for f in manifest.files})
+            self._retention.after_commit(manifest.step, {f.path for f in manifest.files})
         except CheckpointError as exc:
             log.warning("checkpoint %s: step %d is committed, but retention failed (%s); it runs again "
                         "after the next commit, or run `elastic-ckpt prune`", self._loc.url, manifest.step, exc)
@@ -158,7 +196,7 @@ def _check_reports(job: SaveJob, reports: list[dict[str, Any]]) -> None:
             )
 
 
-def _manifest(job: SaveJob, reports: list[dict[str, Any]], run_id: str | None) -> Manifest:
+def _manifest(job: SaveJob, reports: list[dict[str, Any]], run_id: str | None, tier: str) -> Manifest:
     """The manifest of `job` from every rank's report."""
     meta = dict(job.meta)
     for r in reports:
@@ -185,4 +223,5 @@ def _manifest(job: SaveJob, reports: list[dict[str, Any]], run_id: str | None) -
         run_id=run_id,
         round=job.ranks.round,
         created=time.time(),
+        tier=tier,
     )

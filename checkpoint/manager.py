@@ -1,12 +1,27 @@
 """CheckpointManager: save, commit, retain and load checkpoints of a training job.
 
-Guarantees (see the class docstring for the call order):
+Guarantees:
 - multi-process-safe: in a process group every rank calls save()/load() together;
 - not thread-safe: call it from the training thread only;
 - not multi-job-safe: one job writes to a checkpoint directory at a time (retention removes
   uncommitted leftovers it finds there). Retention prunes only checkpoints whose manifest
   carries this job's run id (TORCHELASTIC_RUN_ID), so resuming from another run's
   checkpoints never deletes them.
+
+Call order:
+1. ``CheckpointManager(directory, ...)`` on every rank (it creates a private gloo group for
+   the background commit, so checkpoint traffic never interleaves with training
+   collectives). Options are keyword-only. ``process_group`` decides the ranks, as in
+   DCP: rank and world size are this process's in that group, which saves and loads
+   together; a rank outside it must not create this manager.
+2. ``save(step, state, metrics)``: snapshots this rank's share of the state into a reusable
+   CPU staging buffer and returns; hashing, writing, the cross-rank commit and retention
+   run in a background thread. A second ``save()`` first waits for the previous one (at
+   most one save in flight). An error from the background is raised by the next call.
+3. ``wait()``: block until the pending save is committed (or raise its error).
+4. ``load(state, step=None)``: newest committed checkpoint by default; verifies checksums;
+   falls back (with a warning) to older ones when the newest is corrupt or incomplete.
+5. ``close()`` (or leave a ``with`` block): waits for the pending save.
 
 The manager is a facade over modules named after what they do: `save` (the caller's
 half of a save), `commit` (the background write and the cross-rank commit), `prune`
@@ -31,6 +46,14 @@ as ``PerRank(value)``: every rank saves its own value and gets it back on load a
 same world size. At another world size load() raises CheckpointMismatchError naming
 the entry, unless it was given as ``PerRank(value, on_resize="keep")``, which keeps the
 current value and loads the rest.
+
+The memory tier (``memory_tier=True``, checkpoint.memory_tier): ``save(..., durable=False)``
+commits into the node's shared memory only, ``durable=True`` (the default) into memory and
+then into ``directory``, from one snapshot. load() takes the newest step that verifies,
+from memory first, then from ``directory``; ``restored`` says which. ``steps()``,
+``latest()``, ``best()``, ``verify()`` and ``prune()`` are about ``directory``.
+``replicas`` (copies of a node's newest memory checkpoint in other nodes' memory) is
+validated and kept for the agents' replication, which is not built yet.
 """
 
 from __future__ import annotations
@@ -51,6 +74,7 @@ from checkpoint.committed import CommittedCheckpoints
 from checkpoint.errors import CheckpointError
 from checkpoint.format.manifest import Manifest
 from checkpoint.io import storage
+from checkpoint.memory_tier import MemoryTier
 from checkpoint.prune import Pruner
 from checkpoint.save import Saver
 
@@ -67,22 +91,8 @@ class CheckpointManager:
     (``steps``, ``latest``, ``best``, ``manifest``, ``damage``, ``verify``, ``preflight``,
     ``prune``) read storage on the calling rank only.
 
-    Call order:
-    1. ``CheckpointManager(directory, ...)`` on every rank (it creates a private gloo group for
-       the background commit, so checkpoint traffic never interleaves with training
-       collectives). Options are keyword-only. ``process_group`` decides the ranks, as in
-       DCP: rank and world size are this process's in that group, which saves and loads
-       together; a rank outside it must not create this manager.
-    2. ``save(step, state, metrics)``: snapshots this rank's share of the state into a reusable
-       CPU staging buffer and returns; hashing, writing, the cross-rank commit and retention
-       run in a background thread. A second ``save()`` first waits for the previous one (at
-       most one save in flight). An error from the background is raised by the next call.
-    3. ``wait()``: block until the pending save is committed (or raise its error).
-    4. ``load(state, step=None)``: newest committed checkpoint by default; verifies checksums;
-       falls back (with a warning) to older ones when the newest is corrupt or incomplete.
-    5. ``close()`` (or leave a ``with`` block): waits for the pending save.
-
-    What ``state`` may hold, and ``save(..., overlap=True)``: see the module docstring.
+    Call order, what ``state`` may hold, ``save(..., overlap=True)``, the memory tier: see
+    the module docstring.
     """
 
     def __init__(
@@ -97,22 +107,26 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         commit_guard: Callable[[], None] | None = None,
         process_group: dist.ProcessGroup | None = None,
+        memory_tier: bool = False,
+        replicas: int = 1,
     ) -> None:
+        self.replicas = _replicas(replicas)
         policy = retention.RetentionPolicy(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode)
         self._loc = storage.open_location(_directory(directory), storage_options)
         self._committed = CommittedCheckpoints(self._loc)
         # Recorded in every manifest; the run id also scopes retention (see prune()).
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
+        self._run_id = run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
         self._pruner = Pruner(self._committed, policy, run_id, verify=self.verify)
         self._committer = Committer(self._committed, self._pruner, run_id, guard=None)
         self._saver = Saver(self._loc, self._committer, async_write)
         self._closed = False
         self._process_group = process_group
         self._ranks: RankGroup | None = None
+        self._memory: MemoryTier | None = None
+        self._memory_tier = memory_tier  # the tier is placed by regroup(): it depends on the ranks
+        self.restored: restore.Restored | None = None  # what the last load() loaded, and from which tier
         self.set_commit_guard(commit_guard)
         self.regroup()
-
-    # ------------------------------------------------------------------ public API
 
     def regroup(self) -> None:
         """Take rank, world size and rendezvous round from the current process group and
@@ -122,6 +136,8 @@ class CheckpointManager:
         if self._ranks is not None:
             self._ranks.close()
         self._ranks = RankGroup.current(self._process_group)
+        if self._memory_tier:  # a node's leader and its ranks may have changed
+            self._memory = MemoryTier.replace(self._memory, self._ranks, self._run_id)
 
     def set_commit_guard(self, fn: Callable[[], None] | None) -> None:
         """Called on rank 0 right before the manifest is written; if it raises, nothing is committed.
@@ -145,13 +161,21 @@ class CheckpointManager:
         *,
         epoch: int | None = None,
         overlap: bool = False,
+        durable: bool = True,
     ) -> None:
-        """Snapshot `state` as checkpoint `step` and commit it in the background (a collective; see class doc)."""
+        """Snapshot `state` as checkpoint `step`, commit it in the background (a collective; see
+        class doc): into the memory tier if on, into `directory` if `durable`."""
         started = time.perf_counter()
         self._check_open()
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative int")
-        self._saver.save(self._ranks, step, state, metrics, epoch=epoch, overlap=overlap, started=started)
+        if self._memory is None and not durable:
+            raise ValueError("save(durable=False) saves into the memory tier only: create the "
+                             "CheckpointManager with memory_tier=True")
+        memory = self._memory
+        self._saver.save(self._ranks, step, state, metrics, epoch=epoch, overlap=overlap, started=started,
+                         targets=memory.targets(self._committer, durable) if memory else None,
+                         before_write=memory.check_room if memory else None)
 
     def wait_snapshot(self) -> None:
         """Block until an overlapped save's snapshot copy is done (no-op otherwise)."""
@@ -170,6 +194,8 @@ class CheckpointManager:
             finally:
                 self.set_commit_guard(None)
                 self._ranks.close()
+                if self._memory is not None:
+                    self._memory.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -229,10 +255,13 @@ class CheckpointManager:
 
         Chunks are verified as they are read, some straight into the live tensors; if no
         checkpoint can be loaded the error is raised and `state` may be partly overwritten.
+        With the memory tier, a step is read from memory first (see the module docstring).
         """
         self._check_open()
         self.wait()
-        return restore.load(self._committed, self._ranks, state, step)
+        sources = [restore.Source(self._committed, "durable")]
+        self.restored = restore.load(([self._memory.source] if self._memory else []) + sources, self._ranks, state, step)
+        return None if self.restored is None else self.restored.step
 
     def prune(self, *, dry_run: bool = False, all_runs: bool = False, protect: tuple[int, ...] = (),
               verify_resume_point: bool = True) -> list[int]:
@@ -248,8 +277,6 @@ class CheckpointManager:
         """
         return self._pruner.prune(dry_run=dry_run, all_runs=all_runs, protect=protect,
                                   verify_resume_point=verify_resume_point)
-
-    # ------------------------------------------------------------------ internals
 
     def _check_open(self) -> None:
         if self._closed:
@@ -267,3 +294,9 @@ def _close_guard(guard: Callable[[], None] | None) -> None:
     close = getattr(guard, "close", None)
     if close is not None:
         close()
+
+
+def _replicas(replicas: int) -> int:
+    if not isinstance(replicas, int) or replicas < 0:
+        raise ValueError(f"replicas={replicas!r} must be an int >= 0 (copies in other nodes' memory)")
+    return replicas

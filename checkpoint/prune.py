@@ -47,14 +47,7 @@ class Pruner:
 
     def after_commit(self, committed: int, current_files: set[str]) -> None:
         """After a commit (rank 0): drop old attempts of this step, then prune."""
-        storage.remove_files(
-            self._loc,
-            [
-                self._loc.path(committed, name)
-                for name in storage.file_sizes(self._loc, committed)
-                if name.endswith(".safetensors") and name not in current_files
-            ],
-        )
+        drop_old_attempts(self._loc, committed, current_files)
         self.prune(protect=(committed,), dry_run=False, all_runs=False, verify_resume_point=False)
 
     def prune(
@@ -109,3 +102,12 @@ class Pruner:
                 )
             infos.append(retention.CheckpointInfo(step, manifest.metrics, damaged=damage is not None))
         return infos
+
+
+def drop_old_attempts(loc: storage.Location, step: int, current_files: set[str]) -> None:
+    """Remove the shard files of earlier attempts at committed `step` (a save of it again)."""
+    storage.remove_files(
+        loc,
+        [loc.path(step, name) for name in storage.file_sizes(loc, step)
+         if name.endswith(".safetensors") and name not in current_files],
+    )

@@ -2,7 +2,8 @@
 
 At most one save is in flight: a second save first waits for the previous one. With
 overlap, the snapshot copy itself runs in the background and every optimizer in the state
-waits for it in a one-shot `step` pre-hook.
+waits for it in a one-shot `step` pre-hook. One snapshot may be committed into several
+locations in turn (the memory tier, then durable storage): copied once, written by each.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from checkpoint.io.writer import BackgroundJob, Snapshot, StagingBuffer
 
 
 class Saver:
-    """Saves into `loc` through `committer`, in a background thread when `async_write`."""
+    """Saves into `loc` through `committer` (or the committers a save names), in a background
+    thread when `async_write`."""
 
     def __init__(self, loc: storage.Location, committer: Committer, async_write: bool) -> None:
         self._committer = committer
@@ -44,8 +46,12 @@ class Saver:
         epoch: int | None,
         overlap: bool,
         started: float,
+        targets: Sequence[Committer] | None = None,
+        before_write: Callable[[int], None] | None = None,
     ) -> None:
-        """Snapshot `state` as checkpoint `step` and commit it (`started`: when save() was called)."""
+        """Snapshot `state` as checkpoint `step` and commit it (`started`: when save() was called)
+        through each of `targets` in order (default: this saver's committer). `before_write(n)`
+        is called with this rank's shard size, with no save in flight (it may be a collective)."""
         self.wait()  # the staging buffer is free again
         skeleton, tensors, own = statedict.flatten_state(state, ranks.rank)
         per_rank = {n for n, obj in state.items() if isinstance(obj, statedict.PerRank)}
@@ -54,6 +60,8 @@ class Saver:
         rank_state_json = json.dumps({n: skeleton[n] for n in per_rank})
         items = plan.plan_writes(tensors, ranks.rank, ranks.world, own)
         lay = shardfile.layout(items)
+        if before_write is not None:
+            before_write(lay.total)
         buffer = self._staging.get(lay.total)
         meta = {k: [dtype_name(t.dtype), list(t.shape)] for k, t in tensors.items()}
         job = SaveJob(
@@ -71,7 +79,7 @@ class Saver:
             snapshot=Snapshot(len(lay.items), what=f"snapshot of step {step}"),
             started=started,
         )
-        self._start(job, state, overlap)
+        self._start(job, state, overlap, list(targets) if targets else [self._committer])
 
     def wait_snapshot(self) -> None:
         """Block until an overlapped save's snapshot copy is done (no-op otherwise)."""
@@ -87,12 +95,12 @@ class Saver:
         self.wait_snapshot()
         self._job.wait()
 
-    def _start(self, job: SaveJob, state: Mapping[str, Any], overlap: bool) -> None:
+    def _start(self, job: SaveJob, state: Mapping[str, Any], overlap: bool, targets: list[Committer]) -> None:
         """Copy into staging and commit: here (sync), or copy here and the rest in the
         background, or everything in the background (overlap)."""
         copy = functools.partial(job.snapshot.run, functools.partial(_stage_block, job))
         if not self._async:
-            self._committer.write_and_commit(job, copy)
+            _commit_each(targets, job, copy)
         elif overlap:
             self._snapshot_pending = [job.snapshot] + [
                 obj.register_step_pre_hook(lambda *_: job.snapshot.wait())
@@ -100,7 +108,7 @@ class Saver:
                 if isinstance(obj, torch.optim.Optimizer)
             ]
             job.held = time.perf_counter() - job.started
-            self._job.submit(lambda: self._committer.write_and_commit(job, copy))
+            self._job.submit(lambda: _commit_each(targets, job, copy))
         else:
             # Copy first, then write: started together, the write competes with the copy for
             # memory bandwidth and the training stall grew ~3x in measurements on a busy host.
@@ -108,7 +116,21 @@ class Saver:
                 copy()
             finally:  # even after a failed copy: the writer reports it, so no rank hangs
                 job.held = time.perf_counter() - job.started
-                self._job.submit(lambda: self._committer.write_and_commit(job))
+                self._job.submit(lambda: _commit_each(targets, job))
+
+
+def _commit_each(targets: list[Committer], job: SaveJob, copy: Callable[[], None] | None = None) -> None:
+    """Commit `job` through each target in turn; the first copies (if `copy`), the last
+    notifies. A failed commit does not stop the next (every rank fails it alike, so the
+    collectives stay matched); the first error is raised at the end."""
+    error: Exception | None = None
+    for index, committer in enumerate(targets):
+        try:
+            committer.write_and_commit(job, copy if index == 0 else None, notify=index == len(targets) - 1)
+        except Exception as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _stage_block(job: SaveJob, index: int) -> None:

@@ -143,9 +143,10 @@ def test_inspect_json_schema(url, capsys):
     assert doc["best"] is None
     by_step = {c["step"]: c for c in doc["checkpoints"]}
     assert set(by_step[10]) == {
-        "step", "status", "epoch", "metrics", "world_size", "run_id", "round", "created",
+        "step", "status", "epoch", "metrics", "world_size", "run_id", "round", "created", "tier",
         "age_seconds", "bytes", "files", "latest", "best", "error",
     }
+    assert by_step[10]["tier"] == "durable"
     assert by_step[20]["metrics"] == {"acc": "nan", "val_loss": "nan"}
     assert by_step[30]["latest"] and not by_step[10]["latest"]
     assert by_step[40]["status"] == "incomplete" and by_step[40]["metrics"] == {}

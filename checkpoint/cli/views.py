@@ -71,6 +71,7 @@ def list_json(url: str, entries: Sequence[StepEntry], marks: Marks, now: float) 
             "run_id": m.run_id if m else None,
             "round": m.round if m else None,
             "created": m.created if m else None,
+            "tier": m.tier if m else None,
             "age_seconds": _age_of(e, now),
             "bytes": e.nbytes,
             "files": e.nfiles,
@@ -91,7 +92,7 @@ def list_json(url: str, entries: Sequence[StepEntry], marks: Marks, now: float) 
     }
 
 
-def _columns(run_header: str) -> tuple[Column, ...]:
+def _columns(run_header: str, tier: bool) -> tuple[Column, ...]:
     return (
         Column(""),
         Column("STEP", right=True),
@@ -102,6 +103,7 @@ def _columns(run_header: str) -> tuple[Column, ...]:
         Column("FILES", right=True),
         Column("AGE", right=True),
         Column("STATUS"),
+        *([Column("TIER")] if tier else []),
         Column("METRICS", shrink=True),
     )
 
@@ -129,9 +131,9 @@ def _metrics_text(metrics: Mapping[str, float], first: str | None = None) -> str
     return " ".join(f"{k}={number(metrics[k])}" for k in names) or "-"
 
 
-def _row(e: StepEntry, marks: Marks, now: float, shared_run: bool) -> list[str]:
+def _row(e: StepEntry, marks: Marks, now: float, shared_run: bool, tier: bool) -> list[str]:
     m = e.manifest
-    common = [size(e.nbytes), str(e.nfiles), age(_age_of(e, now)), e.status]
+    common = [size(e.nbytes), str(e.nfiles), age(_age_of(e, now)), e.status] + ([m.tier if m else "-"] if tier else [])
     if m is None:
         return [_mark(e.step, marks), str(e.step), "-", "-", "-", *common, "-"]
     metrics = _metrics_text(m.metrics, marks.metric)
@@ -146,8 +148,11 @@ def list_text(url: str, entries: Sequence[StepEntry], marks: Marks, now: float) 
     if shared_run:
         summary += f", run {_opt(next(iter(runs)))}"
     lines = [fit(f"{summary} in {url}", WIDTH, middle=True)]
-    rows = [_row(e, marks, now, shared_run) for e in entries]
-    lines += render(_columns("ROUND" if shared_run else "RUN/ROUND"), rows)
+    # The tier a save was committed to, shown once a memory save is there (memory-tier
+    # directories, or durable ones holding checkpoints saved at breakpoint).
+    tier = any(e.manifest is not None and e.manifest.tier != "durable" for e in entries)
+    rows = [_row(e, marks, now, shared_run, tier) for e in entries]
+    lines += render(_columns("ROUND" if shared_run else "RUN/ROUND", tier), rows)
     legend = "L = latest committed (resume point)"
     if marks.metric is not None:
         legend += f", B = best {marks.keep_best} by {marks.metric} ({marks.mode})"
@@ -197,6 +202,7 @@ def step_json(url: str, entry: StepEntry, manifest: Manifest, now: float) -> dic
         "run_id": manifest.run_id,
         "round": manifest.round,
         "created": manifest.created,
+        "tier": manifest.tier,
         "age_seconds": _age_of(entry, now),
         "bytes": sum(f.size for f in manifest.files),
         "files": [{"index": i, "name": f.path, "bytes": f.size} for i, f in enumerate(manifest.files)],
@@ -224,7 +230,7 @@ def step_text(url: str, entry: StepEntry, manifest: Manifest, now: float) -> lis
     index = {f.path: i for i, f in enumerate(m.files)}
     head = (
         f"step {m.step} ({entry.status}), epoch {_opt(m.epoch)}, world size {m.world_size}, "
-        f"run {_opt(m.run_id)}, round {_opt(m.round)}, {age(_age_of(entry, now))} old"
+        f"run {_opt(m.run_id)}, round {_opt(m.round)}, {age(_age_of(entry, now))} old, saved to {m.tier}"
     )
     metrics = _metrics_text(m.metrics)
     lines = [fit(f"{url}", WIDTH), fit(head, WIDTH), fit(f"metrics: {metrics}", WIDTH), ""]

@@ -39,6 +39,7 @@ except ImportError:  # no wheel for this platform: zlib's own, a few GB/s
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TIERS = ("memory", "durable")
 CHECKSUM_PREFIX = "crc32:"
 
 # Bare file names only: no separators, no "..", nothing a filesystem could resolve elsewhere.
@@ -133,6 +134,9 @@ class Manifest:
     run_id: str | None = None
     round: int | None = None
     created: float = 0.0
+    # The tier the save was committed to: "memory" (the node's shared memory; also in durable
+    # storage when saved there at breakpoint) or "durable". Absent (older writers): durable.
+    tier: str = "durable"
     format_version: int = FORMAT_VERSION
 
     def listing_problems(self, sizes: Mapping[str, int]) -> list[str]:
@@ -245,7 +249,14 @@ def _parse(raw: Any, where: str) -> Manifest:
         run_id=_optional(raw.get("run_id"), "run_id", _str),
         round=_optional(raw.get("round"), "round", _int),
         created=_number(raw.get("created", 0.0), "created"),
+        tier=_tier(raw.get("tier", "durable")),
     )
+
+
+def _tier(value: Any) -> str:
+    if value not in TIERS:
+        raise _Malformed(f"tier must be one of {list(TIERS)}, not {value!r}")
+    return value
 
 
 def _files(raw: Any, where: str) -> tuple[FileEntry, ...]:

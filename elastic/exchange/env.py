@@ -16,6 +16,9 @@ from elastic.errors import ConfigError
 ROUND = "ELASTIC_ROUND"  # the rendezvous round this worker belongs to
 NODE_ID = "ELASTIC_NODE_ID"
 CHECKPOINT_DIR = "ELASTIC_CHECKPOINT_DIR"  # --checkpoint-dir
+# The node's shared-memory directory for the checkpoint memory tier, owned by the agent for
+# the run (elastic/launcher/memory_dir.py), so that it outlives the workers.
+MEMORY_DIR = "ELASTIC_MEMORY_DIR"
 PROGRESS_FILE = "ELASTIC_PROGRESS_FILE"  # elastic/exchange/progress.py
 ERROR_FILE = "ELASTIC_ERROR_FILE"  # elastic/exchange/error_record.py
 CONTROL_FILE = "ELASTIC_CONTROL_FILE"  # elastic/exchange/control.py (with --reconfigure)

@@ -36,11 +36,13 @@ from elastic.errors import RendezvousClosedError
 from elastic.exchange import env as names
 from elastic.launcher.config import LaunchConfig
 from elastic.launcher.events import EventLog, RunResult
+from elastic.launcher.memory_dir import MemoryDir
 from elastic.launcher.planned_change import PlannedChange
 from elastic.launcher.pool_refill import tend_pool
 from elastic.launcher.recovery import Recovery
 from elastic.launcher.round_watch import Outcome, Watched, check_round
 from elastic.launcher.run_record import RunRecord
+from elastic.launcher.status_publisher import StatusPublisher
 from elastic.launcher.warm_pool import WarmPool
 from elastic.launcher.worker_group import WorkerGroup, common_env, password_path
 from elastic.rendezvous.handler import EtcdRendezvous
@@ -67,6 +69,7 @@ class Agent:
         self._run_dir = tempfile.mkdtemp(prefix=f"elastic-{config.run_id}-")  # mode 0700; removed by run()
         if config.rdzv.password is not None:
             names.write_password_file(password_path(self._run_dir), config.rdzv.password)
+        self._memory = MemoryDir(config, rendezvous.node_id, events)  # the checkpoint memory tier; removed by run()
         self._group: WorkerGroup | None = None  # the round's workers, once started
         self._signal: int | None = None
         self._record = RunRecord(events)
@@ -75,6 +78,7 @@ class Agent:
         self._pool = (WarmPool(config.nproc_per_node, common_env(config, rdzv_endpoint, rendezvous.node_id, self._run_dir))
                       if config.warm_pool and not config.no_python else None)
         rendezvous.should_abort = self._raise_if_signalled
+        self._status = StatusPublisher(config, rendezvous, events)  # status key, metrics, stragglers
 
     def request_stop(self, signum: int) -> None:
         """From a signal handler: stop at the next check (never raises inside I/O)."""
@@ -106,8 +110,10 @@ class Agent:
                 self._group.stop(0)
             if self._pool is not None:
                 self._pool.close()
+            self._status.close()
             self._rdzv.shutdown()
             shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._memory.remove()
 
     def _run_rounds(self) -> RunResult:
         while True:
@@ -152,6 +158,8 @@ class Agent:
             if watched is not None:
                 return watched
             self._record.progress(group.progress, round_)
+            self._status.tick(group)
+            self._memory.prepare()
             if self._pool is not None:
                 tend_pool(self._pool, group.progress, started, self._events)
             pending = self._rdzv.debounce_left()
@@ -174,15 +182,20 @@ class Agent:
             self._stop_saving(group, round_)
             return self._record.finish(ok=False, reason=f"job closed: {watched.detail}" + self._lost(group), code=1)
         if outcome is Outcome.ROUND_CHANGED:
-            self._change.leave(group, round_, failure=self._rdzv.ended_by_failure(round_))
+            failure = self._rdzv.ended_by_failure(round_)
+            self._change.leave(group, round_, failure=failure)
             self._events.emit("round_left", round=round_, reason=watched.detail)
+            if failure:  # a peer failed: this node's shards of the memory checkpoint are needed too
+                self._memory.save_at_breakpoint(round_)
             return None
         if outcome is Outcome.LEASE_LOST:
             self._record.result.exits = group.stop(0)  # peers have gone on without us: nothing to save
             self._events.emit("lease_lost", round=round_)
             self._rdzv.renew()
             return None
-        return self._recovery.after_failure(group, round_, watched)
+        result = self._recovery.after_failure(group, round_, watched)
+        self._memory.save_at_breakpoint(round_)  # workers are gone; the next round has not started
+        return result
 
     def _stop_on_signal(self, group: WorkerGroup, assignment: Assignment) -> RunResult:
         """SIGTERM/SIGINT: leave if the others can go on without us, else stop the whole job.

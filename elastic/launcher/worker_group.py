@@ -25,8 +25,11 @@ from elastic.exchange.error_record import ErrorRecord
 from elastic.launcher.commit_wait import wait_all, wait_for_commit
 from elastic.launcher.config import STDERR, STDOUT, LaunchConfig
 from elastic.launcher.hang_watch import ProgressWatch
+from elastic.launcher import memory_dir
 from elastic.launcher.warm_pool import WarmPool
 from elastic.launcher.bootstrap import boot_command
+from elastic.launcher.numa_binding import bind_process
+from elastic.launcher.torchrun_flags import virtual_local_rank_env
 from elastic.rendezvous.protocol import Assignment
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str, run_dir: 
     env = {k: v for k, v in os.environ.items() if k not in names.LAUNCHER_ONLY}
     env.update(
         LOCAL_WORLD_SIZE=str(config.nproc_per_node),
-        ROLE_NAME="default",
+        ROLE_NAME=config.role,
         TORCHELASTIC_MAX_RESTARTS=str(config.max_restarts),
         TORCHELASTIC_RUN_ID=config.run_id,
         TORCHELASTIC_USE_AGENT_STORE="False",
@@ -86,6 +89,9 @@ def common_env(config: LaunchConfig, rdzv_endpoint: str, node_id: str, run_dir: 
     env.setdefault("OMP_NUM_THREADS", "1")
     if config.checkpoint_dir:
         env[names.CHECKPOINT_DIR] = config.checkpoint_dir
+    memory = memory_dir.path(config.run_id, node_id)  # created by the agent (elastic/launcher/memory_dir.py)
+    if memory is not None:
+        env[names.MEMORY_DIR] = memory
     return env
 
 
@@ -106,6 +112,8 @@ def worker_env(config: LaunchConfig, assignment: Assignment, local_rank: int, ru
         MASTER_PORT=str(assignment.master_port),
         TORCHELASTIC_RESTART_COUNT=str(assignment.restart_count),
     )
+    if config.virtual_local_rank:
+        env.update(virtual_local_rank_env(local_rank))
     env[names.ROUND] = str(assignment.round)
     env[names.PROGRESS_FILE] = progress_path(run_dir, rank)
     env[names.ERROR_FILE] = error_path(run_dir, rank)
@@ -171,6 +179,8 @@ class WorkerGroup:
             else:
                 proc = spawn_worker(cmd, env)
             self._procs.append(proc)
+            if self._config.cpu_binding:  # --numa-binding
+                bind_process(proc.pid, self._config.cpu_binding[local_rank])
             self._pump(proc.stdout, sys.stdout.buffer, local_rank, STDOUT)
             self._pump(proc.stderr, sys.stderr.buffer, local_rank, STDERR)
 

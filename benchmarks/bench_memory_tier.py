@@ -1,0 +1,122 @@
+"""The checkpoint memory tier: how long save() holds training, and how fast a restore reads.
+
+Run:  python benchmarks/bench_memory_tier.py [--mib 256] [--rounds 7]
+
+One process (world size 1), a state of four float32 tensors of --mib MiB in all.
+- stall: the time `save(step, state, durable=False)` holds its caller (waiting for nothing
+  in flight, then copying the state into the reusable staging buffer; hashing and writing
+  into shared memory run in the background), against the same bytes copied with
+  `Tensor.copy_` into a buffer allocated once beforehand: the floor any in-memory snapshot
+  pays. The background commit is waited for outside the timing. Target: ratio <= 1.2.
+- restore: `load()` of the newest checkpoint from the memory tier, against `load()` of the
+  same checkpoint from a directory on local disk with its shard files evicted from the page
+  cache first (posix_fadvise DONTNEED), as a restarted node would find them. Both verify
+  every byte they read against its checksum.
+Medians over --rounds interleaved rounds, with the figures of every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint import CheckpointManager  # noqa: E402
+from checkpoint.memory_tier import SHM_ROOT  # noqa: E402
+from elastic.exchange.env import MEMORY_DIR  # noqa: E402
+
+
+def make_state(mib: int) -> dict[str, torch.Tensor]:
+    per = mib * (1 << 20) // 4 // 4  # four float32 tensors
+    gen = torch.Generator().manual_seed(0)
+    return {f"t{i}": torch.rand(per, generator=gen) for i in range(4)}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def evict(root: str) -> None:
+    """Drop the shard files under `root` from the page cache (they were fsynced)."""
+    for path in glob.glob(os.path.join(root, "step_*", "*.safetensors")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="state size in MiB")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    state = make_state(args.mib)
+    floor_buffer = torch.empty(sum(t.numel() for t in state.values()), dtype=torch.float32)
+
+    def memcpy() -> None:
+        start = 0
+        for t in state.values():
+            floor_buffer[start:start + t.numel()].copy_(t)
+            start += t.numel()
+
+    work = tempfile.mkdtemp(prefix="bench-memory-tier-")  # on local disk
+    memory = tempfile.mkdtemp(prefix="bench-memory-tier-", dir=SHM_ROOT)
+    os.environ[MEMORY_DIR] = memory  # as elastic-run's agent hands it to its workers
+    try:
+        ckpt = CheckpointManager(os.path.join(work, "ckpt"), memory_tier=True)
+        ckpt.save(0, state, durable=False)  # allocates the staging buffer once, as training would
+        ckpt.wait()
+        memcpy()
+        stalls, floors = [], []
+        for step in range(1, args.rounds + 1):
+            floors.append(timed(memcpy))
+            stalls.append(timed(lambda: ckpt.save(step, state, durable=False)))
+            ckpt.wait()
+        ckpt.save(args.rounds + 1, state)  # into memory and to disk: the same step in both tiers
+        ckpt.close()
+
+        target = {k: torch.empty_like(t) for k, t in state.items()}
+        from_memory, from_disk = [], []
+        for _ in range(args.rounds):
+            restarted = CheckpointManager(os.path.join(work, "ckpt"), memory_tier=True)
+            from_memory.append(timed(lambda: restarted.load(target)))
+            assert restarted.restored.tier == "memory"
+            restarted.close()
+            evict(os.path.join(work, "ckpt"))
+            disk = CheckpointManager(os.path.join(work, "ckpt"))
+            from_disk.append(timed(lambda: disk.load(target)))
+            disk.close()
+        assert all(torch.equal(target[k], state[k]) for k in state)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(memory, ignore_errors=True)
+
+    def ms(values: list[float]) -> str:
+        return " ".join(f"{v * 1e3:.0f}" for v in values)
+
+    stall, floor = statistics.median(stalls), statistics.median(floors)
+    mem, disk = statistics.median(from_memory), statistics.median(from_disk)
+    gib = args.mib / 1024
+    print(f"state: {args.mib} MiB, {args.rounds} rounds (ms per round in brackets)")
+    print(f"save(durable=False) stall   {stall * 1e3:8.1f} ms   [{ms(stalls)}]")
+    print(f"preallocated memcpy         {floor * 1e3:8.1f} ms   [{ms(floors)}]")
+    print(f"  stall / memcpy            {stall / floor:8.2f} x   (target <= 1.2)")
+    print(f"restore from memory         {mem * 1e3:8.1f} ms   {gib / mem:6.2f} GiB/s   [{ms(from_memory)}]")
+    print(f"restore from local disk     {disk * 1e3:8.1f} ms   {gib / disk:6.2f} GiB/s   [{ms(from_disk)}]")
+    print(f"  disk / memory             {disk / mem:8.2f} x")
+
+
+if __name__ == "__main__":
+    main()

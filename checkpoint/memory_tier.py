@@ -1,0 +1,142 @@
+"""The memory tier: checkpoints in the node's shared memory, outside the worker processes.
+
+A memory checkpoint has the durable format (safetensors shards, manifest, checksums) and is
+written and committed by the same code, into a second location: a directory on the node's
+tmpfs (`/dev/shm`, where the fsyncs of the commit cost nothing). Under elastic-run the agent
+owns that directory for the run (ELASTIC_MEMORY_DIR), so it survives the workers; without an
+agent each job gets a private one that close() removes, so it then does not survive the process.
+
+Each node's directory holds only its own ranks' shards; the manifest is written into every
+node's directory (checkpoint.commit, NodeRole). Bounded: after a commit a node keeps only that
+checkpoint, so at most two exist (the newest and the one being written).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import weakref
+from dataclasses import dataclass
+
+from checkpoint.collectives import RankGroup
+from checkpoint.commit import Committer, NodeRole
+from checkpoint.committed import CommittedCheckpoints
+from checkpoint.errors import CheckpointError
+from checkpoint.io import storage
+from checkpoint.prune import drop_old_attempts
+from checkpoint.restore import Source
+from elastic.exchange import env as names
+
+SHM_ROOT = "/dev/shm"
+COPIES = 2  # the newest committed checkpoint and the one being written
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This rank's memory directory and its part in it."""
+
+    directory: str
+    owned: bool  # a private directory (no agent): removed by close()
+    leader: bool  # the lowest rank using the directory: writes the manifest, applies retention
+    node_ranks: int  # ranks sharing the directory
+    nodes: int  # memory directories in the job
+
+
+def place(ranks: RankGroup) -> Placement:
+    """Where this rank's memory checkpoints go (a collective of `ranks`)."""
+    directory = os.environ.get(names.MEMORY_DIR) or None
+    owned = directory is None
+    if owned:
+        if not os.path.isdir(SHM_ROOT):
+            raise CheckpointError(f"memory_tier=True needs shared memory at {SHM_ROOT}, which this host "
+                                  "lacks; pass memory_tier=False")
+        directory = ranks.broadcast(tempfile.mkdtemp(prefix="elastic-ckpt-", dir=SHM_ROOT) if ranks.rank == 0 else None)
+    os.makedirs(directory, mode=0o700, exist_ok=True)  # ranks on other hosts: their own copy of the path
+    key = [socket.gethostname(), os.path.realpath(directory)]
+    keys = ranks.all_gather(key)
+    sharing = [rank for rank, k in enumerate(keys) if k == key]
+    return Placement(directory, owned, leader=sharing[0] == ranks.rank, node_ranks=len(sharing),
+                     nodes=len({tuple(k) for k in keys}))
+
+
+def room_problem(directory: str, need: int, free: int) -> str | None:
+    """Why `need` bytes of memory checkpoints do not fit in `free` bytes (None: they do)."""
+    if need <= free:
+        return None
+    gib = 1 << 30
+    return (f"the checkpoint memory tier needs {need / gib:.2f} GiB of shared memory on this node "
+            f"({COPIES} copies of this node's share), but {directory} has {free / gib:.2f} GiB free; "
+            f"enlarge {SHM_ROOT} (docker run --shm-size, or a bigger tmpfs) or pass memory_tier=False")
+
+
+def free_bytes(directory: str) -> int:
+    """Free space where `directory` lives, counting the bytes its own checkpoints hold (replaced
+    by the next saves)."""
+    stat = os.statvfs(directory)
+    held = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
+    return stat.f_bavail * stat.f_frsize + held
+
+
+class MemoryRetention:
+    """After a commit a node keeps only that checkpoint. Uncommitted steps after it are kept:
+    another rank of the node may already be writing the next one."""
+
+    def __init__(self, loc: storage.Location) -> None:
+        self._loc = loc
+
+    def after_commit(self, committed: int, current_files: set[str]) -> None:
+        drop_old_attempts(self._loc, committed, current_files)
+        newer_committed = set(storage.committed_steps(self._loc))
+        for step in storage.step_dirs(self._loc):
+            if step < committed or (step > committed and step in newer_committed):
+                storage.delete_step(self._loc, step)
+
+
+class MemoryTier:
+    """The memory tier of one CheckpointManager (its construction is a collective of `ranks`)."""
+
+    def __init__(self, ranks: RankGroup, run_id: str | None) -> None:
+        self.placement = place(ranks)
+        loc = storage.open_location(self.placement.directory)
+        self.committed = CommittedCheckpoints(loc)
+        self.committer = Committer(self.committed, MemoryRetention(loc), run_id, guard=None,
+                                   node=NodeRole(self.placement.leader, self.placement.nodes), tier="memory")
+        self.source = Source(self.committed, "memory", node_local=True)
+        self._ranks = ranks
+        self._room_checked = False
+        # A private directory goes with the manager, also one never closed (at exit at the latest).
+        owner = self.placement.owned and self.placement.leader
+        self._remove = weakref.finalize(self, shutil.rmtree, self.placement.directory, True) if owner else None
+
+    @classmethod
+    def replace(cls, old: MemoryTier | None, ranks: RankGroup, run_id: str | None) -> MemoryTier:
+        """The tier placed anew for `ranks` (a collective), `old` closed first."""
+        if old is not None:
+            old.close()
+        return cls(ranks, run_id)
+
+    def targets(self, durable: Committer, also_durable: bool) -> list[Committer]:
+        """Where a save commits, in order: memory first (a restore can use it soonest), then
+        durable storage if `also_durable`; under the durable guard (round fence) and listener."""
+        self.committer.guard = durable.guard
+        self.committer.listener = durable.listener
+        return [self.committer, durable] if also_durable else [self.committer]
+
+    def check_room(self, share: int) -> None:
+        """At the first save: raise on every rank unless every node's shared memory holds
+        COPIES of its ranks' shares (`share`: this rank's shard size). A collective."""
+        if self._room_checked:
+            return
+        need = COPIES * share * self.placement.node_ranks  # ranks' shares are byte-balanced
+        problem = room_problem(self.placement.directory, need, free_bytes(self.placement.directory))
+        problems = [p for p in self._ranks.all_gather(problem) if p]
+        if problems:
+            raise CheckpointError(problems[0])
+        self._room_checked = True
+
+    def close(self) -> None:
+        """Remove a private directory (its leader; an agent's directory is the agent's)."""
+        if self._remove is not None:
+            self._remove()

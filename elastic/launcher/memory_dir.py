@@ -1,0 +1,131 @@
+"""The node's shared-memory directory for the checkpoint memory tier, owned by the agent.
+
+The agent creates it for the run (workers find it in ELASTIC_MEMORY_DIR), so the memory
+checkpoints outlive the workers, and removes it when it exits. After a worker failure it
+saves at breakpoint: ``python -m checkpoint.promote`` (a subprocess: the launcher imports
+neither checkpoint nor torch) copies the newest memory checkpoint to --checkpoint-dir when it
+is newer than the newest durable one, before the next round's workers start. That process is
+started on standby once the directory holds a checkpoint (it imports torch while the workers
+train, then waits for a go on stdin), so a failure does not wait for its imports.
+
+An agent killed with SIGKILL cannot remove its directory; it leaves its pid in it
+(OWNER_FILE), and the next agent to start on the host removes the directories whose agent is gone.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # events imports worker_group, which imports path() from here
+    from elastic.launcher.config import LaunchConfig
+    from elastic.launcher.events import EventLog
+
+log = logging.getLogger(__name__)
+
+SHM_ROOT = "/dev/shm"
+# A promotion copies one checkpoint's worth of this node's shards; a stuck filesystem must
+# not hold the job's recovery forever.
+PROMOTE_TIMEOUT = 600.0
+LOOK_EVERY = 1.0  # seconds between looks for a first memory checkpoint (one glob each)
+OWNER_FILE = ".agent-pid"
+
+
+def path(run_id: str, node_id: str) -> str | None:
+    """The node's memory directory for the run; None where the host has no shared memory."""
+    if not os.path.isdir(SHM_ROOT):
+        return None
+    return os.path.join(SHM_ROOT, "elastic-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_id}-{node_id}"))
+
+
+def remove_orphans() -> None:
+    """Remove the memory directories (of this user) whose agent is no longer running."""
+    for owner in glob.glob(os.path.join(SHM_ROOT, "elastic-*", OWNER_FILE)):
+        try:
+            with open(owner) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.dirname(owner), ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # not ours to judge (another user's, or being written)
+
+
+class MemoryDir:
+    """Create (now), save at breakpoint, remove."""
+
+    def __init__(self, config: LaunchConfig, node_id: str, events: EventLog) -> None:
+        self._config = config
+        self._events = events
+        self.path = path(config.run_id, node_id)
+        self._standby: subprocess.Popen | None = None
+        self._looked = 0.0
+        if self.path is not None:
+            remove_orphans()
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            with open(os.path.join(self.path, OWNER_FILE), "w") as f:
+                f.write(str(os.getpid()))
+
+    def prepare(self) -> None:
+        """While workers run (called every watch): once memory holds a checkpoint, start the
+        promotion on standby. Looks at most every LOOK_EVERY seconds."""
+        if self._standby is not None or time.monotonic() - self._looked < LOOK_EVERY:
+            return
+        self._looked = time.monotonic()
+        if self._has_checkpoint():
+            self._standby = self._start_promotion()
+
+    def save_at_breakpoint(self, round_: int) -> None:
+        """After a failure: promote the newest memory checkpoint to durable storage, if any."""
+        if not self._has_checkpoint():
+            return  # nothing committed in memory: no interpreter to start
+        started = time.monotonic()
+        proc, self._standby = self._standby or self._start_promotion(), None
+        try:
+            out, err = proc.communicate("go\n", timeout=PROMOTE_TIMEOUT)
+            lines = out.strip().splitlines()
+            outcome = json.loads(lines[-1]) if lines else {"step": None, "error": err.strip()[-500:]}
+        except (subprocess.TimeoutExpired, ValueError) as exc:
+            proc.kill()
+            proc.wait()
+            outcome = {"step": None, "error": f"{type(exc).__name__}: {exc}"}
+        seconds = round(time.monotonic() - started, 3)
+        if outcome.get("step") is not None:
+            self._events.emit("memory_checkpoint_promoted", round=round_, step=outcome["step"],
+                              url=self._config.checkpoint_dir, seconds=seconds)
+            log.warning("elastic-run: saved at breakpoint: memory checkpoint of step %d written to %s",
+                        outcome["step"], self._config.checkpoint_dir)
+        else:
+            why = outcome.get("error") or outcome.get("reason")
+            self._events.emit("memory_checkpoint_not_promoted", round=round_, reason=why, seconds=seconds)
+            if outcome.get("error"):
+                log.warning("elastic-run: the memory checkpoint could not be saved at breakpoint: %s", why)
+
+    def remove(self) -> None:
+        """At exit: the standby process told to exit (EOF), the directory removed."""
+        if self._standby is not None:
+            try:
+                self._standby.communicate("", timeout=10)
+            except subprocess.TimeoutExpired:
+                self._standby.kill()
+                self._standby.wait()
+            self._standby = None
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _has_checkpoint(self) -> bool:
+        return (self.path is not None and bool(self._config.checkpoint_dir)
+                and bool(glob.glob(os.path.join(glob.escape(self.path), "step_*", "manifest.json"))))
+
+    def _start_promotion(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "checkpoint.promote", "--on-go", self.path, self._config.checkpoint_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,221 @@
+"""The checkpoint memory tier (issue 18): saves into the node's shared memory, restores from
+it first, falls back to durable storage when a memory shard does not verify, stays bounded,
+refuses a state that does not fit, and is saved at breakpoint by `python -m checkpoint.promote`.
+
+Real shared memory (a directory on /dev/shm, as elastic-run's agent makes one) and, for 2
+ranks, real processes in a real gloo group: this file is also their script (see the end).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+from checkpoint import CheckpointManager
+from checkpoint.cli.commands import main as elastic_ckpt
+from checkpoint.collectives import RankGroup
+from checkpoint.errors import CheckpointCorruptError, CheckpointError
+from checkpoint.memory_tier import SHM_ROOT, MemoryTier, free_bytes, room_problem
+from checkpoint.promote import main as promote_main
+from checkpoint.promote import promote
+from elastic.exchange.env import MEMORY_DIR
+
+HERE = os.path.abspath(__file__)
+
+
+@pytest.fixture
+def memory_dir(monkeypatch):
+    """The node's memory directory as the agent hands it over (ELASTIC_MEMORY_DIR)."""
+    path = tempfile.mkdtemp(prefix="elastic-test-", dir=SHM_ROOT)
+    monkeypatch.setenv(MEMORY_DIR, path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def step_dirs(root: str) -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "step_*")))
+
+
+def save_steps(url, steps, durable_steps=()) -> CheckpointManager:
+    """Steps saved into memory, `durable_steps` also durably; w == step at each step."""
+    ckpt = CheckpointManager(url, memory_tier=True)
+    for step in steps:
+        ckpt.save(step, {"w": torch.full((1000,), float(step)), "n": step}, durable=step in durable_steps)
+    ckpt.wait()
+    return ckpt
+
+
+def test_memory_saves_restore_from_memory_and_keep_only_the_newest(tmp_path, memory_dir):
+    ckpt = save_steps(tmp_path / "ckpt", range(1, 6), durable_steps=(2,))
+    assert ckpt.steps() == [2], "durable=False writes nothing durable"
+    assert step_dirs(memory_dir) == ["step_000000000005"], "after a commit a node keeps only that one"
+    ckpt.close()
+    assert os.path.isdir(memory_dir), "the agent's directory outlives the manager"
+
+    restarted = CheckpointManager(tmp_path / "ckpt", memory_tier=True)  # a new worker after a failure
+    state = {"w": torch.zeros(1000), "n": 0}
+    assert restarted.load(state) == 5
+    assert (restarted.restored.step, restarted.restored.tier) == (5, "memory")
+    assert torch.equal(state["w"], torch.full((1000,), 5.0)) and state["n"] == 5
+    assert restarted.load(state, step=2) == 2 and restarted.restored.tier == "durable"
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "missing shard"])
+def test_a_damaged_memory_checkpoint_falls_back_to_durable_naming_the_file(tmp_path, memory_dir, damage):
+    save_steps(tmp_path / "ckpt", (1, 2), durable_steps=(1,)).close()
+    (shard,) = glob.glob(os.path.join(memory_dir, "step_000000000002", "*.safetensors"))
+    if damage == "missing shard":
+        os.remove(shard)
+    else:
+        with open(shard, "r+b") as f:
+            f.seek(-8, os.SEEK_END)  # inside the data of "w"
+            byte = f.read(1)
+            f.seek(-8, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0x01]))
+    ckpt = CheckpointManager(tmp_path / "ckpt", memory_tier=True)
+    state = {"w": torch.zeros(1000), "n": 0}
+    with pytest.warns(RuntimeWarning) as caught:
+        assert ckpt.load(state) == 1
+    message = str(caught[0].message)
+    assert f"step 2 in {memory_dir} (memory tier) cannot be loaded" in message, message
+    assert os.path.basename(shard) in message and "falling back to step 1" in message, message
+    assert ckpt.restored.tier == "durable" and torch.equal(state["w"], torch.full((1000,), 1.0))
+
+
+def test_without_an_agent_the_memory_directory_is_private_and_removed_at_close(tmp_path, monkeypatch):
+    monkeypatch.delenv(MEMORY_DIR, raising=False)
+    ckpt = save_steps(tmp_path / "ckpt", (1,))
+    (private,) = [p for p in glob.glob(os.path.join(SHM_ROOT, "elastic-ckpt-*")) if step_dirs(p)]
+    assert step_dirs(private) == ["step_000000000001"]
+    ckpt.close()
+    assert not os.path.exists(private)
+
+
+def test_save_durable_false_needs_the_memory_tier(tmp_path):
+    ckpt = CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match="memory tier only: create the CheckpointManager with memory_tier=True"):
+        ckpt.save(1, {"w": torch.zeros(2)}, durable=False)
+    with pytest.raises(ValueError, match="replicas=-1 must be an int >= 0"):
+        CheckpointManager(tmp_path, memory_tier=True, replicas=-1)
+
+
+def test_a_state_that_does_not_fit_in_shared_memory_is_refused_with_the_numbers(memory_dir):
+    assert room_problem(memory_dir, need=10, free=10) is None
+    message = room_problem(memory_dir, need=3 << 30, free=1 << 30)
+    assert "needs 3.00 GiB of shared memory" in message and "has 1.00 GiB free" in message
+    assert "--shm-size" in message and "memory_tier=False" in message
+    tier = MemoryTier(RankGroup.current(), run_id=None)
+    share = free_bytes(memory_dir) // 2 + 1  # two copies of it do not fit in what is free now
+    with pytest.raises(CheckpointError, match=r"needs [\d.]+ GiB of shared memory on this node \(2 copies"):
+        tier.check_room(share)
+    tier.check_room(1 << 20)
+
+
+def test_promote_saves_the_newest_verified_memory_checkpoint_at_breakpoint(tmp_path, memory_dir, capsys):
+    durable = tmp_path / "ckpt"
+    save_steps(durable, (1, 2, 3), durable_steps=(1,)).close()
+    assert promote_main([memory_dir, str(durable)]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["step"] == 3 and outcome["copied_bytes"] > 4000, outcome
+    ckpt = CheckpointManager(durable)
+    assert ckpt.steps() == [1, 3] and ckpt.verify(3) == 3
+    again = promote(memory_dir, str(durable))
+    assert again.step is None and "durable step 3 is not older than memory step 3" in again.reason
+
+    # elastic-ckpt inspect shows the tier each save went to (3: into memory, saved at breakpoint).
+    assert elastic_ckpt(["inspect", str(durable), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [(c["step"], c["tier"]) for c in listed] == [(1, "durable"), (3, "memory")]
+    assert elastic_ckpt(["inspect", str(durable)]) == 0
+    table = capsys.readouterr().out
+    assert "TIER" in table and re.search(r"\b3\b.*committed\s+memory", table), table
+
+    save_steps(durable, (4,)).close()
+    (shard,) = glob.glob(os.path.join(memory_dir, "step_000000000004", "*.safetensors"))
+    with open(shard, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x80]))
+    with pytest.raises(CheckpointCorruptError, match=f"{shard}: chunk 'w'"):
+        promote(memory_dir, str(durable))
+    assert CheckpointManager(durable).steps() == [1, 3], "a corrupt memory checkpoint is never promoted"
+
+
+def test_two_ranks_share_the_node_memory_and_reshard_from_it(tmp_path, memory_dir, python_env):
+    proc = subprocess.run([sys.executable, HERE, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          env=dict(python_env, **{MEMORY_DIR: memory_dir}), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("memory-ok") == 2, proc.stdout
+    # Saved by 2 ranks, loaded by one process with no process group: resharding from memory.
+    ckpt = CheckpointManager(tmp_path / "ckpt", memory_tier=True)
+    state = two_tensors(0)
+    assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
+    assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab")
+
+
+def two_tensors(step: int) -> dict:
+    """Two tensors, so that each of 2 ranks writes one (the writing is split by bytes)."""
+    return {"a": torch.arange(1000, dtype=torch.float32) + step, "b": torch.full((1000,), -step), "n": step}
+
+
+def test_the_memory_directories_of_agents_killed_with_sigkill_are_removed_by_the_next_agent():
+    from elastic.launcher.memory_dir import OWNER_FILE, remove_orphans
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no process: an agent that was killed
+    orphan, alive = (tempfile.mkdtemp(prefix="elastic-test-", dir=SHM_ROOT) for _ in range(2))
+    for path, pid in ((orphan, gone.pid), (alive, os.getpid())):
+        with open(os.path.join(path, OWNER_FILE), "w") as f:
+            f.write(str(pid))
+    try:
+        remove_orphans()
+        assert not os.path.exists(orphan) and os.path.isdir(alive)
+    finally:
+        shutil.rmtree(alive, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def _worker(url: str) -> None:
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method=f"file://{os.environ['CKPT_TEST_STORE']}",
+                            rank=int(os.environ["RANK"]), world_size=world)
+    ckpt = CheckpointManager(url, memory_tier=True)
+    placement = ckpt._memory.placement
+    assert (placement.leader, placement.node_ranks, placement.nodes) == (dist.get_rank() == 0, 2, 1), placement
+    for step in (1, 2, 3):
+        ckpt.save(step, two_tensors(step), durable=step == 2)
+    ckpt.wait()
+    assert ckpt.steps() == [2]
+    manifest = json.load(open(os.path.join(os.environ[MEMORY_DIR], "step_000000000003", "manifest.json")))
+    assert manifest["world_size"] == 2 and len(manifest["files"]) == 2, manifest["files"]
+    state = two_tensors(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
+    assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab") and state["n"] == 3
+    ckpt.close()
+    dist.destroy_process_group()
+    print("memory-ok", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))
+    from helpers import fork_ranks
+
+    codes = fork_ranks(2, lambda: _worker(sys.argv[1]), f"{sys.argv[1]}-store")
+    sys.exit(1 if any(codes) else 0)
