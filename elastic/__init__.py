@@ -22,11 +22,13 @@ from elastic.errors import (
 
 if TYPE_CHECKING:
     from elastic.worker.context import Context as Context, init as init
+    from elastic.worker.batches import sample_generator as sample_generator
     from elastic.worker.sampler import ElasticSampler as ElasticSampler
     from elastic.worker.train_loop import Step as Step, TrainLoop as TrainLoop
 
 _LAZY = {"Context": "elastic.worker.context", "init": "elastic.worker.context", "ElasticSampler": "elastic.worker.sampler",
-         "Step": "elastic.worker.train_loop", "TrainLoop": "elastic.worker.train_loop"}
+         "Step": "elastic.worker.train_loop", "TrainLoop": "elastic.worker.train_loop",
+         "sample_generator": "elastic.worker.batches"}
 
 __all__ = sorted([*_LAZY, "ConfigError", "ElasticError", "RendezvousConnectionError", "RendezvousError",
                   "RendezvousTimeoutError", "StaleRoundError", "StateMismatchError", "TrainLoopUsageError"])

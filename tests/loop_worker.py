@@ -7,7 +7,8 @@ and rank 0 writes the final parameters to <out>/params.<tag>.pt. Each process al
 start-up timestamps (started, imported, initialized = process group up, resumed =
 checkpoint loaded) to <out>/boot.<tag>.rank<r>.jsonl. Under a supervisor
 restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>". A worker that
-elastic-run reconfigures in-process (--ddp) goes on writing under its new rank.
+elastic-run reconfigures in-process (--ddp) goes on writing under its new rank. With
+--num-workers each DataLoader worker process appends its pid to <out>/loader_pids.<tag>.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 _STARTED = time.time()  # before the heavy imports: the recovery benchmark splits spawn from import
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -46,6 +48,12 @@ def build_dataset() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     return [(x[i], y[i], i) for i in range(N_SAMPLES)]
 
 
+def record_pid(path: str, worker_id: int) -> None:
+    """A DataLoader worker_init_fn: note this loader worker's pid (tests check that it ends)."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -70,6 +78,8 @@ def main() -> int:
     p.add_argument("--ddp", action="store_true",
                    help="wrap in DDP at world size 1 too (elastic-run can then reconfigure it in-process)")
     p.add_argument("--overlap-save", action="store_true", help="TrainLoop(overlap_save=True)")
+    p.add_argument("--num-workers", type=int, default=0, help="TrainLoop(num_workers=N): DataLoader workers")
+    p.add_argument("--compile", action="store_true", help="torch.compile the (wrapped) model, backend eager")
     p.add_argument("--hidden", type=int, default=8, help="a different model for mismatch tests")
     p.add_argument("--setup-seconds", type=float, default=0.0,
                    help="sleep this long before building the loop: stands for a real script's set-up "
@@ -90,6 +100,8 @@ def main() -> int:
         model = fully_shard(model)
     elif ctx.world_size > 1 or (args.ddp and torch.distributed.is_initialized()):
         model = DistributedDataParallel(model)
+    if args.compile:
+        model = torch.compile(model, backend="eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
     ckpt = None
@@ -114,7 +126,9 @@ def main() -> int:
         global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
         checkpoint=ckpt, save_every=args.save_every, max_steps=args.max_steps, seed=5,
         scheduler=scheduler, stop_check_every=1,  # deterministic stop step for the SIGTERM test
-        overlap_save=args.overlap_save,
+        overlap_save=args.overlap_save, num_workers=args.num_workers,
+        worker_init_fn=functools.partial(record_pid, os.path.join(args.out, f"loader_pids.{tag}"))
+        if args.num_workers else None,
     )
     print(f"rank {ctx.rank} resumed {loop.resume()}", flush=True)
     with open(os.path.join(args.out, f"boot.{tag}.rank{ctx.rank}.jsonl"), "a") as boot:
@@ -144,7 +158,8 @@ def main() -> int:
                                       "t": time.time(), "pid": os.getpid(),
                                       "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
     # Collective for FSDP2 (full_state_dict gathers the shards); keys without DDP's prefix.
-    params = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    module = getattr(model, "_orig_mod", model)  # a compiled model's keys without "_orig_mod."
+    params = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
     if loop.rank == 0:
         torch.save(params, os.path.join(args.out, f"params.{tag}.pt"))
     return 0

@@ -15,7 +15,7 @@ def test_elastic_public_names():
     assert elastic.__all__ == sorted([
         "ConfigError", "Context", "ElasticError", "ElasticSampler", "RendezvousConnectionError",
         "RendezvousError", "RendezvousTimeoutError", "StaleRoundError", "StateMismatchError",
-        "Step", "TrainLoop", "TrainLoopUsageError", "init"])
+        "Step", "TrainLoop", "TrainLoopUsageError", "init", "sample_generator"])
     for name in elastic.__all__:
         assert getattr(elastic, name) is not None
     assert callable(elastic.init) and isinstance(elastic.TrainLoop, type)

@@ -1,4 +1,5 @@
-"""The elastic sampler: order from (seed, epoch) only; step s = positions [s*G, (s+1)*G)."""
+"""The elastic sampler: order from (seed, epoch) only; step s = positions [s*G, (s+1)*G); an epoch
+is a permutation computed per index, in O(1) memory."""
 
 from __future__ import annotations
 
@@ -65,3 +66,38 @@ def test_bad_values_are_named():
         ElasticSampler(10, 2, seed=-1)
     with pytest.raises(ConfigError, match="an epoch has 5 steps"):
         ElasticSampler(10, 2).step_at(0, 5)
+    with pytest.raises(ConfigError, match="at most 2\\^62 are supported"):
+        ElasticSampler(1 << 62, 2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 31, 64, 100, 1000, 4097])
+def test_every_epoch_is_a_permutation(n):
+    """Small N exhaustively, powers of two and not, for several seeds and epochs; one id at
+    a time (Python ints) and many at once (numpy) give the same order."""
+    for seed, epoch in [(0, 0), (0, 1), (9, 0), (9, 5)]:
+        sampler = ElasticSampler(n, 1, seed=seed)
+        order = sampler.epoch_order(epoch).tolist()
+        assert sorted(order) == list(range(n)), (seed, epoch)
+        assert [sampler.permutation(epoch).at(p) for p in range(n)] == order
+    if n >= 100:  # a shuffle, not a near-identity
+        assert sum(i == p for p, i in enumerate(order)) < n // 10
+
+
+def test_ten_billion_samples_no_collisions_and_no_memory_growth():
+    import tracemalloc
+
+    import numpy as np
+
+    n = 10**10
+    sampler = ElasticSampler(n, 1024, seed=1)
+    positions = np.random.default_rng(0).choice(n, size=200_000, replace=False)
+    ids = sampler.permutation(3)(positions)
+    assert len(np.unique(ids)) == len(ids) and ids.min() >= 0 and ids.max() < n
+    assert ids.max() > n // 2  # spread over the whole range
+    sampler.samples(0)
+    tracemalloc.start()
+    for step in range(10**6, 10**6 + 50):
+        assert len(set(sampler.samples(step).ids)) == 1024
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 512 * 1024, f"building steps of 10^10 samples peaked at {peak} bytes"

@@ -187,7 +187,8 @@ class Counter:
         self.count = state["count"]
 
 
-def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5, overlap_save=False):
+def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5, overlap_save=False,
+                         num_workers=0):
     """Train in this process with a CheckpointManager; stop_at leaves the loop early (as a crash
     would, minus the process exit). Returns the parameters and the sample ids per step."""
     from checkpoint import CheckpointManager
@@ -201,7 +202,7 @@ def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden
     with CheckpointManager(str(directory), keep_last=2) as ckpt:
         loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
                                  micro_batch_size=m, max_steps=max_steps, checkpoint=ckpt,
-                                 save_every=2, scheduler=sched, overlap_save=overlap_save,
+                                 save_every=2, scheduler=sched, overlap_save=overlap_save, num_workers=num_workers,
                                  extra_state={"counter": counter, "config": {"hidden": hidden}})
         resumed = loop.resume()
         assert counter.count == (resumed or 0)  # user extras come back with the checkpoint
@@ -221,11 +222,13 @@ def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden
     return [p.detach().clone() for p in model.parameters()], seen
 
 
-@pytest.mark.parametrize("overlap_save", [False, True])
-def test_resume_in_one_process_is_bitwise(tmp_path, overlap_save):
+@pytest.mark.parametrize("overlap_save, num_workers", [(False, 0), (True, 0), (False, 2)])
+def test_resume_in_one_process_is_bitwise(tmp_path, overlap_save, num_workers):
     full, full_ids = run_with_checkpoints(tmp_path / "a", max_steps=9)
-    _, first_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, stop_at=5, overlap_save=overlap_save)
-    resumed, resumed_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, overlap_save=overlap_save)
+    _, first_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, stop_at=5, overlap_save=overlap_save,
+                                        num_workers=num_workers)
+    resumed, resumed_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, overlap_save=overlap_save,
+                                                num_workers=num_workers)
     assert min(resumed_ids) == 4  # saves every 2 steps: step 4 was the last one committed
     for a, b in zip(full, resumed):
         assert torch.equal(a, b)

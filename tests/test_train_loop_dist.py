@@ -4,7 +4,8 @@ One uninterrupted run at world size 2 is the reference. An interrupted run (a ra
 SIGKILLed at a random step, all relaunched) must end bitwise equal to it; a run resized
 2 -> 1 -> 3 (stopped by SIGTERM, then by max_steps; DDP, then a plain module, then FSDP2)
 within 1e-7. Every run must feed each step exactly the reference's sample ids, with
-ceil(G/(m*W)) micro-steps.
+ceil(G/(m*W)) micro-steps. The loader's worker processes (num_workers) and torch.compile
+change none of this.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from elastic.exchange.progress import read_progress
 from elastic.worker.sampler import ElasticSampler
-from helpers import child_env
+from helpers import alive, child_env, wait_gone
 from loop_launch import Group
 
 G, M, STEPS, SAVE_EVERY = 7, 1, 12, 3
@@ -76,9 +77,19 @@ def reference(tmp_path_factory):
     return out, ids
 
 
-@pytest.mark.parametrize("overlap", [[], ["--overlap-save"]], ids=["copy-then-write", "overlap-save"])
+def loader_pids(path):
+    with open(path) as f:
+        pids = {int(line) for line in f}
+    assert len(pids) == 4, f"expected 2 loader workers on each of 2 ranks, got {pids}"
+    return pids
+
+
+@pytest.mark.parametrize("overlap", [[], ["--overlap-save"], ["--num-workers", 2, "--compile"]],
+                         ids=["copy-then-write", "overlap-save", "loader-workers-compiled"])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference, overlap):
-    """With overlap_save the snapshot copies run during the next step's forwards."""
+    """With overlap_save the snapshot copies run during the next step's forwards; with loader
+    workers and a compiled DDP model the samples, their order and the result stay the same,
+    and the loader workers end with their rank, killed or not."""
     ref_out, ref_ids = reference
     kill_at = random.Random(os.environ.get("TEST_SEED", "6")).randint(4, STEPS - 2)
     ckpt = tmp_path / "ckpt"
@@ -99,6 +110,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference, ov
     ref, got = params(ref_out, "ref"), params(tmp_path, "resumed")
     for k in ref:
         assert torch.equal(got[k], ref[k]), f"kill_at={kill_at}: {k} differs by {(got[k] - ref[k]).abs().max()}"
+    if "--num-workers" in overlap:  # the killed ranks' loader workers see their parent gone
+        assert not any(alive(pid) for pid in loader_pids(tmp_path / "loader_pids.resumed"))
+        assert wait_gone(loader_pids(tmp_path / "loader_pids.killed"), timeout=15) == set()
 
 
 def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, reference):

@@ -35,6 +35,7 @@ class Progress(Record):
     commits: tuple[Commit, ...] = ()  # the newest KEPT_COMMITS checkpoint commits this rank saw
     reconfigurable: bool = False  # its TrainLoop can re-form the process group in-process
     parked: int | None = None  # committed this step and waits for its next round (elastic/exchange/control.py)
+    skipped_steps: int = 0  # steps the loop's grad scaler skipped (inf/NaN gradients) in the run so far
 
     # Commits kept in the record: the agent reads it every --monitor-interval, and several
     # commits can come in between (a final save right after a periodic one).

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,12 +107,20 @@ class AccumulationPlan:
             raise ConfigError(f"rank={rank} is outside [0, {self.world_size})")
 
 
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a torch.compile'd model wraps (DDP, FSDP2 or plain); `model` itself otherwise."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def is_fsdp2(model: torch.nn.Module) -> bool:
-    return isinstance(model, _FSDPModule)
+    return isinstance(unwrap_compiled(model), _FSDPModule)
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return isinstance(unwrap_compiled(model), torch.nn.parallel.DistributedDataParallel)
 
 
 @contextlib.contextmanager
@@ -121,6 +130,7 @@ def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     DDP: `no_sync()`; FSDP2: `set_requires_gradient_sync(False)`. A plain module has no sync.
     The flag must cover both forward and backward: DDP reads it in forward.
     """
+    model = unwrap_compiled(model)
     if enabled:
         yield
     elif is_ddp(model):

@@ -161,10 +161,11 @@ class ProgressFile:
         self._record = Progress(step=None, changed_at=time.time())
         self._write()
 
-    def write(self, step: int) -> None:
+    def write(self, step: int, skipped: int = 0) -> None:
         with self._lock:
             resumed = step if self._record.resumed is None else self._record.resumed
-            self._record = dataclasses.replace(self._record, step=step, changed_at=time.time(), resumed=resumed)
+            self._record = dataclasses.replace(self._record, step=step, changed_at=time.time(), resumed=resumed,
+                                               skipped_steps=skipped)
             self._write()
 
     def commit(self, step: int, stall: float) -> None:
@@ -202,10 +203,11 @@ def open_progress_file(path: str | None) -> None:
         _progress = ProgressFile(path)
 
 
-def report_progress(step: int) -> None:
-    """Record `step` as the last completed optimizer step (no-op without a progress file)."""
+def report_progress(step: int, skipped: int = 0) -> None:
+    """Record `step` as the last completed optimizer step, after `skipped` steps the grad scaler
+    skipped (inf/NaN gradients) in the run so far (no-op without a progress file)."""
     if _progress is not None:
-        _progress.write(step)
+        _progress.write(step, skipped)
 
 
 def report_reconfigurable() -> None:

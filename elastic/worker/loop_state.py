@@ -16,7 +16,7 @@ import torch.distributed as dist
 from elastic.errors import ConfigError, StateMismatchError
 from elastic.worker.rng_state import RngState, seed_all
 
-RESERVED = ("model", "optimizer", "loop", "scheduler")  # the loop's own checkpoint entries
+RESERVED = ("model", "optimizer", "loop", "scheduler", "grad_scaler")  # the loop's own checkpoint entries
 
 
 class Checkpointer(Protocol):
@@ -56,12 +56,14 @@ class LoopState:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.values = dict(state)
 
-    def capture(self, step: int, epoch: int, step_in_epoch: int, streams: RngState,
+    def capture(self, step: int, skipped: int, epoch: int, step_in_epoch: int, streams: RngState,
                 group: dist.ProcessGroup | None, world_size: int) -> None:
         """Set the values to save with step `step`, gathering every rank's `streams` over the
-        loop's `group` (a collective; None at world size 1)."""
+        loop's `group` (a collective; None at world size 1). `skipped` steps (the grad scaler's)
+        consumed samples too: (epoch, step_in_epoch) is the position of step + skipped."""
         self.values = {
             "step": step,
+            "skipped": skipped,
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             **dataclasses.asdict(self.order),
@@ -69,9 +71,9 @@ class LoopState:
             "rng": _gather(streams.to_json(), group, world_size),
         }
 
-    def restore(self, step: int, rank: int) -> None:
-        """Check the values loaded with the checkpoint of `step` against this loop, then
-        restore `rank`'s random streams."""
+    def restore(self, step: int, rank: int) -> int:
+        """Check the values loaded with the checkpoint of `step` against this loop, restore
+        `rank`'s random streams, and return the number of skipped steps before `step`."""
         saved = self.values
         expected = dataclasses.asdict(self.order)
         different = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
@@ -94,10 +96,11 @@ class LoopState:
             # A rank that did not exist when the checkpoint was written gets a fresh,
             # deterministic stream rather than a copy of another rank's.
             seed_all(self.order.seed + 1_000_003 * rank + step)
+        return saved.get("skipped", 0)  # absent in checkpoints of releases before the grad scaler
 
 
 def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState, scheduler: Any,
-                     extra_state: Mapping[str, Any] | None) -> dict[str, Any]:
+                     grad_scaler: Any, extra_state: Mapping[str, Any] | None) -> dict[str, Any]:
     """The entries of the loop's checkpoints: its own (RESERVED) and the user's `extra_state`."""
     state: dict[str, Any] = {
         # The manager keys optimizer state by parameter names through the model and drops
@@ -109,6 +112,8 @@ def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     }
     if scheduler is not None:
         state["scheduler"] = scheduler
+    if grad_scaler is not None:  # its scale and growth tracker: a resume must not restart them
+        state["grad_scaler"] = grad_scaler
     for key, value in (extra_state or {}).items():
         if key in state:
             raise ConfigError(f"extra_state key {key!r} is reserved by the loop; rename it")

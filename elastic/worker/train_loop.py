@@ -6,8 +6,9 @@ Call order (every rank runs the same sequence):
      any, through the CheckpointManager (a collective: all ranks load together).
   3. Each iteration yields a `Step`; iterating the Step yields this rank's A micro-batches;
      the user calls `step.backward(loss)` once per micro-batch.
-  4. When the loop advances: optimizer.step(), zero_grad(), scheduler.step(), the progress
-     file, the preemption check, and the periodic checkpoint.
+  4. When the loop advances: unscale, hook, clip, optimizer.step() (optimizer_step.py),
+     zero_grad(), scheduler.step(), the progress file, the preemption check, and the
+     periodic checkpoint.
   5. After `max_steps` the final state is saved; on SIGTERM every rank stops after the same
      step, saves it, waits for the commit and exits with code 143 (stop_agreement.py).
   6. Under `elastic-run --reconfigure`, a DDP loop with a checkpoint manager is reconfigured
@@ -27,6 +28,41 @@ step's forward passes already changed (BatchNorm statistics) are saved as they a
 call, so save before the body draws from them (before `for batch in step`) when such a job
 must resume bitwise. Saving a step that is already saved (for example to attach a
 validation loss) commits it again with the new metrics.
+
+Options (keyword-only; the names are the contract):
+- `checkpoint`: a CheckpointManager, or None to train without checkpoints;
+- `save_every`: also save after every n-th optimizer step (None: only at the end, on
+  SIGTERM and when `save()` is called);
+- `extra_state`: more entries for the checkpoint (objects with state_dict() and
+  load_state_dict(), tensors, JSON values), restored on resume like the model;
+- `stop_check_every`: agree on SIGTERM every n steps (None: about every
+  STOP_CHECK_SECONDS, adapted to the measured step time);
+- `overlap_save`: let a save's snapshot copy run during the next forwards/backwards,
+  so only the next optimizer.step() waits for it (CheckpointManager.save(overlap=True)).
+  The snapshot must not change before then, so models with buffers (BatchNorm
+  statistics change in forward) are refused, and extra_state tensors must be left
+  alone until the next step boundary. Off by default: on CPU the copy competes with
+  training for the same cores, so it shortens the stall but not the total cost
+  (benchmarks/bench_save_stall.py);
+- `num_workers`, `prefetch_factor`, `pin_memory`, `persistent_workers`, `worker_init_fn`:
+  as for torch.utils.data.DataLoader, which loads this rank's micro-batches (batches.py);
+  the samples and their order do not depend on them, and the loader's worker processes
+  end with the loop (its end, an error, SIGTERM) or are rebuilt for a new world size;
+- `device`: move every tensor of a batch (in tuples, lists, dicts, dataclasses,
+  namedtuples) there; non_blocking when `pin_memory`;
+- `grad_scaler`: a torch.amp.GradScaler: step.backward scales the loss, and the scaler's
+  state is checkpointed. A step it skips (inf/NaN gradients) takes no optimizer or
+  scheduler step and does not advance `loop.step` or `step.index`, but consumes its
+  samples (the next step takes the next ones); the progress record counts the skips;
+- `on_before_optimizer_step(step)`: called with the final gradients (after the scaler
+  unscaled them, before clipping), as in Lightning (optimizer_step.py);
+- `clip_grad_norm`: clip the global gradient norm (of the exact global mean, after DDP's
+  all-reduce; DTensor gradients under FSDP2) to this value; `step.grad_norm` holds the
+  norm before clipping once the loop advanced past the step.
+A torch.compile'd model (of a DDP, FSDP2 or plain module) works as the module it wraps.
+The sample order is a seeded Feistel permutation per epoch (sampler.py), not the full
+permutation earlier releases drew: their checkpoints resume at the same (epoch, step) in
+the new order.
 """
 
 from __future__ import annotations
@@ -40,138 +76,34 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from elastic.errors import ConfigError, TrainLoopUsageError
-from elastic.worker.accumulation import AccumulationPlan, MicroBatch, gradient_sync, is_ddp, is_fsdp2
+from elastic.errors import ConfigError
+from elastic.worker.accumulation import AccumulationPlan, is_ddp, is_fsdp2, unwrap_compiled
+from elastic.worker.batches import LoaderOptions, MicroBatches, check_map_style
 from elastic.worker.context import report_commit, report_progress
 from elastic.worker.fencing import commit_guard_from_env
 from elastic.worker.loop_state import RESERVED, Checkpointer, LoopState, SampleOrder, checkpoint_state
+from elastic.worker.optimizer_step import OptimizerStep
 from elastic.worker.reconfigure import Reconfiguration
 from elastic.worker.rng_state import RngState, TorchStreams
-from elastic.worker.sampler import ElasticSampler, StepSamples
+from elastic.worker.sampler import ElasticSampler
+from elastic.worker.step import Step
 from elastic.worker.stop_agreement import PREEMPTED_EXIT_CODE, STOP_CHECK_SECONDS, StopAgreement
 
 log = logging.getLogger(__name__)
-
-
-class Step:
-    """One global optimizer step as seen by one rank.
-
-    Iterate it for this rank's micro-batches; call `backward(loss)` once per micro-batch with
-    the micro-batch's mean loss. A rank whose share of the global batch is shorter than the
-    accumulation steps gets a zero-weight micro-batch (a repeat of one of its own samples):
-    every rank must run the same forwards and the last backward, because DDP buffer
-    broadcasts and FSDP2 all-gathers are collectives. Multiplying the loss by 0.0 adds exact
-    zeros to the gradient (for a finite forward), and the plan is a pure function of
-    (G, m, W), so a rerun at the same world size repeats exactly the same operations: that is
-    what makes resume bitwise. An explicit gradient all-reduce would also be exact, but it
-    gives up DDP's bucketed overlap of communication with backward and needs a second code
-    path for FSDP2's reduce-scatter.
-    """
-
-    def __init__(self, loop: TrainLoop, samples: StepSamples) -> None:
-        self._loop = loop
-        self._samples = samples
-        self._micro_batches = loop.micro_batches
-        self._current: MicroBatch | None = None
-        self._backward_calls = 0
-        self._finished = False
-
-    @property
-    def index(self) -> int:
-        """Global optimizer step, from 0; equals the number of steps completed before it."""
-        return self._samples.step
-
-    @property
-    def epoch(self) -> int:
-        return self._samples.epoch
-
-    @property
-    def step_in_epoch(self) -> int:
-        return self._samples.step_in_epoch
-
-    @property
-    def world_size(self) -> int:
-        return self._loop.world_size
-
-    @property
-    def accumulation_steps(self) -> int:
-        return self._loop.plan.accumulation_steps
-
-    @property
-    def global_sample_ids(self) -> tuple[int, ...]:
-        """The G sample ids of this step, in global-batch order (same on every rank)."""
-        return self._samples.ids
-
-    @property
-    def sample_ids(self) -> tuple[int, ...]:
-        """The sample ids this rank consumes in this step (zero-weight repeats excluded)."""
-        start, stop = self._loop.rank_range
-        return self._samples.ids[start:stop]
-
-    @property
-    def micro_batch(self) -> MicroBatch | None:
-        """The micro-batch being processed (size 0 and weight 0 for a zero-weight repeat)."""
-        return self._current
-
-    def __iter__(self) -> Iterator[Any]:
-        if self._current is not None or self._finished:
-            raise TrainLoopUsageError(
-                f"step {self.index}: its micro-batches were already iterated; iterate each "
-                "Step exactly once"
-            )
-        loop = self._loop
-        last = len(self._micro_batches) - 1
-        rank_ids = self.sample_ids
-        for mb in self._micro_batches:
-            ids = self._samples.ids[mb.start : mb.stop] or rank_ids[:1]
-            batch = loop.collate_fn([loop.dataset[i] for i in ids])
-            self._current = mb
-            with gradient_sync(loop.model, enabled=mb.index == last):
-                yield batch
-            if self._backward_calls != mb.index + 1:
-                raise TrainLoopUsageError(
-                    f"step {self.index}: micro-batch {mb.index} ended without step.backward("
-                    "loss); call step.backward(loss) exactly once per batch (not "
-                    "loss.backward(), which skips the global-batch scaling)"
-                )
-        self._current = None
-        self._finished = True
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate `loss` (a mean over the micro-batch), scaled for the global mean."""
-        mb = self._current
-        if mb is None:
-            raise TrainLoopUsageError(
-                f"step {self.index}: step.backward was called outside `for batch in step`"
-            )
-        if self._backward_calls > mb.index:
-            raise TrainLoopUsageError(
-                f"step {self.index}: step.backward was called twice for micro-batch "
-                f"{mb.index}; call it once per batch with the micro-batch's mean loss"
-            )
-        (loss * mb.weight).backward()
-        self._backward_calls += 1
 
 
 class TrainLoop:
     """Owns the step counter, the elastic sampler, accumulation, checkpoints and resume.
 
     Not thread-safe; one per process, created on every rank (it makes a small gloo group).
-    All options are keyword-only and checked here, at the boundary:
-    - `checkpoint`: a CheckpointManager, or None to train without checkpoints;
-    - `save_every`: also save after every n-th optimizer step (None: only at the end, on
-      SIGTERM and when `save()` is called);
-    - `extra_state`: more entries for the checkpoint (objects with state_dict() and
-      load_state_dict(), tensors, JSON values), restored on resume like the model;
-    - `stop_check_every`: agree on SIGTERM every n steps (None: about every
-      STOP_CHECK_SECONDS, adapted to the measured step time);
-    - `overlap_save`: let a save's snapshot copy run during the next forwards/backwards,
-      so only the next optimizer.step() waits for it (CheckpointManager.save(overlap=True)).
-      The snapshot must not change before then, so models with buffers (BatchNorm
-      statistics change in forward) are refused, and extra_state tensors must be left
-      alone until the next step boundary. Off by default: on CPU the copy competes with
-      training for the same cores, so it shortens the stall but not the total cost
-      (benchmarks/bench_save_stall.py).
+    All options are keyword-only and checked here, at the boundary; the module docstring
+    says what each one does. Data: `dataset` must be map-style (len() and [i]); a
+    torch.utils.data.DataLoader with `num_workers` processes loads this rank's micro-batches
+    off the training thread, the same samples in the same order whatever the workers.
+    Random augmentation in `dataset[i]` must be seeded by the sample, not by a process's
+    global stream: `i` is an int with an `epoch` attribute, and
+    `elastic.sample_generator(seed, i.epoch, i)` is a torch.Generator seeded from (seed,
+    epoch, sample id) only, the same for any worker count, world size or restart.
     """
 
     def __init__(
@@ -183,27 +115,29 @@ class TrainLoop:
         global_batch_size: int,
         micro_batch_size: int,
         max_steps: int,
-        checkpoint: Checkpointer | None = None,
-        save_every: int | None = None,
-        seed: int = 0,
-        scheduler: Any = None,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
-        extra_state: Mapping[str, Any] | None = None,
-        stop_check_every: int | None = None,
+        checkpoint: Checkpointer | None = None, save_every: int | None = None,
+        seed: int = 0, scheduler: Any = None, collate_fn: Callable[[list[Any]], Any] | None = None,
+        extra_state: Mapping[str, Any] | None = None, stop_check_every: int | None = None,
         overlap_save: bool = False,
+        num_workers: int = 0, prefetch_factor: int | None = None, pin_memory: bool = False,
+        persistent_workers: bool = False, worker_init_fn: Callable[[int], None] | None = None,
+        device: torch.device | str | None = None,
+        clip_grad_norm: float | None = None, grad_scaler: torch.amp.GradScaler | None = None,
+        on_before_optimizer_step: Callable[[Step], None] | None = None,
     ) -> None:
         self.rank, self.world_size = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         )
-        _check_options(model, checkpoint, max_steps, save_every, stop_check_every, overlap_save)
-        self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
+        module = unwrap_compiled(model)  # what the loop inspects, syncs and checkpoints
         self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
-        if self.world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
-            raise ConfigError(
-                f"the model is a plain {type(model).__name__} at world size {self.world_size}: "
-                "its gradients would not be averaged; wrap it in DistributedDataParallel or "
-                "apply fully_shard first"
-            )
+        _check_options(module, checkpoint, max_steps, save_every, stop_check_every, overlap_save, self.world_size)
+        check_map_style(dataset)
+        self._loader_options = LoaderOptions(num_workers, prefetch_factor, pin_memory, persistent_workers,
+                                             worker_init_fn, device)
+        self._optimizer_step = OptimizerStep(module, optimizer, scheduler, grad_scaler=grad_scaler,
+                                             clip_grad_norm=clip_grad_norm,
+                                             on_before_optimizer_step=on_before_optimizer_step)
+        self.sampler = ElasticSampler(len(dataset), global_batch_size, seed=seed)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -216,16 +150,18 @@ class TrainLoop:
         self.overlap_save = overlap_save
 
         self._loop_state = LoopState(SampleOrder(self.plan.global_batch_size, self.sampler.dataset_size, seed))
-        self._state = checkpoint_state(model, optimizer, self._loop_state, scheduler, extra_state)
+        self._state = checkpoint_state(module, optimizer, self._loop_state, scheduler, grad_scaler, extra_state)
 
         if checkpoint is not None:  # commits and their stall reach the agent's events log
             checkpoint.set_commit_listener(report_commit)
-        self._reconfiguration = Reconfiguration.for_worker(model, checkpoint)
+        self._reconfiguration = Reconfiguration.for_worker(module, checkpoint)
         control_file = None if self._reconfiguration is None else self._reconfiguration.control_file
         self._stop = StopAgreement(every=stop_check_every, control_file=control_file)
         self._place(self.rank, self.world_size)
 
         self._completed = 0
+        self._skipped = 0  # steps the grad scaler skipped: they consumed their samples
+        self._batches: MicroBatches | None = None  # this placement's loader, from the resume point
         self._resumed: int | None = None
         self._last_saved: int | None = None
         self._rng_at_boundary: TorchStreams | None = None  # set while a body runs
@@ -266,7 +202,7 @@ class TrainLoop:
         if loaded is None:
             log.info("rank %d: no checkpoint, starting at step 0", self.rank)
             return None
-        self._loop_state.restore(loaded, self.rank)
+        self._skipped = self._loop_state.restore(loaded, self.rank)
         self._resumed = self._completed = self._last_saved = loaded
         log.info("rank %d: resumed from step %d", self.rank, loaded)
         return loaded
@@ -276,53 +212,57 @@ class TrainLoop:
         if self.checkpoint is None:
             raise ConfigError("loop.save() needs a checkpoint manager: pass checkpoint=... to TrainLoop")
         step = self._completed
-        epoch, step_in_epoch = self.sampler.position(step)
-        self._loop_state.capture(step, epoch, step_in_epoch, RngState.capture(self._rng_at_boundary), self._group,
-                                 self.world_size)
+        epoch, step_in_epoch = self.sampler.position(step + self._skipped)
+        self._loop_state.capture(step, self._skipped, epoch, step_in_epoch, RngState.capture(self._rng_at_boundary),
+                                 self._group, self.world_size)
         self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch, overlap=self.overlap_save)
         self._last_saved = step
         log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
 
     def __iter__(self) -> Iterator[Step]:
-        # Installed before the (possibly long) resume, so a SIGTERM during the load is
-        # answered at the first boundary instead of killing the worker.
+        # Installed before the (possibly long) resume: a SIGTERM during the load is answered at the first boundary.
         with self._stop.sigterm_handled(self.rank):
             self.resume()
             self._report_started()
-            while self._completed < self.max_steps:
-                if self._stop.agreed(self._completed):
-                    self._stop_here()  # exits, or returns with the loop placed in the next round
-                    continue  # agree again, in the new group, as its new ranks do first
-                step = Step(self, self.sampler.samples(self._completed))
-                if self.checkpoint is not None:
-                    self._rng_at_boundary = TorchStreams.capture()
-                yield step
-                self._rng_at_boundary = None
-                self._finish(step)
-            self._commit_last()
+            try:
+                while self._completed < self.max_steps:
+                    if self._stop.agreed(self._completed):
+                        self._stop_here()  # exits, or returns with the loop placed in the next round
+                        continue  # agree again, in the new group, as its new ranks do first
+                    position = self._completed + self._skipped
+                    if self._batches is None:  # after a resume or a reconfiguration
+                        self._batches = MicroBatches(self, position)
+                    step = Step(self, self._completed, position)
+                    if self.checkpoint is not None:
+                        self._rng_at_boundary = TorchStreams.capture()
+                    yield step
+                    self._rng_at_boundary = None
+                    self._finish(step)
+                self._commit_last()
+            finally:  # also on SIGTERM's exit, an error, or a loop the caller left
+                self._close_batches()
+
+    def _close_batches(self) -> None:  # ends the loader's workers; the next step makes a new one
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     # -- step boundary --------------------------------------------------------------------
 
     def _report_started(self) -> None:
-        report_progress(self._completed)
+        report_progress(self._completed, self._skipped)
         if self._reconfiguration is not None:
             self._reconfiguration.declare()
 
     def _finish(self, step: Step) -> None:
-        if not step._finished:
-            raise TrainLoopUsageError(
-                f"step {step.index}: the loop advanced before all {step.accumulation_steps} "
-                "micro-batches were iterated; run `for batch in step:` to the end"
-            )
+        step.check_iterated()
         if self.overlap_save and self.checkpoint is not None:
             self.checkpoint.wait_snapshot()  # parameters must not change under the copy
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self._completed += 1
-        report_progress(self._completed)
-        if self.save_every is not None and self._completed % self.save_every == 0:
+        taken, step.grad_norm = self._optimizer_step.take(step)
+        self._completed += taken
+        self._skipped += not taken  # the skipped step consumed its samples: the next takes the next ones
+        report_progress(self._completed, self._skipped)
+        if taken and self.save_every is not None and self._completed % self.save_every == 0:
             self.save()
 
     def _commit_last(self) -> None:
@@ -341,8 +281,8 @@ class TrainLoop:
         self._commit_last()
         if not parks:
             raise SystemExit(PREEMPTED_EXIT_CODE)
-        # Join the next round and resume from the committed checkpoint of the parked step, as
-        # the round's fresh workers do (the same state, bitwise).
+        self._close_batches()  # the next round's loader serves the new rank's share
+        # Join the next round; resume from the parked step's checkpoint as its fresh workers do (bitwise).
         parked = self._completed
         ctx = self._reconfiguration.park(parked, self._stop, self.rank)
         self._place(ctx.rank, ctx.world_size)
@@ -354,8 +294,15 @@ class TrainLoop:
 
 
 def _check_options(model: torch.nn.Module, checkpoint: Checkpointer | None, max_steps: int,
-                   save_every: int | None, stop_check_every: int | None, overlap_save: bool) -> None:
+                   save_every: int | None, stop_check_every: int | None, overlap_save: bool,
+                   world_size: int) -> None:
     """The constructor's checks of the options that need nothing built yet."""
+    if world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
+        raise ConfigError(
+            f"the model is a plain {type(model).__name__} at world size {world_size}: "
+            "its gradients would not be averaged; wrap it in DistributedDataParallel or "
+            "apply fully_shard first"
+        )
     if max_steps < 0:
         raise ConfigError(f"max_steps={max_steps}: it must be >= 0")
     if save_every is not None and save_every <= 0:
