@@ -36,7 +36,7 @@ def measure(url: str, present: int, commits: int) -> tuple[float, float]:
     committed, done = [], []
     with CheckpointManager(url, keep_last=present) as ckpt:
         listened: list[float] = []
-        ckpt.set_commit_listener(lambda step, held: listened.append(time.perf_counter()))
+        ckpt.set_commit_listener(lambda step, held, tier: listened.append(time.perf_counter()))
         for step in range(present, present + commits):
             started = time.perf_counter()
             ckpt.save(step, state, metrics={"loss": float(step)})

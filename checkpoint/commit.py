@@ -72,7 +72,7 @@ class Committer:
     (on rank 0; with `node`, on every node's leader).
 
     `guard` is called on rank 0 right before the manifest is written (if it raises, nothing
-    is committed); `listener(step, held)` on every rank once a save is committed.
+    is committed); `listener(step, held, tier)` on every rank once a save is committed.
     """
 
     def __init__(
@@ -86,7 +86,7 @@ class Committer:
         self._node = node
         self._tier = tier
         self.guard = guard
-        self.listener: Callable[[int, float], None] | None = None
+        self.listener: Callable[[int, float, str], None] | None = None
 
     def write_and_commit(self, job: SaveJob, copy: Callable[[], None] | None = None, *, notify: bool = True) -> None:
         """Stage (if `copy`), write, then commit across ranks. A failure anywhere is reported to
@@ -117,7 +117,8 @@ class Committer:
             manifest = self._publish(job.step, text)
         if notify and self.listener is not None:
             # held is None for a synchronous save: the caller has been waiting all along.
-            self.listener(job.step, job.held if job.held is not None else time.perf_counter() - job.started)
+            held = job.held if job.held is not None else time.perf_counter() - job.started
+            self.listener(job.step, held, self._tier)
         if manifest is not None:
             self._retain(manifest)
 

@@ -230,7 +230,7 @@ def test_retention_runs_after_the_commit_outcome(tmp_path):
     # (before, rank 0 pruned before broadcasting, on the path every rank waits on).
     seen = {}
     with CheckpointManager(tmp_path, keep_last=1) as ckpt:
-        ckpt.set_commit_listener(lambda step, held: seen.setdefault(step, CheckpointManager(tmp_path).steps()))
+        ckpt.set_commit_listener(lambda step, held, tier: seen.setdefault(step, CheckpointManager(tmp_path).steps()))
         for step in (1, 2):
             ckpt.save(step, {"w": torch.ones(3)})
         ckpt.wait()

@@ -104,6 +104,8 @@ def test_backward_outside_and_twice():
         ({"save_every": 2}, r"save_every=2 needs a checkpoint manager"),
         ({"stop_check_every": 0}, r"stop_check_every=0: it must be >= 1"),
         ({"overlap_save": True}, r"overlap_save=True needs a checkpoint manager"),
+        ({"memory_save_every": 0}, r"memory_save_every=0: it must be >= 1"),
+        ({"memory_save_every": 1}, r"memory_save_every=1 saves into the checkpoint manager's memory tier"),
     ],
 )
 def test_bad_options(kw, pattern):
@@ -188,7 +190,7 @@ class Counter:
 
 
 def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden=5, overlap_save=False,
-                         num_workers=0):
+                         num_workers=0, memory_save_every=None):
     """Train in this process with a CheckpointManager; stop_at leaves the loop early (as a crash
     would, minus the process exit). Returns the parameters and the sample ids per step."""
     from checkpoint import CheckpointManager
@@ -199,10 +201,11 @@ def run_with_checkpoints(directory, *, max_steps, stop_at=None, g=7, m=2, hidden
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     counter = Counter()
     seen = {}
-    with CheckpointManager(str(directory), keep_last=2) as ckpt:
+    with CheckpointManager(str(directory), keep_last=2, memory_tier=memory_save_every is not None) as ckpt:
         loop = elastic.TrainLoop(model=model, optimizer=opt, dataset=dataset(), global_batch_size=g,
                                  micro_batch_size=m, max_steps=max_steps, checkpoint=ckpt,
                                  save_every=2, scheduler=sched, overlap_save=overlap_save, num_workers=num_workers,
+                                 memory_save_every=memory_save_every,
                                  extra_state={"counter": counter, "config": {"hidden": hidden}})
         resumed = loop.resume()
         assert counter.count == (resumed or 0)  # user extras come back with the checkpoint
@@ -233,6 +236,21 @@ def test_resume_in_one_process_is_bitwise(tmp_path, overlap_save, num_workers):
     for a, b in zip(full, resumed):
         assert torch.equal(a, b)
     assert {**first_ids, **resumed_ids} == full_ids
+
+
+def test_memory_saves_resume_from_the_step_of_the_fault_bitwise(tmp_path, monkeypatch):
+    """memory_save_every=1 beside save_every=2: the step of the fault comes back from memory."""
+    from checkpoint import CheckpointManager
+
+    monkeypatch.setenv("ELASTIC_MEMORY_DIR", str(tmp_path / "node-memory"))  # as the agent sets it
+    full, full_ids = run_with_checkpoints(tmp_path / "a", max_steps=9)
+    run_with_checkpoints(tmp_path / "b", max_steps=9, stop_at=5, memory_save_every=1)
+    assert CheckpointManager(str(tmp_path / "b")).latest() == 4  # durable: every 2 steps
+    resumed, resumed_ids = run_with_checkpoints(tmp_path / "b", max_steps=9, memory_save_every=1)
+    assert min(resumed_ids) == 5  # step 5 was committed to memory only
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+    assert CheckpointManager(str(tmp_path / "b")).latest() == 9  # the final save is durable
 
 
 def test_checkpoint_of_another_model_names_the_keys(tmp_path):

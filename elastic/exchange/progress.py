@@ -21,6 +21,7 @@ class Commit(Record):
     step: int
     at: float  # wall-clock time of the commit
     stall: float  # seconds the save held this rank's training thread
+    tier: str = "durable"  # durable (--checkpoint-dir) or memory (the node's memory tier)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Progress(Record):
     commits: tuple[Commit, ...] = ()  # the newest KEPT_COMMITS checkpoint commits this rank saw
     reconfigurable: bool = False  # its TrainLoop can re-form the process group in-process
     parked: int | None = None  # committed this step and waits for its next round (elastic/exchange/control.py)
+    restored_tier: str | None = None  # where TrainLoop's resume read its checkpoint: durable or memory
     skipped_steps: int = 0  # steps the loop's grad scaler skipped (inf/NaN gradients) in the run so far
 
     # Commits kept in the record: the agent reads it every --monitor-interval, and several

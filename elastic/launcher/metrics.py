@@ -55,7 +55,9 @@ class Metrics:
         self.round = gauge("elastic_round", "The sealed round this node's workers run in")
         self.restarts = gauge("elastic_restarts", "Job-wide restarts used")
         self.max_restarts = gauge("elastic_max_restarts", "The job's restart budget (--max-restarts)")
-        self.checkpoint_step = gauge("elastic_checkpoint_step", "Newest checkpoint step committed")
+        self.checkpoint_step = gauge("elastic_checkpoint_step", "Newest durable checkpoint step committed")
+        self.memory_checkpoint_step = gauge("elastic_memory_checkpoint_step",
+                                            "Newest checkpoint step committed to the node's memory tier")
         self.goodput = gauge("elastic_goodput_ratio", "Useful (stepping) time over wall time, this node so far")
         self._lost = Gauge("elastic_lost_seconds", "Seconds lost, by cause (goodput)", (*labels, "cause"),
                            registry=self.registry)

@@ -27,6 +27,7 @@ class RunRecord:
         # must not grow with the job's length.
         self._logged: deque[int] = deque(maxlen=4 * Progress.KEPT_COMMITS)
         self.newest_commit: int | None = None  # the newest checkpoint commit seen, where a restart resumes
+        self._restore_logged = False  # this round's checkpoint_restored event
 
     def round_sealed(self, assignment: Assignment) -> None:
         self.result.rounds += 1
@@ -34,12 +35,22 @@ class RunRecord:
         self.events.emit("round_sealed", round=assignment.round, world_size=assignment.world_size,
                          group_rank=assignment.group_rank, restarts=assignment.restart_count)
         self._step = None
+        self._restore_logged = False
 
     def progress(self, progress: ProgressWatch, round_: int, *, force: bool = False) -> None:
         """Log what the local ranks' last read progress records show: their slowest completed
         step (at most 2/s, unless `force`d at the end of a round), then new commits."""
         self._log_step(progress, round_, force)
+        self._log_restore(progress, round_)
         self._log_commits(progress, round_)
+
+    def _log_restore(self, progress: ProgressWatch, round_: int) -> None:
+        """Which checkpoint (step and tier) this round's local ranks resumed from, once."""
+        slowest = progress.slowest()
+        if self._restore_logged or slowest is None or slowest.restored_tier is None:
+            return
+        self._restore_logged = True
+        self.events.emit("checkpoint_restored", round=round_, step=slowest.resumed, tier=slowest.restored_tier)
 
     def finish(self, *, ok: bool, reason: str, code: int) -> RunResult:
         self.result.ok, self.result.reason, self.result.exit_code = ok, reason, code
@@ -66,4 +77,4 @@ class RunRecord:
                 if self.newest_commit is None or commit.step > self.newest_commit:
                     self.newest_commit = commit.step
                 self.events.emit("checkpoint_committed", at=commit.at, round=round_, step=commit.step,
-                                 stall=round(commit.stall, 4))
+                                 stall=round(commit.stall, 4), tier=commit.tier)

@@ -97,6 +97,8 @@ def headline(view: dict) -> list[str]:
     """The job in a few lines (shared by both renderings)."""
     r = view["restarts"]
     checkpoint = f"step {view['checkpoint']['step']}" if view["checkpoint"] else "none"
+    if view.get("memory_checkpoint"):
+        checkpoint += f" (memory: step {view['memory_checkpoint']['step']})"
     lines = [(f"run {view['run_id']}: {view['state'].upper()}   round {view['round']} "
               f"(sealed {_v(view['sealed_round'])}), {view['num_nodes']} nodes, world size {_v(view['world_size'])}"),
              f"restarts {r['used']} of {_v(r['max'])}   goodput {_pct(view['goodput'])}   newest checkpoint: {checkpoint}"]

@@ -84,6 +84,8 @@ class StatusPublisher:
             changes["pids"] = tuple(event["pids"])
         elif kind == "progress":
             changes["step"] = event["step"]
+        elif kind == "checkpoint_committed" and event.get("tier") == "memory":
+            changes.update(memory_checkpoint_step=event["step"], memory_checkpoint_at=event["time"])
         elif kind == "checkpoint_committed":
             changes.update(checkpoint_step=event["step"], checkpoint_at=event["time"])
         elif kind == "job_end":
@@ -104,7 +106,7 @@ class StatusPublisher:
         elif kind in ("failure", "straggler_excluded"):
             m.failure(event)
         elif kind == "checkpoint_committed":
-            m.checkpoint_step.set(event["step"])
+            (m.memory_checkpoint_step if event.get("tier") == "memory" else m.checkpoint_step).set(event["step"])
             m.save_stall.observe(event["stall"])
             # When the step completed, to within one check of the workers (the newest seen at or before it).
             completed = next((at for step, at in reversed(self._completed_at.items()) if step <= event["step"]), None)

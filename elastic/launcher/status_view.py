@@ -33,6 +33,8 @@ def build_view(run: RunStatus, settings: RendezvousSettings, straggler_factor: f
     nodes = [_node(n, run, settings, now, n in stragglers) for n in names]
     checkpoints = [s for s in run.statuses.values() if s.checkpoint_step is not None]
     newest = max(checkpoints, key=lambda s: s.checkpoint_step, default=None)
+    in_memory = [s for s in run.statuses.values() if s.memory_checkpoint_step is not None]
+    newest_memory = max(in_memory, key=lambda s: s.memory_checkpoint_step, default=None)
     goodputs = [s.goodput for s in run.statuses.values() if s.goodput is not None]
     max_restarts = max((s.max_restarts for s in run.statuses.values()), default=None)
     return {
@@ -48,6 +50,8 @@ def build_view(run: RunStatus, settings: RendezvousSettings, straggler_factor: f
         "last_round_end": ({"failure": run.round_end.failure, "reason": run.round_end.reason}
                            if run.round_end is not None else None),
         "checkpoint": ({"step": newest.checkpoint_step, "at": newest.checkpoint_at} if newest is not None else None),
+        "memory_checkpoint": ({"step": newest_memory.memory_checkpoint_step, "at": newest_memory.memory_checkpoint_at}
+                              if newest_memory is not None else None),
         "goodput": round(sum(goodputs) / len(goodputs), 4) if goodputs else None,
         "stragglers": stragglers,
         "nodes": nodes,

@@ -42,6 +42,8 @@ class NodeStatus(Record):
     busy_per_step: float | None = None  # the busiest local rank's CPU + run-queue seconds per step
     checkpoint_step: int | None = None  # newest durable checkpoint commit its ranks saw
     checkpoint_at: float | None = None
+    memory_checkpoint_step: int | None = None  # newest commit into the node's memory tier
+    memory_checkpoint_at: float | None = None
     restarts: int = 0
     max_restarts: int = 0
     goodput: float | None = None  # useful / wall time of this node so far

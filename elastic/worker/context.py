@@ -168,9 +168,9 @@ class ProgressFile:
                                                skipped_steps=skipped)
             self._write()
 
-    def commit(self, step: int, stall: float) -> None:
+    def commit(self, step: int, stall: float, tier: str = "durable") -> None:
         with self._lock:
-            commits = (*self._record.commits, Commit(step, time.time(), stall))[-Progress.KEPT_COMMITS:]
+            commits = (*self._record.commits, Commit(step, time.time(), stall, tier))[-Progress.KEPT_COMMITS:]
             self._record = dataclasses.replace(self._record, commits=commits)
             self._write()
 
@@ -179,6 +179,9 @@ class ProgressFile:
 
     def park(self, step: int) -> None:
         self._update(parked=step)
+
+    def restored(self, tier: str) -> None:
+        self._update(restored_tier=tier)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -210,6 +213,12 @@ def report_progress(step: int, skipped: int = 0) -> None:
         _progress.write(step, skipped)
 
 
+def report_restored(tier: str) -> None:
+    """Tell the agent which checkpoint tier (durable or memory) this worker resumed from."""
+    if _progress is not None:
+        _progress.restored(tier)
+
+
 def report_reconfigurable() -> None:
     """Tell the agent that this worker can re-form its process group in-process."""
     if _progress is not None:
@@ -222,8 +231,8 @@ def report_parked(step: int) -> None:
         _progress.park(step)
 
 
-def report_commit(step: int, stall: float) -> None:
+def report_commit(step: int, stall: float, tier: str = "durable") -> None:
     """Record that checkpoint `step` was committed, its save having held training `stall`
     seconds (a CheckpointManager commit listener; no-op without a progress file)."""
     if _progress is not None:
-        _progress.commit(step, stall)
+        _progress.commit(step, stall, tier)

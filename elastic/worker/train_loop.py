@@ -33,6 +33,9 @@ Options (keyword-only; the names are the contract):
 - `checkpoint`: a CheckpointManager, or None to train without checkpoints;
 - `save_every`: also save after every n-th optimizer step (None: only at the end, on
   SIGTERM and when `save()` is called);
+- `memory_save_every`: also save into the checkpoint manager's memory tier (node RAM,
+  `CheckpointManager(memory_tier=True)`) after every n-th step that is not a durable save, so
+  a failure loses at most n steps and a restart reads memory, not storage (checkpoint/memory_tier.py);
 - `extra_state`: more entries for the checkpoint (objects with state_dict() and
   load_state_dict(), tensors, JSON values), restored on resume like the model;
 - `stop_check_every`: agree on SIGTERM every n steps (None: about every
@@ -47,7 +50,11 @@ Options (keyword-only; the names are the contract):
 - `num_workers`, `prefetch_factor`, `pin_memory`, `persistent_workers`, `worker_init_fn`:
   as for torch.utils.data.DataLoader, which loads this rank's micro-batches (batches.py);
   the samples and their order do not depend on them, and the loader's worker processes
-  end with the loop (its end, an error, SIGTERM) or are rebuilt for a new world size;
+  end with the loop (its end, an error, SIGTERM) or are rebuilt for a new world size.
+  `dataset` must be map-style (len() and [i]). Random augmentation in `dataset[i]` must be
+  seeded by the sample, not by a process's global stream: `i` is an int with an `epoch`
+  attribute, and `elastic.sample_generator(seed, i.epoch, i)` is a torch.Generator seeded
+  from (seed, epoch, sample id) only, the same for any worker count, world size or restart;
 - `device`: move every tensor of a batch (in tuples, lists, dicts, dataclasses,
   namedtuples) there; non_blocking when `pin_memory`;
 - `grad_scaler`: a torch.amp.GradScaler: step.backward scales the loss, and the scaler's
@@ -79,13 +86,14 @@ from torch.utils.data import default_collate
 from elastic.errors import ConfigError
 from elastic.worker.accumulation import AccumulationPlan, is_ddp, is_fsdp2, unwrap_compiled
 from elastic.worker.batches import LoaderOptions, MicroBatches, check_map_style
-from elastic.worker.context import report_commit, report_progress
+from elastic.worker.context import report_commit, report_progress, report_restored
 from elastic.worker.fencing import commit_guard_from_env
 from elastic.worker.loop_state import RESERVED, Checkpointer, LoopState, SampleOrder, checkpoint_state
 from elastic.worker.optimizer_step import OptimizerStep
 from elastic.worker.reconfigure import Reconfiguration
 from elastic.worker.rng_state import RngState, TorchStreams
 from elastic.worker.sampler import ElasticSampler
+from elastic.worker.save_cadence import SaveCadence
 from elastic.worker.step import Step
 from elastic.worker.stop_agreement import PREEMPTED_EXIT_CODE, STOP_CHECK_SECONDS, StopAgreement
 
@@ -97,13 +105,7 @@ class TrainLoop:
 
     Not thread-safe; one per process, created on every rank (it makes a small gloo group).
     All options are keyword-only and checked here, at the boundary; the module docstring
-    says what each one does. Data: `dataset` must be map-style (len() and [i]); a
-    torch.utils.data.DataLoader with `num_workers` processes loads this rank's micro-batches
-    off the training thread, the same samples in the same order whatever the workers.
-    Random augmentation in `dataset[i]` must be seeded by the sample, not by a process's
-    global stream: `i` is an int with an `epoch` attribute, and
-    `elastic.sample_generator(seed, i.epoch, i)` is a torch.Generator seeded from (seed,
-    epoch, sample id) only, the same for any worker count, world size or restart.
+    says what each one does (data loading and seeded augmentation under `num_workers`).
     """
 
     def __init__(
@@ -115,7 +117,7 @@ class TrainLoop:
         global_batch_size: int,
         micro_batch_size: int,
         max_steps: int,
-        checkpoint: Checkpointer | None = None, save_every: int | None = None,
+        checkpoint: Checkpointer | None = None, save_every: int | None = None, memory_save_every: int | None = None,
         seed: int = 0, scheduler: Any = None, collate_fn: Callable[[list[Any]], Any] | None = None,
         extra_state: Mapping[str, Any] | None = None, stop_check_every: int | None = None,
         overlap_save: bool = False,
@@ -130,7 +132,8 @@ class TrainLoop:
         )
         module = unwrap_compiled(model)  # what the loop inspects, syncs and checkpoints
         self.plan = AccumulationPlan(global_batch_size, micro_batch_size, self.world_size)
-        _check_options(module, checkpoint, max_steps, save_every, stop_check_every, overlap_save, self.world_size)
+        _check_options(module, checkpoint, max_steps, stop_check_every, overlap_save, self.world_size)
+        self.cadence = SaveCadence.checked(checkpoint, save_every, memory_save_every)
         check_map_style(dataset)
         self._loader_options = LoaderOptions(num_workers, prefetch_factor, pin_memory, persistent_workers,
                                              worker_init_fn, device)
@@ -144,7 +147,6 @@ class TrainLoop:
         self.dataset = dataset
         self.collate_fn = collate_fn or default_collate
         self.max_steps = max_steps
-        self.save_every = save_every
         self.seed = seed
         self.checkpoint = checkpoint
         self.overlap_save = overlap_save
@@ -163,7 +165,7 @@ class TrainLoop:
         self._skipped = 0  # steps the grad scaler skipped: they consumed their samples
         self._batches: MicroBatches | None = None  # this placement's loader, from the resume point
         self._resumed: int | None = None
-        self._last_saved: int | None = None
+        self._last_saved: int | None = None  # the newest step saved durably
         self._rng_at_boundary: TorchStreams | None = None  # set while a body runs
 
     def _place(self, rank: int, world_size: int) -> None:
@@ -203,21 +205,24 @@ class TrainLoop:
             log.info("rank %d: no checkpoint, starting at step 0", self.rank)
             return None
         self._skipped = self._loop_state.restore(loaded, self.rank)
-        self._resumed = self._completed = self._last_saved = loaded
+        self._resumed = self._completed = loaded
+        self._last_saved = _durable_step(self.checkpoint, loaded)
         log.info("rank %d: resumed from step %d", self.rank, loaded)
         return loaded
 
-    def save(self, metrics: Mapping[str, float] | None = None) -> None:
-        """Checkpoint the state after `loop.step` completed steps (collective; async write)."""
+    def save(self, metrics: Mapping[str, float] | None = None, *, durable: bool = True) -> None:
+        """Checkpoint the state after `loop.step` completed steps (collective; async write).
+        `durable=False`: into the checkpoint manager's memory tier only (memory_tier=True)."""
         if self.checkpoint is None:
             raise ConfigError("loop.save() needs a checkpoint manager: pass checkpoint=... to TrainLoop")
         step = self._completed
         epoch, step_in_epoch = self.sampler.position(step + self._skipped)
         self._loop_state.capture(step, self._skipped, epoch, step_in_epoch, RngState.capture(self._rng_at_boundary),
                                  self._group, self.world_size)
-        self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch, overlap=self.overlap_save)
-        self._last_saved = step
-        log.info("rank %d: saved step %d metrics %s", self.rank, step, metrics)
+        self.checkpoint.save(step, self._state, metrics=metrics, epoch=epoch, overlap=self.overlap_save,
+                             durable=durable)
+        self._last_saved = step if durable else self._last_saved
+        log.info("rank %d: saved step %d%s metrics %s", self.rank, step, "" if durable else " (memory)", metrics)
 
     def __iter__(self) -> Iterator[Step]:
         # Installed before the (possibly long) resume: a SIGTERM during the load is answered at the first boundary.
@@ -262,8 +267,9 @@ class TrainLoop:
         self._completed += taken
         self._skipped += not taken  # the skipped step consumed its samples: the next takes the next ones
         report_progress(self._completed, self._skipped)
-        if taken and self.save_every is not None and self._completed % self.save_every == 0:
-            self.save()
+        durable = self.cadence.due(self._completed) if taken else None
+        if durable is not None:
+            self.save(durable=durable)
 
     def _commit_last(self) -> None:
         """Save the current step unless it is saved already, and wait for the commit."""
@@ -293,8 +299,18 @@ class TrainLoop:
                     ctx.round, parked)
 
 
+def _durable_step(checkpoint: Checkpointer | None, loaded: int) -> int | None:
+    """`loaded` if the resume read it from durable storage (a memory checkpoint is not durable
+    yet: the final save must still write it); tells the agent the tier."""
+    restored = getattr(checkpoint, "restored", None)
+    if restored is None:
+        return loaded
+    report_restored(restored.tier)
+    return loaded if restored.tier == "durable" else None
+
+
 def _check_options(model: torch.nn.Module, checkpoint: Checkpointer | None, max_steps: int,
-                   save_every: int | None, stop_check_every: int | None, overlap_save: bool,
+                   stop_check_every: int | None, overlap_save: bool,
                    world_size: int) -> None:
     """The constructor's checks of the options that need nothing built yet."""
     if world_size > 1 and not (is_ddp(model) or is_fsdp2(model)):
@@ -305,15 +321,11 @@ def _check_options(model: torch.nn.Module, checkpoint: Checkpointer | None, max_
         )
     if max_steps < 0:
         raise ConfigError(f"max_steps={max_steps}: it must be >= 0")
-    if save_every is not None and save_every <= 0:
-        raise ConfigError(f"save_every={save_every}: it must be >= 1, or None for no periodic saves")
     if stop_check_every is not None and stop_check_every <= 0:
         raise ConfigError(
             f"stop_check_every={stop_check_every}: it must be >= 1, or None to agree on "
             f"SIGTERM about every {STOP_CHECK_SECONDS} s"
         )
-    if save_every is not None and checkpoint is None:
-        raise ConfigError(f"save_every={save_every} needs a checkpoint manager: pass checkpoint=...")
     if overlap_save and checkpoint is None:
         raise ConfigError("overlap_save=True needs a checkpoint manager: pass checkpoint=...")
     buffers = [name for name, _ in model.named_buffers()]
