@@ -52,8 +52,9 @@ commits into the node's shared memory only, ``durable=True`` (the default) into 
 then into ``directory``, from one snapshot. load() takes the newest step that verifies,
 from memory first, then from ``directory``; ``restored`` says which. ``steps()``,
 ``latest()``, ``best()``, ``verify()`` and ``prune()`` are about ``directory``.
-``replicas`` (copies of a node's newest memory checkpoint in other nodes' memory) is
-validated and kept for the agents' replication, which is not built yet.
+``replicas`` (default 1; 0: none) is how many other nodes' memory elastic-run's agents
+copy each node's newest memory checkpoint into (ring order), in the background; load()
+reads those copies too, so a node lost whole is restored from memory.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class CheckpointManager:
         self._process_group = process_group
         self._ranks: RankGroup | None = None
         self._memory: MemoryTier | None = None
-        self._memory_tier = memory_tier  # the tier is placed by regroup(): it depends on the ranks
+        self.memory_tier = memory_tier  # whether save(durable=False) can be used; placed by regroup() (it depends on the ranks)
         self.restored: restore.Restored | None = None  # what the last load() loaded, and from which tier
         self.set_commit_guard(commit_guard)
         self.regroup()
@@ -136,8 +137,8 @@ class CheckpointManager:
         if self._ranks is not None:
             self._ranks.close()
         self._ranks = RankGroup.current(self._process_group)
-        if self._memory_tier:  # a node's leader and its ranks may have changed
-            self._memory = MemoryTier.replace(self._memory, self._ranks, self._run_id)
+        if self.memory_tier:  # a node's leader and its ranks may have changed
+            self._memory = MemoryTier.replace(self._memory, self._ranks, self._run_id, self.replicas)
 
     def set_commit_guard(self, fn: Callable[[], None] | None) -> None:
         """Called on rank 0 right before the manifest is written; if it raises, nothing is committed.
@@ -147,10 +148,11 @@ class CheckpointManager:
         _close_guard(self._committer.guard)
         self._committer.guard = fn
 
-    def set_commit_listener(self, fn: Callable[[int, float], None] | None) -> None:
+    def set_commit_listener(self, fn: Callable[[int, float, str], None] | None) -> None:
         """Called on every rank, from the writer thread, once a save is committed, with its
-        step and the seconds that save() held the caller (waiting for the previous save and
-        copying; with overlap=True the optimizer step's wait for the copy is not included)."""
+        step, the seconds that save() held the caller (waiting for the previous save and
+        copying; with overlap=True the optimizer step's wait for the copy is not included) and
+        its tier: "durable" (`directory`, also when the save went to memory too) or "memory"."""
         self._committer.listener = fn
 
     def save(
@@ -172,10 +174,9 @@ class CheckpointManager:
         if self._memory is None and not durable:
             raise ValueError("save(durable=False) saves into the memory tier only: create the "
                              "CheckpointManager with memory_tier=True")
-        memory = self._memory
         self._saver.save(self._ranks, step, state, metrics, epoch=epoch, overlap=overlap, started=started,
-                         targets=memory.targets(self._committer, durable) if memory else None,
-                         before_write=memory.check_room if memory else None)
+                         targets=self._memory.targets(self._committer, durable) if self._memory else None,
+                         before_write=self._memory.check_room if self._memory else None)
 
     def wait_snapshot(self) -> None:
         """Block until an overlapped save's snapshot copy is done (no-op otherwise)."""

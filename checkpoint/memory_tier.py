@@ -8,16 +8,25 @@ agent each job gets a private one that close() removes, so it then does not surv
 
 Each node's directory holds only its own ranks' shards; the manifest is written into every
 node's directory (checkpoint.commit, NodeRole). Bounded: after a commit a node keeps only that
-checkpoint, so at most two exist (the newest and the one being written).
+checkpoint, so at most two exist (the newest and the one being written), plus, with
+replication, one of its own per step its copies of other nodes' are of (MemoryRetention).
+
+Replication: the node's leader writes `replicas` into the directory (REPLICATION_FILE); under
+elastic-run the agents then copy each node's newest checkpoint into `replicas` peers' memory
+(elastic/launcher/replica_pull.py, under REPLICAS_DIR), and restore reads those copies as part
+of the memory source, so a node lost whole is restored from a survivor's RAM.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 import socket
 import tempfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from checkpoint.collectives import RankGroup
@@ -28,6 +37,7 @@ from checkpoint.io import storage
 from checkpoint.prune import drop_old_attempts
 from checkpoint.restore import Source
 from elastic.exchange import env as names
+from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE
 
 SHM_ROOT = "/dev/shm"
 COPIES = 2  # the newest committed checkpoint and the one being written
@@ -61,13 +71,13 @@ def place(ranks: RankGroup) -> Placement:
                      nodes=len({tuple(k) for k in keys}))
 
 
-def room_problem(directory: str, need: int, free: int) -> str | None:
+def room_problem(directory: str, need: int, free: int, copies: int = COPIES) -> str | None:
     """Why `need` bytes of memory checkpoints do not fit in `free` bytes (None: they do)."""
     if need <= free:
         return None
     gib = 1 << 30
     return (f"the checkpoint memory tier needs {need / gib:.2f} GiB of shared memory on this node "
-            f"({COPIES} copies of this node's share), but {directory} has {free / gib:.2f} GiB free; "
+            f"({copies} copies of this node's share), but {directory} has {free / gib:.2f} GiB free; "
             f"enlarge {SHM_ROOT} (docker run --shm-size, or a bigger tmpfs) or pass memory_tier=False")
 
 
@@ -80,30 +90,38 @@ def free_bytes(directory: str) -> int:
 
 
 class MemoryRetention:
-    """After a commit a node keeps only that checkpoint. Uncommitted steps after it are kept:
-    another rank of the node may already be writing the next one."""
+    """After a commit a node keeps only that checkpoint, and its own checkpoints of the steps
+    its copies of other nodes' are of: the copies lag the commits, and a restore after such a
+    node's loss needs this node's shards of the same step. Uncommitted steps after it are
+    kept: another rank of the node may already be writing the next one."""
 
-    def __init__(self, loc: storage.Location) -> None:
+    def __init__(self, loc: storage.Location, copied_steps: Callable[[], set[int]]) -> None:
         self._loc = loc
+        self._copied_steps = copied_steps
 
     def after_commit(self, committed: int, current_files: set[str]) -> None:
         drop_old_attempts(self._loc, committed, current_files)
-        newer_committed = set(storage.committed_steps(self._loc))
+        all_committed = set(storage.committed_steps(self._loc))
+        copied = self._copied_steps() & all_committed
         for step in storage.step_dirs(self._loc):
-            if step < committed or (step > committed and step in newer_committed):
+            if (step < committed and step not in copied) or (step > committed and step in all_committed):
                 storage.delete_step(self._loc, step)
 
 
 class MemoryTier:
     """The memory tier of one CheckpointManager (its construction is a collective of `ranks`)."""
 
-    def __init__(self, ranks: RankGroup, run_id: str | None) -> None:
+    def __init__(self, ranks: RankGroup, run_id: str | None, replicas: int) -> None:
         self.placement = place(ranks)
         loc = storage.open_location(self.placement.directory)
         self.committed = CommittedCheckpoints(loc)
-        self.committer = Committer(self.committed, MemoryRetention(loc), run_id, guard=None,
+        self.committer = Committer(self.committed, MemoryRetention(loc, self._copied_steps), run_id, guard=None,
                                    node=NodeRole(self.placement.leader, self.placement.nodes), tier="memory")
-        self.source = Source(self.committed, "memory", node_local=True)
+        self.source = Source(self.committed, "memory", node_local=True, copies=self._copies)
+        # Copies of other nodes' checkpoints held here (the agent's directory only).
+        self._replicas = 0 if self.placement.owned else min(replicas, self.placement.nodes - 1)
+        if self.placement.leader and not self.placement.owned:  # the agent's directory: tell it
+            _write_replicas(self.placement.directory, replicas)
         self._ranks = ranks
         self._room_checked = False
         # A private directory goes with the manager, also one never closed (at exit at the latest).
@@ -111,11 +129,19 @@ class MemoryTier:
         self._remove = weakref.finalize(self, shutil.rmtree, self.placement.directory, True) if owner else None
 
     @classmethod
-    def replace(cls, old: MemoryTier | None, ranks: RankGroup, run_id: str | None) -> MemoryTier:
+    def replace(cls, old: MemoryTier | None, ranks: RankGroup, run_id: str | None, replicas: int) -> MemoryTier:
         """The tier placed anew for `ranks` (a collective), `old` closed first."""
         if old is not None:
             old.close()
-        return cls(ranks, run_id)
+        return cls(ranks, run_id, replicas)
+
+    def _copies(self) -> list[CommittedCheckpoints]:
+        """The copies of other nodes' newest checkpoints the agent pulled into this node's memory."""
+        pattern = os.path.join(glob.escape(self.placement.directory), REPLICAS_DIR, "[!.]*")
+        return [CommittedCheckpoints(storage.open_location(d)) for d in sorted(glob.glob(pattern))]
+
+    def _copied_steps(self) -> set[int]:
+        return {step for copy in self._copies() for step in copy.steps()}
 
     def targets(self, durable: Committer, also_durable: bool) -> list[Committer]:
         """Where a save commits, in order: memory first (a restore can use it soonest), then
@@ -126,11 +152,14 @@ class MemoryTier:
 
     def check_room(self, share: int) -> None:
         """At the first save: raise on every rank unless every node's shared memory holds
-        COPIES of its ranks' shares (`share`: this rank's shard size). A collective."""
+        COPIES of its ranks' shares, and 3 more per peer whose copy it holds (the copy, the
+        next one being pulled, and its own checkpoint of the copy's step) (`share`: this rank's
+        shard size). A collective."""
         if self._room_checked:
             return
-        need = COPIES * share * self.placement.node_ranks  # ranks' shares are byte-balanced
-        problem = room_problem(self.placement.directory, need, free_bytes(self.placement.directory))
+        copies = COPIES + 3 * self._replicas
+        need = copies * share * self.placement.node_ranks  # ranks' shares are byte-balanced
+        problem = room_problem(self.placement.directory, need, free_bytes(self.placement.directory), copies)
         problems = [p for p in self._ranks.all_gather(problem) if p]
         if problems:
             raise CheckpointError(problems[0])
@@ -140,3 +169,11 @@ class MemoryTier:
         """Remove a private directory (its leader; an agent's directory is the agent's)."""
         if self._remove is not None:
             self._remove()
+
+
+def _write_replicas(directory: str, replicas: int) -> None:
+    """How many peers' memory the agents copy this node's checkpoints into (atomically replaced)."""
+    tmp = os.path.join(directory, f".{REPLICATION_FILE}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"replicas": replicas}, f)
+    os.replace(tmp, os.path.join(directory, REPLICATION_FILE))

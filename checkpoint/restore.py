@@ -6,17 +6,21 @@ finds the checkpoint damaged, all fall back together to the next candidate.
 
 The candidates come from one or more sources, newest step first and, for one step, in the
 order given (the memory tier before durable storage). A node-local source (each node's
-memory holds only its own ranks' shards) offers a step only when every rank lists it, and
-is read only when this node holds every file its manifest names: shards held by other
-nodes' memory are not fetched (peer reads are not built yet), so such a step falls back.
+memory holds only its own ranks' shards, plus the copies its agent pulled of its ring
+predecessors' newest checkpoints) offers a step only when every rank lists it (in its own
+directory or a copy), and is read only when this node holds every file its manifest names,
+each file from whichever of its directories has it: that is how a node lost whole is
+restored from a survivor's copy. A restore never reads another node's memory (a spare's agent
+fetches the step before its workers start: elastic/launcher/replica_pull.py), so a step not
+whole on the node falls back.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +35,8 @@ from checkpoint.errors import (
     StorageError,
 )
 from checkpoint.format import statedict
-from checkpoint.io import loading, shardfile
+from checkpoint.format.manifest import Manifest
+from checkpoint.io import loading, shardfile, storage
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,28 @@ class Source:
     committed: CommittedCheckpoints
     tier: str  # "memory" or "durable"
     node_local: bool = False
+    # Node-local only: this node's copies of other nodes' checkpoints, listed anew at each load
+    # (the agent adds them while the job runs).
+    copies: Callable[[], list[CommittedCheckpoints]] = list
+    found_corrupt: set[int] = field(default_factory=set)  # by this process's loads: never tried again
+
+    def steps(self) -> list[int]:
+        """The committed steps found here (own directory or a copy), ascending."""
+        return sorted(set(self.committed.steps()).union(*(c.steps() for c in self.copies())))
+
+    def mark_corrupt(self, step: int) -> None:
+        self.found_corrupt.add(step)
+        self.committed.mark_corrupt(step)
+
+
+@dataclass(frozen=True)
+class _Spread(storage.Location):
+    """A location whose files of one step lie in several local directories of this node."""
+
+    dirs: Mapping[str, str] = field(default_factory=dict)  # file name -> the step directory holding it
+
+    def path(self, step: int, name: str) -> str:
+        return f"{self.dirs[name]}/{name}" if name in self.dirs else super().path(step, name)
 
 
 @dataclass(frozen=True)
@@ -89,7 +116,7 @@ def load(
         # not fit or a storage outage would fail on the others too.
         damaged = all(e[0] in ("CheckpointCorruptError", "CheckpointNotFoundError") for _, e in bad)
         if damaged:
-            source.committed.mark_corrupt(cand)
+            source.mark_corrupt(cand)
         last = index == len(candidates) - 1
         if not damaged or (step is not None and last):
             raise error
@@ -114,7 +141,7 @@ def _candidates(sources: Sequence[Source], ranks: RankGroup, step: int | None) -
     found: list[tuple[int, int]] = []
     for order, source in enumerate(sources):
         if source.node_local:
-            listed = ranks.all_gather(source.committed.steps())
+            listed = ranks.all_gather(source.steps())
             steps = set(listed[0]).intersection(*listed[1:])
         else:
             steps = ranks.broadcast(source.committed.steps() if ranks.rank == 0 else None)
@@ -137,27 +164,43 @@ def _read(
     step: int,
 ) -> tuple[dict[str, Any] | None, Exception | None]:
     """This rank's part of `step`, or the error that stopped reading it."""
-    committed = source.committed
     try:
-        whole = committed.manifest(step)
         if source.node_local:
-            _check_whole_here(source, whole)
+            whole, loc = _check_whole_here(source, step)
+        else:
+            whole, loc = source.committed.manifest(step), source.committed.loc
         manifest, entries = loading.rank_view(whole, state, ranks.rank, ranks.world)
         loading.check_fit(manifest, entries, targets)
-        return loading.read_state(committed.loc, manifest, entries, targets), None
+        return loading.read_state(loc, manifest, entries, targets), None
     except (CheckpointError, OSError) as exc:  # every rank must reach the agreement that follows
         return None, exc
 
 
-def _check_whole_here(source: Source, manifest: Any) -> None:
-    """A node-local step is read only when this node holds every file its manifest names;
-    reading the other nodes' shards from their memory is not built yet, so it falls back."""
-    damage = source.committed.damage(manifest)
-    if damage is not None:
+def _check_whole_here(source: Source, step: int) -> tuple[Manifest, storage.Location]:
+    """A node-local step is read only when this node holds every file its manifest names, in
+    its own directory or in its copies of other nodes' (the sizes as listed; the checksums are
+    checked as it is read). Returns the manifest and where each file is read from."""
+    own = source.committed
+    holders = [c for c in [own, *source.copies()] if step in c.steps()]
+    if not holders or step in source.found_corrupt:
+        why = "found corrupt while loading" if holders else "gone from this node"
+        raise CheckpointNotFoundError(f"{source.tier} checkpoint step {step} in {own.loc.url}: {why}")
+    manifest = holders[0].manifest(step)
+    if holders[0] is own and own.damage(manifest) is None:
+        return manifest, own.loc  # the usual case: one node, or no node lost
+    dirs: dict[str, str] = {}
+    for holder in holders:
+        sizes = storage.file_sizes(holder.loc, step)
+        dirs.update({f.path: holder.loc.step_dir(step) for f in manifest.files
+                     if f.path not in dirs and sizes.get(f.path) == f.size})
+    missing = [f.path for f in manifest.files if f.path not in dirs]
+    if missing:
         raise CheckpointNotFoundError(
-            f"{source.tier} checkpoint step {manifest.step} in {source.committed.loc.url} is not whole on "
-            f"this node ({damage}); shards held by other nodes are not fetched from their memory"
+            f"{source.tier} checkpoint step {step} in {own.loc.url} is not whole on this node: "
+            f"{', '.join(missing)} held neither here nor in a copy of another node's memory "
+            f"({', '.join(h.loc.url for h in holders)}); shards only in other nodes' memory are not fetched"
         )
+    return manifest, _Spread(own.loc.fs, own.loc.root, own.loc.url, dirs)
 
 
 def preflight(committed: CommittedCheckpoints, ranks: RankGroup, state: Mapping[str, Any], step: int | None) -> None:

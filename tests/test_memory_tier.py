@@ -29,6 +29,7 @@ from checkpoint.memory_tier import SHM_ROOT, MemoryTier, free_bytes, room_proble
 from checkpoint.promote import main as promote_main
 from checkpoint.promote import promote
 from elastic.exchange.env import MEMORY_DIR
+from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE
 
 HERE = os.path.abspath(__file__)
 
@@ -68,6 +69,16 @@ def test_memory_saves_restore_from_memory_and_keep_only_the_newest(tmp_path, mem
     assert (restarted.restored.step, restarted.restored.tier) == (5, "memory")
     assert torch.equal(state["w"], torch.full((1000,), 5.0)) and state["n"] == 5
     assert restarted.load(state, step=2) == 2 and restarted.restored.tier == "durable"
+
+
+def test_a_node_keeps_its_own_checkpoint_of_the_step_its_copy_of_a_peer_s_is_of(tmp_path, memory_dir):
+    copy = os.path.join(memory_dir, REPLICAS_DIR, "peer", "step_000000000002")
+    os.makedirs(copy)
+    with open(os.path.join(copy, "manifest.json"), "w") as f:  # committed, as far as a listing goes
+        f.write("{}")
+    save_steps(tmp_path / "ckpt", range(1, 6)).close()
+    assert step_dirs(memory_dir) == ["step_000000000002", "step_000000000005"], \
+        "a restore after the peer's loss needs this node's shards of step 2"
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "missing shard"])
@@ -114,7 +125,7 @@ def test_a_state_that_does_not_fit_in_shared_memory_is_refused_with_the_numbers(
     message = room_problem(memory_dir, need=3 << 30, free=1 << 30)
     assert "needs 3.00 GiB of shared memory" in message and "has 1.00 GiB free" in message
     assert "--shm-size" in message and "memory_tier=False" in message
-    tier = MemoryTier(RankGroup.current(), run_id=None)
+    tier = MemoryTier(RankGroup.current(), run_id=None, replicas=1)
     share = free_bytes(memory_dir) // 2 + 1  # two copies of it do not fit in what is free now
     with pytest.raises(CheckpointError, match=r"needs [\d.]+ GiB of shared memory on this node \(2 copies"):
         tier.check_room(share)
@@ -162,6 +173,49 @@ def test_two_ranks_share_the_node_memory_and_reshard_from_it(tmp_path, memory_di
     state = two_tensors(0)
     assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
     assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab")
+
+
+def test_a_node_lost_whole_is_restored_from_the_copy_of_its_memory_on_a_survivor(tmp_path, memory_dir, python_env):
+    lost = memory_dir + "-lost"  # node 1's memory; this process is node 0 after a shrink
+    try:
+        proc = subprocess.run([sys.executable, HERE, str(tmp_path / "ckpt"), memory_dir, lost],
+                              capture_output=True, text=True, env=python_env, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        with open(os.path.join(memory_dir, REPLICATION_FILE)) as f:
+            assert json.load(f) == {"replicas": 2}, "the agent learns `replicas` from the node's leader"
+        step, tier, warned = load_warned(tmp_path / "ckpt")
+        assert (step, tier) == (2, "durable"), "node 0 alone holds half of step 3"
+        assert "not whole on this node" in warned and "held neither here" in warned, warned
+
+        copy = os.path.join(memory_dir, REPLICAS_DIR, "node1", "step_000000000003")
+        shutil.copytree(os.path.join(lost, "step_000000000003"), copy)  # as the agent pulls it
+        shutil.rmtree(lost)  # node 1 lost whole
+        state = two_tensors(0)
+        ckpt = CheckpointManager(tmp_path / "ckpt", memory_tier=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
+        assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab") and state["n"] == 3
+
+        (shard,) = glob.glob(os.path.join(copy, "*.safetensors"))
+        with open(shard, "r+b") as f:  # a flipped byte in the copy: every byte is checked
+            f.seek(-1, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 1]))
+        step, tier, warned = load_warned(tmp_path / "ckpt")
+        assert (step, tier) == (2, "durable") and f"{shard}: chunk" in warned and "falling back to step 2" in warned
+    finally:
+        shutil.rmtree(lost, ignore_errors=True)
+
+
+def load_warned(url) -> tuple[int, str, str]:
+    """A new manager's load(): the step, the tier, and the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = CheckpointManager(url, memory_tier=True)
+        step = ckpt.load(two_tensors(0))
+    return step, ckpt.restored.tier, " ".join(str(w.message) for w in caught)
 
 
 def two_tensors(step: int) -> dict:
@@ -213,9 +267,25 @@ def _worker(url: str) -> None:
     print("memory-ok", flush=True)
 
 
+def _node_worker(url: str, memory_dirs: list[str]) -> None:
+    """Rank r on node r: its own memory directory; steps 1-3 in memory, step 2 also durable."""
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    os.environ[MEMORY_DIR] = memory_dirs[rank]
+    dist.init_process_group("gloo", init_method=f"file://{os.environ['CKPT_TEST_STORE']}", rank=rank, world_size=2)
+    ckpt = CheckpointManager(url, memory_tier=True, replicas=2)
+    assert ckpt._memory.placement.nodes == 2
+    for step in (1, 2, 3):
+        ckpt.save(step, two_tensors(step), durable=step == 2)
+    ckpt.close()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(HERE))
     from helpers import fork_ranks
 
-    codes = fork_ranks(2, lambda: _worker(sys.argv[1]), f"{sys.argv[1]}-store")
+    worker = _worker if len(sys.argv) == 2 else lambda url: _node_worker(url, sys.argv[2:])
+    codes = fork_ranks(2, lambda: worker(sys.argv[1]), f"{sys.argv[1]}-store")
     sys.exit(1 if any(codes) else 0)

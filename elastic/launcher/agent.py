@@ -70,6 +70,8 @@ class Agent:
         if config.rdzv.password is not None:
             names.write_password_file(password_path(self._run_dir), config.rdzv.password)
         self._memory = MemoryDir(config, rendezvous.node_id, events)  # the checkpoint memory tier; removed by run()
+        if isinstance(rendezvous, EtcdRendezvous):  # a static world has no registration to advertise the port in
+            rendezvous.replica_port = self._memory.serve(rendezvous.addr)
         self._group: WorkerGroup | None = None  # the round's workers, once started
         self._signal: int | None = None
         self._record = RunRecord(events)
@@ -119,6 +121,9 @@ class Agent:
         while True:
             assignment = self._join()
             self._record.round_sealed(assignment)
+            ring = self._rdzv.sealed_members(assignment.round)
+            after_failure = assignment.round > 0 and self._rdzv.ended_by_failure(assignment.round - 1)
+            self._memory.follow(ring, self._rdzv.replica_endpoints(assignment.round, ring), after_failure=after_failure)
             group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
             self._group = group
             self._start_workers(group, assignment.round)

@@ -8,6 +8,11 @@ is newer than the newest durable one, before the next round's workers start. Tha
 started on standby once the directory holds a checkpoint (it imports torch while the workers
 train, then waits for a go on stdin), so a failure does not wait for its imports.
 
+Replication (with more than one node): the agent serves its own memory checkpoints to its
+peers (replica_server.py; the port is in its rendezvous registration) and copies its ring
+predecessors' newest ones into REPLICAS_DIR (replica_pull.py), where a restore finds them;
+after a failure a node with empty memory fetches the newest step its peers hold whole.
+
 An agent killed with SIGKILL cannot remove its directory; it leaves its pid in it
 (OWNER_FILE), and the next agent to start on the host removes the directories whose agent is gone.
 """
@@ -24,6 +29,9 @@ import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
+
+from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller, ring_predecessors
+from elastic.launcher.replica_server import ReplicaServer
 
 if TYPE_CHECKING:  # events imports worker_group, which imports path() from here
     from elastic.launcher.config import LaunchConfig
@@ -65,7 +73,10 @@ class MemoryDir:
     def __init__(self, config: LaunchConfig, node_id: str, events: EventLog) -> None:
         self._config = config
         self._events = events
+        self._node_id = node_id
         self.path = path(config.run_id, node_id)
+        self._server: ReplicaServer | None = None
+        self._puller: ReplicaPuller | None = None
         self._standby: subprocess.Popen | None = None
         self._looked = 0.0
         if self.path is not None:
@@ -73,6 +84,28 @@ class MemoryDir:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             with open(os.path.join(self.path, OWNER_FILE), "w") as f:
                 f.write(str(os.getpid()))
+
+    def serve(self, addr: str) -> int:
+        """Start replication: serve this node's memory checkpoints on `addr` and pull the peers'
+        that follow() names. Returns the port (0: no replication: no shared memory, or one node)."""
+        if self.path is None or self._config.max_nodes < 2:
+            return 0
+        self._server = ReplicaServer(addr, self.path)
+        self._puller = ReplicaPuller(self.path, self._pulled)
+        return self._server.port
+
+    def follow(self, ring: tuple[str, ...], endpoints: dict[str, tuple[str, int]], *, after_failure: bool) -> None:
+        """A round was sealed: copy from this node's predecessors in `ring` (its members in rank
+        order), found at `endpoints` (node -> the address and port its agent serves on). After
+        a failure, a node with nothing in memory first fetches what its peers hold (blocking)."""
+        if self._puller is None:
+            return
+        peers = [Peer(n, *endpoints[n]) for n in ring_predecessors(ring, self._node_id) if n in endpoints]
+        if after_failure:  # before following: a copy pulled meanwhile would take the fetch's place
+            for fetched in self._puller.fetch_held(peers):
+                self._events.emit("memory_checkpoint_fetched", peer=fetched.peer, step=fetched.step,
+                                  bytes=fetched.bytes, seconds=fetched.seconds)
+        self._puller.follow(peers)
 
     def prepare(self) -> None:
         """While workers run (called every watch): once memory holds a checkpoint, start the
@@ -110,7 +143,11 @@ class MemoryDir:
                 log.warning("elastic-run: the memory checkpoint could not be saved at breakpoint: %s", why)
 
     def remove(self) -> None:
-        """At exit: the standby process told to exit (EOF), the directory removed."""
+        """At exit: replication stopped, the standby process told to exit (EOF), the directory removed."""
+        if self._puller is not None:
+            self._puller.close()
+            self._server.close()
+            self._puller = self._server = None
         if self._standby is not None:
             try:
                 self._standby.communicate("", timeout=10)
@@ -120,6 +157,10 @@ class MemoryDir:
             self._standby = None
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+    def _pulled(self, pulled: Pulled) -> None:
+        self._events.emit("memory_replica_pulled", peer=pulled.peer, step=pulled.step, bytes=pulled.bytes,
+                          seconds=pulled.seconds)
 
     def _has_checkpoint(self) -> bool:
         return (self.path is not None and bool(self._config.checkpoint_dir)

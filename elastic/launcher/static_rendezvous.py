@@ -82,6 +82,9 @@ class StaticRendezvous:
     def sealed_members(self, round_: int) -> tuple[str, ...]:
         return (self.node_id,)  # peers are not known by name, only by their workers' collectives
 
+    def replica_endpoints(self, round_: int, node_ids: tuple[str, ...]) -> dict[str, tuple[str, int]]:
+        return {}  # no registrations: the agent serves no memory checkpoints (Agent.__init__)
+
     def departed_members(self, round_: int, members: tuple[str, ...]) -> list[str]:
         return []
 

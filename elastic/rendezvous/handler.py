@@ -58,6 +58,12 @@ class EtcdRendezvous(RunningRound):
         self._prober = Prober(config.rdzv.probe_timeout, fresh_for=config.rdzv.lease_ttl)
         self._blame = FailureBlame(backend, self._prober, config.rdzv.probe_timeout, clock)
         self.should_abort: Callable[[], None] = lambda: None  # raises to abort a wait (signals)
+        self.replica_port = 0  # registered with this node: where its agent serves its memory checkpoints
+
+    @property
+    def addr(self) -> str:
+        """The address this node registers (peers reach it there)."""
+        return self._addr
 
     @property
     def lease_lost(self) -> bool:
@@ -151,7 +157,7 @@ class EtcdRendezvous(RunningRound):
                 return dataclasses.replace(action.assignment, local_addr=self._addr)
             if isinstance(action, Register):
                 member = Member(self.node_id, self._addr, self._pick_port(), self._config.nproc_per_node,
-                                self._probe.port)
+                                self._probe.port, self.replica_port)
                 record = completing_record(state, member, self._settings, now, min_reached_at)
                 if self._backend.register(state.round, member, seal=record):
                     log.info("rendezvous: node %s joined round %d of run %s%s", self.node_id, state.round,

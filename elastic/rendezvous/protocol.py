@@ -42,6 +42,7 @@ class Member(Record):
     port: int  # a port this node reserved for the torch.distributed store, used if it is rank 0
     nproc: int
     probe_port: int = 0  # where its agent answers reachability probes (rendezvous/reachability.py); 0: none
+    replica_port: int = 0  # where its agent serves its memory checkpoints (launcher/replica_server.py); 0: none
 
 
 @dataclass(frozen=True)

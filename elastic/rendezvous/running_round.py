@@ -67,6 +67,11 @@ class RunningRound:
         sealed = self._backend.sealed(round_)
         return sealed.node_ids if sealed else ()
 
+    def replica_endpoints(self, round_: int, node_ids: tuple[str, ...]) -> dict[str, tuple[str, int]]:
+        """Where the agents of `node_ids` (members of `round_`) serve their memory checkpoints."""
+        registered = self._backend.members(round_, only=node_ids)
+        return {n: (m.addr, m.replica_port) for n, m in registered.items() if m.replica_port}
+
     def departed_members(self, round_: int, members: tuple[str, ...]) -> list[str]:
         """Members of a running round whose agent is gone without finishing or leaving.
 

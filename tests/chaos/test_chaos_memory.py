@@ -1,5 +1,7 @@
-"""Chaos with the checkpoint memory tier: `elastic-run --standalone`, 2 ranks, memory saves
-every step, no durable save, two SIGKILLs of rank 1 (tests/scripts/memory_worker.py).
+"""Chaos with the checkpoint memory tier (tests/scripts/memory_worker.py: memory saves every
+step, no durable save).
+
+The first test: `elastic-run --standalone`, 2 ranks, two SIGKILLs of rank 1.
 
 1. Killed after committing step 3 in memory: the agent saves at breakpoint (step 3 promoted
    to --checkpoint-dir) and the next round resumes from the memory checkpoint of step 3.
@@ -8,6 +10,13 @@ every step, no durable save, two SIGKILLs of rank 1 (tests/scripts/memory_worker
    durable step 3 with a warning naming the shard file.
 The job then ends with weights bitwise equal to an uninterrupted run, and the agent has
 removed the node's memory directory.
+
+The second: two agents (1 rank each) on one etcd; once one holds a copy of the other's newest
+memory checkpoint, the other is lost whole (agent and worker SIGKILLed, its memory directory
+deleted). Then either the survivor goes on alone (shrink, --nnodes 1:2) or a spare takes the
+lost node's place (--nnodes 2; its agent fetches the step from the survivor's memory); either way
+the round resumes from memory (the survivor's own shards and its copy of the lost node's) at
+the step of the fault, ending within 1e-7 of the reference, bitwise with the spare.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +32,8 @@ import sys
 import pytest
 
 from chaos_lib import read_events, wait_until
-from helpers import SCRIPTS, child_env
+from elastic.launcher.memory_dir import path as memory_dir_path
+from helpers import SCRIPTS, Job, child_env
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,6 +88,65 @@ def test_resume_from_memory_then_fall_back_from_a_corrupt_memory_shard(tmp_path)
 
     assert json.loads((out / "final.json").read_text()) == reference()
     assert not os.path.exists(paused["memory_dir"]), "the agent removes the memory directory at job end"
+
+
+@pytest.mark.parametrize("then", ["shrink", "spare"])
+def test_a_node_lost_whole_resumes_from_the_copy_in_the_survivor_s_memory(tmp_path, etcd_server, run_id, then):
+    sys.path.insert(0, SCRIPTS)
+    from memory_worker import reference
+
+    out = tmp_path / "out"
+    out.mkdir()
+    nnodes = "1:2" if then == "shrink" else "2"
+    job = Job(etcd_server.endpoint, run_id, tmp_path, nnodes, conf="last_call_timeout=1,cooldown_base=0.2",
+              script=os.path.join(SCRIPTS, "memory_worker.py"), script_args=[str(out), "3"],
+              flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))
+    try:
+        job.start("a")
+        job.start("b")
+
+        def dead():
+            gone = {n: p.returncode for n, p in job.agents.items() if p.poll() is not None}
+            return "\n".join(f"--- {n} exited {c}\n{job.log(n)[-3000:]}" for n, c in gone.items()) or None
+
+        paused = wait_until("rank 1 paused at step 3", lambda: _read(out / "paused-3.json"), 120, alive=dead)
+        lost = paused["node"]
+        survivor = ({"a", "b"} - {lost}).pop()
+        survivor_dir = memory_dir_path(run_id, survivor)
+        copy = os.path.join(survivor_dir, "replicas", lost, "step_000000000003", "manifest.json")
+        wait_until(f"{survivor} to hold {lost}'s step 3", lambda: os.path.exists(copy), 60, alive=dead)
+        assert glob.glob(os.path.join(os.path.dirname(copy), "*.safetensors")), "the lost node held a shard"
+
+        os.kill(job.agents[lost].pid, signal.SIGKILL)  # the node lost whole: agent, worker, memory
+        job.agents[lost].wait()
+        try:
+            os.kill(paused["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone with its agent
+        shutil.rmtree(paused["memory_dir"])
+        if then == "spare":
+            job.start("c")  # in the lost node's place: the same world size
+        nodes = [survivor] if then == "shrink" else [survivor, "c"]
+        for node in nodes:
+            assert job.agents[node].wait(120) == 0, job.log(node)[-4000:]
+    finally:
+        job.kill_all()
+
+    restores = [json.loads(line) for line in (out / "restores.jsonl").read_text().splitlines()]
+    resumed = [r for r in restores if r["restart"] > 0]
+    world = len(nodes)
+    assert [(r["world"], r["step"], r["tier"]) for r in resumed] == [(world, 3, "memory")] * world, restores
+    assert not any(r["warnings"] for r in resumed), resumed
+    final, ref = json.loads((out / "final.json").read_text()), reference()
+    if then == "spare":  # the same world size: the same sums, bitwise
+        assert final == ref
+        fetched = [e for e in job.events("c") if e["event"] == "memory_checkpoint_fetched"]
+        assert [(e["peer"], e["step"]) for e in fetched] == [(survivor, 3)], fetched
+    assert max(abs(x - y) for x, y in zip(final, ref)) <= 1e-7, (final, ref)
+
+    pulled = [e for e in job.events(survivor) if e["event"] == "memory_replica_pulled"]
+    assert any(e["peer"] == lost and e["step"] == 3 and e["bytes"] > 0 for e in pulled), pulled
+    assert not os.path.exists(survivor_dir), "the agent removes its memory directory, copies included"
 
 
 def _read(path):

@@ -1,0 +1,138 @@
+"""Replication of memory checkpoints between agents (elastic/launcher/replica_server.py and
+replica_pull.py): a real HTTP server over one node's memory directory, a real pulling thread
+into another's, both on /dev/shm. The files are written by hand here: restoring from a copy
+is tests/test_memory_tier.py's, the whole path under elastic-run tests/chaos/test_chaos_memory.py's."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+
+import pytest
+
+from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE
+from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller, replicas_wanted, ring_predecessors
+from elastic.launcher.replica_server import ReplicaServer, newest_step
+from helpers import wait_until
+
+SHM = "/dev/shm"
+
+
+@pytest.fixture
+def node_dirs():
+    dirs = [tempfile.mkdtemp(prefix="elastic-test-repl-", dir=SHM) for _ in range(2)]
+    yield dirs
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def commit(directory: str, step: int, *, manifest: bool = True, shard: str = "rank0.safetensors",
+           listed: tuple[str, ...] = ("rank0.safetensors",)) -> dict[str, bytes]:
+    """A step directory as the memory tier leaves it: this node's shard, then the manifest
+    (the commit) listing every node's (`listed`)."""
+    files = {shard: os.urandom(3000) + bytes([step])}
+    if manifest:
+        files["manifest.json"] = json.dumps({"step": step, "files": [{"path": p} for p in listed]}).encode()
+    step_dir = os.path.join(directory, f"step_{step:012d}")
+    os.makedirs(step_dir)
+    for name, data in files.items():
+        with open(os.path.join(step_dir, name), "wb") as f:
+            f.write(data)
+    return files
+
+
+def get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return resp.read()
+
+
+def test_the_server_offers_the_newest_committed_step_and_nothing_outside_step_directories(node_dirs):
+    own, _ = node_dirs
+    files = commit(own, 3)
+    commit(own, 4, manifest=False)  # being written: not offered
+    os.makedirs(os.path.join(own, REPLICAS_DIR, "peer", "step_000000000009"))
+    server = ReplicaServer("127.0.0.1", own)
+    try:
+        newest = json.loads(get(server.port, "/newest"))
+        assert newest == {"step": 3, "files": {n: len(d) for n, d in files.items()}}
+        assert get(server.port, "/step_000000000003/rank0.safetensors") == files["rank0.safetensors"]
+        for path in ("/", "/replicas/peer/step_000000000009/manifest.json", "/step_000000000003/../../etc/passwd",
+                     "/step_000000000003/.hidden", "/step_3/manifest.json", "/step_000000000005/manifest.json"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                get(server.port, path)
+            assert err.value.code == 404, path
+    finally:
+        server.close()
+
+
+def test_the_puller_keeps_the_newest_copy_of_each_followed_peer_and_drops_a_stale_one(node_dirs):
+    own, peer = node_dirs
+    server = ReplicaServer("127.0.0.1", peer)
+    pulled: queue.Queue[Pulled] = queue.Queue()
+    puller = ReplicaPuller(own, pulled.put, every=0.05)
+    try:
+        with open(os.path.join(own, REPLICATION_FILE), "w") as f:
+            json.dump({"replicas": 1}, f)
+        first = commit(peer, 3)
+        puller.follow([Peer("b", "127.0.0.1", server.port)])
+        got = pulled.get(timeout=30)
+        assert (got.peer, got.step, got.bytes) == ("b", 3, sum(map(len, first.values())))
+        copy = os.path.join(own, REPLICAS_DIR, "b")
+        assert os.listdir(copy) == ["step_000000000003"]
+        for name, data in first.items():
+            with open(os.path.join(copy, "step_000000000003", name), "rb") as f:
+                assert f.read() == data, name
+
+        shutil.rmtree(os.path.join(peer, "step_000000000003"))  # the peer's retention after step 5
+        second = commit(peer, 5)
+        assert pulled.get(timeout=30).step == 5
+        assert os.listdir(copy) == ["step_000000000005"], "one copy per peer"
+        assert newest_step(copy) == (5, {n: len(d) for n, d in second.items()})
+
+        # The peer left the ring: its copy is dropped once this node commits a newer step (kept
+        # until then: tests/chaos/test_chaos_memory.py restores from it after the peer is lost).
+        puller.follow([])
+        commit(own, 6)
+        wait_until("the stale copy to be dropped", lambda: not os.path.exists(copy), 30)
+    finally:
+        puller.close()
+        server.close()
+
+
+def test_a_node_with_empty_memory_fetches_the_newest_step_its_peers_hold_whole(node_dirs):
+    spare, survivor = node_dirs
+    both = ("rank0.safetensors", "rank1.safetensors")
+    own = commit(survivor, 3, listed=both)
+    lost = commit(os.path.join(survivor, REPLICAS_DIR, "lost"), 3, shard="rank1.safetensors", listed=both)
+    commit(survivor, 4, listed=both)  # the lost node's shard of step 4 is nowhere
+    server = ReplicaServer("127.0.0.1", survivor)
+    puller = ReplicaPuller(spare, lambda pulled: None)
+    try:
+        assert sorted(json.loads(get(server.port, "/held"))["steps"]) == ["3", "4"]
+        (fetched,) = puller.fetch_held([Peer("survivor", "127.0.0.1", server.port)])
+        assert (fetched.peer, fetched.step) == ("survivor", 3)
+        copy = os.path.join(spare, REPLICAS_DIR, "survivor", "step_000000000003")
+        for name, data in [*own.items(), ("rank1.safetensors", lost["rank1.safetensors"])]:
+            with open(os.path.join(copy, name), "rb") as f:
+                assert f.read() == data, name
+        assert puller.fetch_held([Peer("survivor", "127.0.0.1", server.port)]) == [], \
+            "a node that holds memory checkpoints restores from them"
+    finally:
+        puller.close()
+        server.close()
+
+
+def test_replicas_come_from_the_memory_tier_s_file_and_the_ring_order():
+    assert ring_predecessors(("a", "b", "c", "d"), "a") == ["d", "c", "b"]
+    assert ring_predecessors(("a", "b", "c", "d"), "c") == ["b", "a", "d"]
+    assert ring_predecessors(("a",), "a") == [] and ring_predecessors(("a", "b"), "z") == []
+    with tempfile.TemporaryDirectory(dir=SHM) as d:
+        assert replicas_wanted(d) == 0, "no worker said how many: nothing is pulled"
+        with open(os.path.join(d, REPLICATION_FILE), "w") as f:
+            json.dump({"replicas": 2}, f)
+        assert replicas_wanted(d) == 2
