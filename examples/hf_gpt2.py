@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: ne
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from char_gpt import load_corpus, windows  # noqa: E402  (examples/ is the script's directory)
+from char_gpt import TokenWindows, write_tokens  # noqa: E402  (examples/ is the script's directory)
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -52,13 +52,13 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--max-chars", type=int, default=200_000)
+    p.add_argument("--data-dir", default="data/char_gpt", help="where the token file is written once")
     args = p.parse_args()
 
     ctx = elastic.init()
-    text = load_corpus(args.max_chars)
-    chars = sorted(set(text))
-    ids = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
-    train = windows(ids, args.block)
+    path = os.path.join(args.data_dir, f"tokens-{args.max_chars}.u16")  # char_gpt's memory-mapped tokens
+    chars = write_tokens(path, args.max_chars)
+    train = TokenWindows(path, 0, os.path.getsize(path) // 2, args.block)
 
     config = tiny_config(len(chars), args.block)
     torch.manual_seed(0)

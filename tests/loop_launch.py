@@ -1,4 +1,5 @@
-"""Launch groups of loop_worker.py processes with the environment torchrun would give them."""
+"""Launch groups of loop_worker.py (or another worker script's) processes with the environment
+torchrun would give them."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loop_worker.p
 
 class Group:
     """`world_size` workers; torchrun_env=False starts one plain process with no launcher
-    variables at all (the single-process path of elastic.init)."""
+    variables at all (the single-process path of elastic.init); new_session=True puts each
+    in a process group of its own (as elastic-run does), for signals to the whole group."""
 
     def __init__(self, args: list[str], world_size: int, env: dict[str, str], *,
                  torchrun_env: bool = True, stdin: bool = False,
-                 progress_dir: str | None = None) -> None:
+                 progress_dir: str | None = None, worker: str = WORKER,
+                 new_session: bool = False) -> None:
         port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.stderr = [tempfile.TemporaryFile(mode="w+") for _ in range(world_size)]
@@ -33,9 +36,9 @@ class Group:
                              LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                              MASTER_PORT=str(port))
             self.procs.append(subprocess.Popen(
-                [sys.executable, WORKER, *args], env=child, text=True,
+                [sys.executable, worker, *args], env=child, text=True,
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=self.stderr[rank],
+                stdout=subprocess.PIPE, stderr=self.stderr[rank], start_new_session=new_session,
             ))
 
     def wait(self, timeout: float = 200) -> list[tuple[int, str, str]]:

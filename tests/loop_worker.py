@@ -8,7 +8,8 @@ start-up timestamps (started, imported, initialized = process group up, resumed 
 checkpoint loaded) to <out>/boot.<tag>.rank<r>.jsonl. Under a supervisor
 restart n (TORCHELASTIC_RESTART_COUNT) writes under the tag "<tag>.restart<n>". A worker that
 elastic-run reconfigures in-process (--ddp) goes on writing under its new rank. With
---num-workers each DataLoader worker process appends its pid to <out>/loader_pids.<tag>.
+--num-workers each DataLoader worker process appends {"pid", "parent", "round"} (its pid, the
+training process's, the rendezvous round it was started in) to <out>/loader_pids.<tag>.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ def build_dataset() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
 def record_pid(path: str, worker_id: int) -> None:
     """A DataLoader worker_init_fn: note this loader worker's pid (tests check that it ends)."""
     with open(path, "a") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(json.dumps({"pid": os.getpid(), "parent": os.getppid(),
+                            "round": os.environ.get("ELASTIC_ROUND")}) + "\n")
+
+
+def loader_workers(path: str) -> list[dict]:
+    """The records record_pid wrote to `path`."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def main() -> int:

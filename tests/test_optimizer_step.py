@@ -4,6 +4,7 @@ state), on_before_optimizer_step, clip_grad_norm, and torch.compile'd models."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -14,8 +15,12 @@ from elastic.errors import ConfigError
 from elastic.exchange.progress import read_progress
 from elastic.worker import context
 from elastic.worker.sampler import ElasticSampler
+from helpers import child_env
+from loop_launch import Group
+from loop_worker import build_dataset, build_model
 
 N, G, SEED = 23, 7, 0
+CLIP_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "clip_worker.py")
 POISONED = ElasticSampler(N, G, seed=SEED).samples(1).ids[0]  # its forward gives inf: position 1 overflows
 
 
@@ -36,6 +41,10 @@ def model_and_opt():
 
 def scaler():
     return torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+
+def global_norm(grads) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def test_a_step_the_scaler_skips_consumes_its_samples_but_no_step(tmp_path, monkeypatch):
@@ -88,7 +97,7 @@ def test_hook_sees_the_unscaled_global_mean_then_clipping_applies():
         ids = step.global_sample_ids
     F.mse_loss(ref(torch.stack([data[i][0] for i in ids])), torch.stack([data[i][1] for i in ids])).backward()
     expected = [p.grad for p in ref.parameters()]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected]))
+    norm = global_norm(expected)
     assert seen["index"] == 0
     for got, want in zip(seen["grads"], expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
@@ -96,6 +105,31 @@ def test_hook_sees_the_unscaled_global_mean_then_clipping_applies():
     assert norm > 1e-2  # so the clipping below changed the step
     for p, p0, g in zip(model.parameters(), start, expected):
         torch.testing.assert_close(p.detach(), p0 - 0.1 * g * (1e-3 / (norm + 1e-6)), rtol=1e-10, atol=1e-15)
+
+
+def test_clipping_under_fsdp2_matches_ddp(tmp_path):
+    """World size 2 on gloo, DDP then FSDP2 (fully_shard) in the same process group, uneven
+    shares (7 samples on 2 ranks): step.grad_norm is the global-mean gradient's norm under
+    both, the optimizer steps with that gradient scaled down to the max norm, and the
+    parameters end within 1e-7 of DDP's."""
+    max_norm = 0.05
+    out = tmp_path / "clip.pt"
+    Group([str(out), str(max_norm)], 2, child_env(), worker=CLIP_WORKER).wait_ok()
+    ddp, fsdp2 = torch.load(out).values()
+    assert fsdp2["ids"] == ddp["ids"] and len(ddp["ids"]) == 3
+    # Step 0 starts from the same parameters in one process: the full global batch's gradient.
+    model, data = build_model(), build_dataset()
+    ids = ddp["ids"][0]
+    F.mse_loss(model(torch.stack([data[i][0] for i in ids])), torch.stack([data[i][1] for i in ids])).backward()
+    torch.testing.assert_close(ddp["norms"][0], global_norm([p.grad for p in model.parameters()]), rtol=1e-12, atol=0)
+    for norm, want, clipped, want_clipped in zip(fsdp2["norms"], ddp["norms"], fsdp2["clipped"], ddp["clipped"]):
+        assert want > max_norm  # every step was clipped
+        torch.testing.assert_close(norm, want, rtol=1e-12, atol=0)
+        for got, expected in zip(clipped, want_clipped):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(global_norm(clipped), max_norm * want / (want + 1e-6), rtol=1e-12, atol=0)
+    for k, want in ddp["params"].items():
+        torch.testing.assert_close(fsdp2["params"][k], want, rtol=0, atol=1e-7)
 
 
 def run(directory, max_steps, stop_at=None):

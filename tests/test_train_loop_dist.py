@@ -25,6 +25,7 @@ from elastic.exchange.progress import read_progress
 from elastic.worker.sampler import ElasticSampler
 from helpers import alive, child_env, wait_gone
 from loop_launch import Group
+from loop_worker import loader_workers
 
 G, M, STEPS, SAVE_EVERY = 7, 1, 12, 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +79,7 @@ def reference(tmp_path_factory):
 
 
 def loader_pids(path):
-    with open(path) as f:
-        pids = {int(line) for line in f}
+    pids = {w["pid"] for w in loader_workers(path)}
     assert len(pids) == 4, f"expected 2 loader workers on each of 2 ranks, got {pids}"
     return pids
 
@@ -119,18 +119,22 @@ def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, referenc
     ref_out, ref_ids = reference
     ckpt = tmp_path / "ckpt"
     # Phase 1, world size 2: both ranks pause in step 4, get SIGTERM, then continue; they
-    # agree on the flag at the next boundary (stop_check_every=1) and save step 5.
-    phase1 = Group(args(tmp_path, "p1", ckpt, "--pause-at", 4), 2, child_env(), stdin=True)
+    # agree on the flag at the next boundary (stop_check_every=1) and save step 5. The
+    # SIGTERM goes to each rank's whole process group, as elastic-run, torchrun and Slurm
+    # send it: the rank's 2 loader workers get it too and must not end before the save.
+    phase1 = Group(args(tmp_path, "p1", ckpt, "--pause-at", 4, "--num-workers", 2), 2, child_env(), stdin=True,
+                   new_session=True)
     for p in phase1.procs:
         while "paused at 4" not in (line := p.stdout.readline()):
             assert line, "worker exited before pausing"
     for p in phase1.procs:
-        p.send_signal(signal.SIGTERM)
+        os.killpg(p.pid, signal.SIGTERM)
     for p in phase1.procs:
         p.stdin.write("go\n")
         p.stdin.flush()
     for rank, (rc, _, err) in enumerate(phase1.wait()):
         assert rc == 143, f"rank {rank} exited {rc}: {err[-3000:]}"
+    assert wait_gone(loader_pids(tmp_path / "loader_pids.p1")) == set()
     # Phase 2: one plain process (no launcher environment), up to step 9.
     out2 = Group(args(tmp_path, "p2", ckpt, "--max-steps", 9), 1, child_env(), torchrun_env=False).wait_ok()
     assert "rank 0 resumed 5" in out2[0]

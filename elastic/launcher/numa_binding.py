@@ -17,7 +17,10 @@ def cpus_near_gpus(mode: str, nproc: int) -> tuple[frozenset[int], ...]:
     """The CPUs for each local rank, as torchrun's --numa-binding MODE picks them."""
     try:
         from torch.numa.binding import AffinityMode, NumaOptions, _get_logical_cpus_to_bind_to  # noqa: PLC0415
-
+    except ImportError:
+        raise ConfigError(f"--numa-binding {mode}: this torch has no torch.numa.binding (torchrun's "
+                          "--numa-binding came with it); upgrade torch or drop --numa-binding") from None
+    try:
         options = NumaOptions(affinity_mode=AffinityMode(mode))
         found = tuple(frozenset(_get_logical_cpus_to_bind_to(gpu_index=rank, numa_options=options))
                       for rank in range(nproc))

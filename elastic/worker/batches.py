@@ -16,8 +16,10 @@ sample alone.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -129,12 +131,15 @@ class MicroBatches:
         loader = DataLoader(
             loop.dataset, batch_sampler=batch_sampler, collate_fn=loop.collate_fn, num_workers=options.num_workers,
             prefetch_factor=options.prefetch_factor, pin_memory=options.pin_memory,
-            persistent_workers=options.persistent_workers, worker_init_fn=options.worker_init_fn,
+            persistent_workers=options.persistent_workers,
+            worker_init_fn=functools.partial(_init_loader_worker, options.worker_init_fn),
             # Its own generator: the loader's base seed must not draw from the global torch
             # stream, which a bitwise resume restores and the model's dropout uses.
             generator=torch.Generator().manual_seed(loop.seed),
         )
         self._iterator = iter(loader)
+        if options.num_workers:  # before multiprocessing's exit hook, which would wait forever for them
+            atexit.register(self.close)
 
     def next(self) -> Any:
         batch = next(self._iterator)
@@ -145,6 +150,17 @@ class MicroBatches:
         shutdown = getattr(self._iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+            atexit.unregister(self.close)
+
+
+def _init_loader_worker(worker_init_fn: Callable[[int], None] | None, worker_id: int) -> None:
+    """Loader workers ignore SIGTERM: launchers (elastic-run, torchrun) and Slurm send it to the
+    training process's whole process group, and a worker it ended would make the DataLoader
+    raise in the training process before the loop saves the step it stops at. The training
+    process ends its workers (close(), also at exit); a worker outliving it exits by itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
 
 
 def move_to(batch: Any, device: torch.device, non_blocking: bool) -> Any:

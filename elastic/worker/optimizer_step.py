@@ -56,6 +56,8 @@ class OptimizerStep:
         norm = None
         if self.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor; one plain type under DDP and FSDP2
+                norm = norm.full_tensor()
         taken = True
         if scaler is None:
             self.optimizer.step()

@@ -12,6 +12,8 @@ import pytest
 
 from chaos_lib import all_events, check_run, read_records, recovery, report, wait_records, wait_until
 from elastic.rendezvous.etcd_client import EtcdConfig, connect
+from helpers import wait_gone
+from loop_worker import loader_workers
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -120,18 +122,27 @@ def test_growth_and_leave_reconfigure_the_staying_worker_in_process(loop_job, et
     """Node a trains alone (nnodes 1:2, DDP at world size 1); b arrives, then leaves on
     SIGTERM. a's worker is never restarted: at both changes it parks after a step the ranks
     agree on, re-forms the process group at the new world size and resumes from that step's
-    checkpoint, like b's fresh worker. No restart spent, no step lost or repeated, within
-    1e-7 of the uninterrupted run."""
-    job = loop_job("1:2", etcd_server.endpoint, "last_call_timeout=1", 3, "--ddp")
+    checkpoint, like b's fresh worker; its DataLoader (2 worker processes) is rebuilt for
+    the new placement, the old one's workers gone. No restart spent, no step lost or
+    repeated, within 1e-7 of the uninterrupted run."""
+    job = loop_job("1:2", etcd_server.endpoint, "last_call_timeout=1", 3, "--ddp", "--num-workers", "2")
     slow = job.outdir / "slow"
     slow.touch()  # slow steps until b has come and gone: the job must not end first
     job.start("a")
-    wait_records(job, "step 3 at world 1", lambda r: r["step"] >= 3 and r["world"] == 1)
+    a_pid = wait_records(job, "step 3 at world 1", lambda r: r["step"] >= 3 and r["world"] == 1)["pid"]
+
+    def a_loader_workers(round_: str) -> set[int]:  # the pids of those a's worker started in round_
+        found = loader_workers(job.outdir / "loader_pids.run")
+        return {w["pid"] for w in found if w["round"] == round_ and w["parent"] == a_pid}
+
     job.start("b")
-    wait_records(job, "a step at world 2", lambda r: r["world"] == 2)
+    wait_records(job, "a step at world 2", lambda r: r["world"] == 2 and r["pid"] == a_pid)
+    assert len(a_loader_workers("0")) == len(a_loader_workers("1")) == 2
+    assert wait_gone(a_loader_workers("0")) == set()  # while a's worker trains on in round 1
     job.agents["b"].send_signal(signal.SIGTERM)
     assert job.agents["b"].wait(120) == 0, job.log("b")[-4000:]
     wait_records(job, "a step at world 1 after b left", lambda r: r["world"] == 1 and r["round"] == "2", needed="a")
+    assert len(a_loader_workers("2")) == 2 and wait_gone(a_loader_workers("1")) == set()
     slow.unlink()
     assert job.agents["a"].wait(300) == 0, job.log("a")[-4000:]
     events = job.events("a")
