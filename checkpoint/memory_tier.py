@@ -15,6 +15,11 @@ Replication: the node's leader writes `replicas` into the directory (REPLICATION
 elastic-run the agents then copy each node's newest checkpoint into `replicas` peers' memory
 (elastic/launcher/replica_pull.py, under REPLICAS_DIR), and restore reads those copies as part
 of the memory source, so a node lost whole is restored from a survivor's RAM.
+
+Room: at the first save every node checks that its shared memory holds what the tier keeps
+there. If one does not, the memory tier is off for the manager's life (one RuntimeWarning with
+the numbers, on every rank): memory saves are skipped, durable ones go on, so a job is not
+lost to a small /dev/shm.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from checkpoint.collectives import RankGroup
-from checkpoint.commit import Committer, NodeRole
+from checkpoint.commit import Committer, NodeRole, SaveJob
 from checkpoint.committed import CommittedCheckpoints
 from checkpoint.errors import CheckpointError
 from checkpoint.io import storage
@@ -124,6 +130,7 @@ class MemoryTier:
             _write_replicas(self.placement.directory, replicas)
         self._ranks = ranks
         self._room_checked = False
+        self.no_room: str | None = None  # why memory saves are skipped (the first save found it)
         # A private directory goes with the manager, also one never closed (at exit at the latest).
         owner = self.placement.owned and self.placement.leader
         self._remove = weakref.finalize(self, shutil.rmtree, self.placement.directory, True) if owner else None
@@ -136,39 +143,59 @@ class MemoryTier:
         return cls(ranks, run_id, replicas)
 
     def _copies(self) -> list[CommittedCheckpoints]:
-        """The copies of other nodes' newest checkpoints the agent pulled into this node's memory."""
-        pattern = os.path.join(glob.escape(self.placement.directory), REPLICAS_DIR, "[!.]*")
-        return [CommittedCheckpoints(storage.open_location(d)) for d in sorted(glob.glob(pattern))]
+        return copies_in(self.placement.directory)
 
     def _copied_steps(self) -> set[int]:
         return {step for copy in self._copies() for step in copy.steps()}
 
-    def targets(self, durable: Committer, also_durable: bool) -> list[Committer]:
+    def targets(self, durable: Committer, also_durable: bool) -> list[Committer | _UnlessNoRoom]:
         """Where a save commits, in order: memory first (a restore can use it soonest), then
         durable storage if `also_durable`; under the durable guard (round fence) and listener."""
         self.committer.guard = durable.guard
         self.committer.listener = durable.listener
-        return [self.committer, durable] if also_durable else [self.committer]
+        memory = _UnlessNoRoom(self)
+        return [memory, durable] if also_durable else [memory]
 
     def check_room(self, share: int) -> None:
-        """At the first save: raise on every rank unless every node's shared memory holds
-        COPIES of its ranks' shares, and 3 more per peer whose copy it holds (the copy, the
-        next one being pulled, and its own checkpoint of the copy's step) (`share`: this rank's
-        shard size). A collective."""
+        """At the first save: unless every node's shared memory holds COPIES of its ranks'
+        shares, and 3 more per peer whose copy it holds (the copy, the next one being pulled,
+        and its own checkpoint of the copy's step) (`share`: this rank's shard size), turn the
+        tier off on every rank with one warning. A collective."""
         if self._room_checked:
             return
         copies = COPIES + 3 * self._replicas
         need = copies * share * self.placement.node_ranks  # ranks' shares are byte-balanced
         problem = room_problem(self.placement.directory, need, free_bytes(self.placement.directory), copies)
         problems = [p for p in self._ranks.all_gather(problem) if p]
-        if problems:
-            raise CheckpointError(problems[0])
         self._room_checked = True
+        if problems:  # every rank alike, so the memory commit's collectives are skipped on all
+            self.no_room = problems[0]
+            warnings.warn(f"{self.no_room}. Memory saves are skipped; durable saves continue.",
+                          RuntimeWarning, stacklevel=4)  # the caller of CheckpointManager.save()
 
     def close(self) -> None:
         """Remove a private directory (its leader; an agent's directory is the agent's)."""
         if self._remove is not None:
             self._remove()
+
+
+@dataclass(frozen=True)
+class _UnlessNoRoom:
+    """The memory tier's committer in a save's targets, skipped once the tier found no room."""
+
+    tier: MemoryTier
+
+    def write_and_commit(self, job: SaveJob, copy: Callable[[], None] | None = None, *, notify: bool = True) -> None:
+        if self.tier.no_room is None:
+            self.tier.committer.write_and_commit(job, copy, notify=notify)
+        elif copy is not None:  # still staged: the durable save after it writes the staging
+            copy()  # buffer, and an overlapped save's optimizer step waits for the copy
+
+
+def copies_in(directory: str) -> list[CommittedCheckpoints]:
+    """The copies of other nodes' newest checkpoints the agent pulled into the node's memory `directory`."""
+    pattern = os.path.join(glob.escape(directory), REPLICAS_DIR, "[!.]*")
+    return [CommittedCheckpoints(storage.open_location(d)) for d in sorted(glob.glob(pattern))]
 
 
 def _write_replicas(directory: str, replicas: int) -> None:

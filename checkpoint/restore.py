@@ -185,22 +185,31 @@ def _check_whole_here(source: Source, step: int) -> tuple[Manifest, storage.Loca
     if not holders or step in source.found_corrupt:
         why = "found corrupt while loading" if holders else "gone from this node"
         raise CheckpointNotFoundError(f"{source.tier} checkpoint step {step} in {own.loc.url}: {why}")
-    manifest = holders[0].manifest(step)
-    if holders[0] is own and own.damage(manifest) is None:
-        return manifest, own.loc  # the usual case: one node, or no node lost
-    dirs: dict[str, str] = {}
-    for holder in holders:
-        sizes = storage.file_sizes(holder.loc, step)
-        dirs.update({f.path: holder.loc.step_dir(step) for f in manifest.files
-                     if f.path not in dirs and sizes.get(f.path) == f.size})
-    missing = [f.path for f in manifest.files if f.path not in dirs]
+    if holders[0] is own and own.damage(own.manifest(step)) is None:
+        return own.manifest(step), own.loc  # the usual case: one node, or no node lost
+    manifest, loc, missing = held_here(holders, step)
     if missing:
         raise CheckpointNotFoundError(
             f"{source.tier} checkpoint step {step} in {own.loc.url} is not whole on this node: "
             f"{', '.join(missing)} held neither here nor in a copy of another node's memory "
             f"({', '.join(h.loc.url for h in holders)}); shards only in other nodes' memory are not fetched"
         )
-    return manifest, _Spread(own.loc.fs, own.loc.root, own.loc.url, dirs)
+    return manifest, loc
+
+
+def held_here(holders: Sequence[CommittedCheckpoints], step: int) -> tuple[Manifest, storage.Location, list[str]]:
+    """Committed `step` as a node's local directories `holders` (its own first, then its copies
+    of other nodes', each holding the step) hold it: the manifest, a location reading each file
+    it names from the first holder that has it at its listed size, and the files none has."""
+    manifest = holders[0].manifest(step)
+    dirs: dict[str, str] = {}
+    for holder in holders:
+        sizes = storage.file_sizes(holder.loc, step)
+        dirs.update({f.path: holder.loc.step_dir(step) for f in manifest.files
+                     if f.path not in dirs and sizes.get(f.path) == f.size})
+    missing = [f.path for f in manifest.files if f.path not in dirs]
+    own = holders[0].loc
+    return manifest, _Spread(own.fs, own.root, own.url, dirs), missing
 
 
 def preflight(committed: CommittedCheckpoints, ranks: RankGroup, state: Mapping[str, Any], step: int | None) -> None:

@@ -17,10 +17,11 @@ import pytest
 
 from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE
 from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller, replicas_wanted, ring_predecessors
-from elastic.launcher.replica_server import ReplicaServer, newest_step
+from elastic.launcher.replica_server import TOKEN_HEADER, ReplicaServer, newest_step
 from helpers import wait_until
 
 SHM = "/dev/shm"
+TOKEN = "the-run-s-secret"
 
 
 @pytest.fixture
@@ -46,8 +47,10 @@ def commit(directory: str, step: int, *, manifest: bool = True, shard: str = "ra
     return files
 
 
-def get(port: int, path: str) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+def get(port: int, path: str, token: str | None = TOKEN) -> bytes:
+    headers = {} if token is None else {TOKEN_HEADER: token}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as resp:
         return resp.read()
 
 
@@ -56,7 +59,7 @@ def test_the_server_offers_the_newest_committed_step_and_nothing_outside_step_di
     files = commit(own, 3)
     commit(own, 4, manifest=False)  # being written: not offered
     os.makedirs(os.path.join(own, REPLICAS_DIR, "peer", "step_000000000009"))
-    server = ReplicaServer("127.0.0.1", own)
+    server = ReplicaServer("127.0.0.1", own, TOKEN)
     try:
         newest = json.loads(get(server.port, "/newest"))
         assert newest == {"step": 3, "files": {n: len(d) for n, d in files.items()}}
@@ -70,11 +73,28 @@ def test_the_server_offers_the_newest_committed_step_and_nothing_outside_step_di
         server.close()
 
 
+def test_the_server_refuses_a_request_without_the_run_s_token(node_dirs):
+    own, _ = node_dirs
+    files = commit(own, 3)
+    server = ReplicaServer("127.0.0.1", own, TOKEN)
+    try:
+        for token in (None, "", "the-run-s-secreT", TOKEN + "x"):
+            for path in ("/newest", "/held", "/step_000000000003/rank0.safetensors"):
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    get(server.port, path, token)
+                assert err.value.code == 403, (token, path)
+        assert get(server.port, "/step_000000000003/rank0.safetensors") == files["rank0.safetensors"]
+    finally:
+        server.close()
+    with pytest.raises(ValueError, match="shared secret"):
+        ReplicaServer("127.0.0.1", own, "")
+
+
 def test_the_puller_keeps_the_newest_copy_of_each_followed_peer_and_drops_a_stale_one(node_dirs):
     own, peer = node_dirs
-    server = ReplicaServer("127.0.0.1", peer)
+    server = ReplicaServer("127.0.0.1", peer, TOKEN)
     pulled: queue.Queue[Pulled] = queue.Queue()
-    puller = ReplicaPuller(own, pulled.put, every=0.05)
+    puller = ReplicaPuller(own, pulled.put, TOKEN, every=0.05)
     try:
         with open(os.path.join(own, REPLICATION_FILE), "w") as f:
             json.dump({"replicas": 1}, f)
@@ -110,8 +130,8 @@ def test_a_node_with_empty_memory_fetches_the_newest_step_its_peers_hold_whole(n
     own = commit(survivor, 3, listed=both)
     lost = commit(os.path.join(survivor, REPLICAS_DIR, "lost"), 3, shard="rank1.safetensors", listed=both)
     commit(survivor, 4, listed=both)  # the lost node's shard of step 4 is nowhere
-    server = ReplicaServer("127.0.0.1", survivor)
-    puller = ReplicaPuller(spare, lambda pulled: None)
+    server = ReplicaServer("127.0.0.1", survivor, TOKEN)
+    puller = ReplicaPuller(spare, lambda pulled: None, TOKEN)
     try:
         assert sorted(json.loads(get(server.port, "/held"))["steps"]) == ["3", "4"]
         (fetched,) = puller.fetch_held([Peer("survivor", "127.0.0.1", server.port)])
@@ -136,3 +156,22 @@ def test_replicas_come_from_the_memory_tier_s_file_and_the_ring_order():
         with open(os.path.join(d, REPLICATION_FILE), "w") as f:
             json.dump({"replicas": 2}, f)
         assert replicas_wanted(d) == 2
+
+
+def test_the_agents_of_a_run_agree_on_one_random_token_through_etcd(etcd_server, run_id):
+    from elastic.rendezvous.etcd_client import EtcdConfig, connect
+    from elastic.rendezvous.etcd_state import EtcdBackend
+
+    backends = [EtcdBackend(connect(EtcdConfig(etcd_server.endpoint)), "elastic", run, node)
+                for run, node in ((run_id, "a"), (run_id, "b"), (run_id + "-other", "a"))]
+    try:
+        for backend in backends:
+            backend.announce()
+            backend.sync()
+        first, second, other_run = (b.shared_secret("replica_token") for b in backends)
+        assert len(first) == 64 and int(first, 16) >= 0, "32 random bytes, hex"
+        assert second == first == backends[0].shared_secret("replica_token"), "created once, then read"
+        assert other_run != first, "each run its own"
+    finally:
+        for backend in backends:
+            backend.shutdown()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 
 REPLICAS_DIR = "replicas"  # <memory dir>/replicas/<peer node>/step_<N>/...
-REPLICATION_FILE = "replication.json"  # {"replicas": k}, written by the memory tier's node leader
+# {"replicas": k}, written by the memory tier's node leader as the workers place the tier:
+# the agent also takes it as the sign that they use it (and starts its promotion process)
+REPLICATION_FILE = "replication.json"
 MANIFEST = "manifest.json"  # written last: a step directory with it is committed
 STEP_DIR = re.compile(r"^step_(\d{12})$")
 

@@ -70,8 +70,6 @@ class Agent:
         if config.rdzv.password is not None:
             names.write_password_file(password_path(self._run_dir), config.rdzv.password)
         self._memory = MemoryDir(config, rendezvous.node_id, events)  # the checkpoint memory tier; removed by run()
-        if isinstance(rendezvous, EtcdRendezvous):  # a static world has no registration to advertise the port in
-            rendezvous.replica_port = self._memory.serve(rendezvous.addr)
         self._group: WorkerGroup | None = None  # the round's workers, once started
         self._signal: int | None = None
         self._record = RunRecord(events)
@@ -98,6 +96,8 @@ class Agent:
             if self._pool is not None:
                 self._pool.fill()  # the first round's workers import torch during the rendezvous
             self._rdzv.start()
+            if isinstance(self._rdzv, EtcdRendezvous):  # a static world has no registration to advertise the port in
+                self._rdzv.replica_port = self._memory.serve(self._rdzv.addr, self._rdzv.replica_token)
             return self._run_rounds()
         except RendezvousClosedError as exc:
             if exc.ok:  # a spare the job never needed

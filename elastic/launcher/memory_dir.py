@@ -4,9 +4,12 @@ The agent creates it for the run (workers find it in ELASTIC_MEMORY_DIR), so the
 checkpoints outlive the workers, and removes it when it exits. After a worker failure it
 saves at breakpoint: ``python -m checkpoint.promote`` (a subprocess: the launcher imports
 neither checkpoint nor torch) copies the newest memory checkpoint to --checkpoint-dir when it
-is newer than the newest durable one, before the next round's workers start. That process is
-started on standby once the directory holds a checkpoint (it imports torch while the workers
-train, then waits for a go on stdin), so a failure does not wait for its imports.
+is newer than the newest durable one, before the next round's workers start (so their saves
+and retention cannot replace it under the copy). That process is started as soon as the
+workers place their memory tier in the directory (REPLICATION_FILE appears) and kept on
+standby for the agent's life (promotion_standby.py), so a failure does not wait for its
+imports, and an agent whose workers do not use the tier starts none; when a local
+--checkpoint-dir already holds the newest memory step, the agent does not ask it at all.
 
 Replication (with more than one node): the agent serves its own memory checkpoints to its
 peers (replica_server.py; the port is in its rendezvous registration) and copies its ring
@@ -20,18 +23,18 @@ An agent killed with SIGKILL cannot remove its directory; it leaves its pid in i
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from elastic.exchange.memory_layout import MANIFEST, REPLICATION_FILE, STEP_DIR
+from elastic.launcher.promotion_standby import PromotionStandby
 from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller, ring_predecessors
-from elastic.launcher.replica_server import ReplicaServer
+from elastic.launcher.replica_server import ReplicaServer, held
 
 if TYPE_CHECKING:  # events imports worker_group, which imports path() from here
     from elastic.launcher.config import LaunchConfig
@@ -40,10 +43,6 @@ if TYPE_CHECKING:  # events imports worker_group, which imports path() from here
 log = logging.getLogger(__name__)
 
 SHM_ROOT = "/dev/shm"
-# A promotion copies one checkpoint's worth of this node's shards; a stuck filesystem must
-# not hold the job's recovery forever.
-PROMOTE_TIMEOUT = 600.0
-LOOK_EVERY = 1.0  # seconds between looks for a first memory checkpoint (one glob each)
 OWNER_FILE = ".agent-pid"
 
 
@@ -52,6 +51,17 @@ def path(run_id: str, node_id: str) -> str | None:
     if not os.path.isdir(SHM_ROOT):
         return None
     return os.path.join(SHM_ROOT, "elastic-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_id}-{node_id}"))
+
+
+def newest_local_durable(url: str) -> int | None:
+    """The newest committed step in --checkpoint-dir `url` when it is a local directory (None:
+    none, or not local: then checkpoint.promote finds out)."""
+    if "://" in url and not url.startswith("file://"):
+        return None
+    root = url.removeprefix("file://")
+    steps = [STEP_DIR.match(os.path.basename(os.path.dirname(p)))
+             for p in glob.glob(os.path.join(glob.escape(root), "step_*", MANIFEST))]
+    return max((int(m.group(1)) for m in steps if m), default=None)
 
 
 def remove_orphans() -> None:
@@ -77,21 +87,22 @@ class MemoryDir:
         self.path = path(config.run_id, node_id)
         self._server: ReplicaServer | None = None
         self._puller: ReplicaPuller | None = None
-        self._standby: subprocess.Popen | None = None
-        self._looked = 0.0
+        self._standby: PromotionStandby | None = None
         if self.path is not None:
             remove_orphans()
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             with open(os.path.join(self.path, OWNER_FILE), "w") as f:
                 f.write(str(os.getpid()))
 
-    def serve(self, addr: str) -> int:
+    def serve(self, addr: str, token: Callable[[], str]) -> int:
         """Start replication: serve this node's memory checkpoints on `addr` and pull the peers'
-        that follow() names. Returns the port (0: no replication: no shared memory, or one node)."""
+        that follow() names, both with the run's shared secret `token()` (asked only if needed).
+        Returns the port (0: no replication: no shared memory, or one node)."""
         if self.path is None or self._config.max_nodes < 2:
             return 0
-        self._server = ReplicaServer(addr, self.path)
-        self._puller = ReplicaPuller(self.path, self._pulled)
+        secret = token()
+        self._server = ReplicaServer(addr, self.path, secret)
+        self._puller = ReplicaPuller(self.path, self._pulled, secret)
         return self._server.port
 
     def follow(self, ring: tuple[str, ...], endpoints: dict[str, tuple[str, int]], *, after_failure: bool) -> None:
@@ -108,32 +119,32 @@ class MemoryDir:
         self._puller.follow(peers)
 
     def prepare(self) -> None:
-        """While workers run (called every watch): once memory holds a checkpoint, start the
-        promotion on standby. Looks at most every LOOK_EVERY seconds."""
-        if self._standby is not None or time.monotonic() - self._looked < LOOK_EVERY:
-            return
-        self._looked = time.monotonic()
-        if self._has_checkpoint():
-            self._standby = self._start_promotion()
+        """While workers run (called every watch): once they use the memory tier, keep the
+        promotion process on standby (one that died is replaced)."""
+        if self._standby is not None:
+            self._standby.ensure()
+        elif self._config.checkpoint_dir and os.path.exists(os.path.join(self.path or "", REPLICATION_FILE)):
+            self._standby = PromotionStandby(self.path, self._config.checkpoint_dir)
 
     def save_at_breakpoint(self, round_: int) -> None:
         """After a failure: promote the newest memory checkpoint to durable storage, if any."""
-        if not self._has_checkpoint():
-            return  # nothing committed in memory: no interpreter to start
+        newest = max(held(self.path), default=None) if self.path is not None and self._config.checkpoint_dir else None
+        if newest is None:
+            return  # nothing committed in memory: nothing to ask
+        durable = newest_local_durable(self._config.checkpoint_dir)
+        if durable is not None and durable >= newest:  # the usual case after a durable save: no round trip
+            self._events.emit("memory_checkpoint_not_promoted", round=round_, seconds=0.0,
+                              reason=f"durable step {durable} is not older than memory step {newest}")
+            return
         started = time.monotonic()
-        proc, self._standby = self._standby or self._start_promotion(), None
-        try:
-            out, err = proc.communicate("go\n", timeout=PROMOTE_TIMEOUT)
-            lines = out.strip().splitlines()
-            outcome = json.loads(lines[-1]) if lines else {"step": None, "error": err.strip()[-500:]}
-        except (subprocess.TimeoutExpired, ValueError) as exc:
-            proc.kill()
-            proc.wait()
-            outcome = {"step": None, "error": f"{type(exc).__name__}: {exc}"}
+        if self._standby is None:  # e.g. a spare whose agent fetched the step: started only now
+            self._standby = PromotionStandby(self.path, self._config.checkpoint_dir)
+        outcome = self._standby.promote()
         seconds = round(time.monotonic() - started, 3)
         if outcome.get("step") is not None:
             self._events.emit("memory_checkpoint_promoted", round=round_, step=outcome["step"],
-                              url=self._config.checkpoint_dir, seconds=seconds)
+                              url=self._config.checkpoint_dir, seconds=seconds,
+                              promote_seconds=round(outcome["seconds"], 3), bytes=outcome["copied_bytes"])
             log.warning("elastic-run: saved at breakpoint: memory checkpoint of step %d written to %s",
                         outcome["step"], self._config.checkpoint_dir)
         else:
@@ -149,11 +160,7 @@ class MemoryDir:
             self._server.close()
             self._puller = self._server = None
         if self._standby is not None:
-            try:
-                self._standby.communicate("", timeout=10)
-            except subprocess.TimeoutExpired:
-                self._standby.kill()
-                self._standby.wait()
+            self._standby.close()
             self._standby = None
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -161,12 +168,3 @@ class MemoryDir:
     def _pulled(self, pulled: Pulled) -> None:
         self._events.emit("memory_replica_pulled", peer=pulled.peer, step=pulled.step, bytes=pulled.bytes,
                           seconds=pulled.seconds)
-
-    def _has_checkpoint(self) -> bool:
-        return (self.path is not None and bool(self._config.checkpoint_dir)
-                and bool(glob.glob(os.path.join(glob.escape(self.path), "step_*", "manifest.json"))))
-
-    def _start_promotion(self) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "checkpoint.promote", "--on-go", self.path, self._config.checkpoint_dir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

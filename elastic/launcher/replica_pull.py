@@ -29,10 +29,10 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.client import HTTPException
+from http.client import HTTPException, HTTPResponse
 
 from elastic.exchange.memory_layout import MANIFEST, REPLICAS_DIR, REPLICATION_FILE, STEP_DIR, peer_dir_name
-from elastic.launcher.replica_server import held_dirs, newest_step
+from elastic.launcher.replica_server import TOKEN_HEADER, held_dirs, newest_step
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,13 @@ def held_step(peer_dir: str) -> int | None:
 
 
 class ReplicaPuller:
-    """The pulling thread over this node's memory `directory`; `on_pulled` hears of each copy."""
+    """The pulling thread over this node's memory `directory`; `on_pulled` hears of each copy;
+    `token`: the run's shared secret the peers' servers ask for."""
 
-    def __init__(self, directory: str, on_pulled: Callable[[Pulled], None], every: float = POLL_EVERY) -> None:
+    def __init__(self, directory: str, on_pulled: Callable[[Pulled], None], token: str,
+                 every: float = POLL_EVERY) -> None:
         self._dir = directory
+        self._token = token
         self._root = os.path.join(directory, REPLICAS_DIR)
         self._on_pulled = on_pulled
         self._every = every
@@ -126,7 +129,7 @@ class ReplicaPuller:
         offers: dict[Peer, dict[int, dict[str, int]]] = {}
         for peer in peers:
             try:
-                offers[peer] = {int(s): files for s, files in _get_json(peer, "/held")["steps"].items()}
+                offers[peer] = {int(s): files for s, files in self._get_json(peer, "/held")["steps"].items()}
             except (OSError, ValueError, KeyError, HTTPException) as exc:
                 log.warning("elastic-run: cannot ask node %s for its memory checkpoints: %s", peer.node_id, exc)
         for step in sorted({s for offer in offers.values() for s in offer}, reverse=True):
@@ -135,7 +138,8 @@ class ReplicaPuller:
                 for name in offer.get(step, {}):
                     source.setdefault(name, peer)
             try:
-                needed = _manifest_files(source[MANIFEST], step)
+                manifest = self._get_json(source[MANIFEST], f"/step_{step:012d}/{MANIFEST}")
+                needed = {entry["path"] for entry in manifest["files"]}  # the shard files it lists
                 if not needed <= set(source):
                     continue  # held in part: the lost nodes' shards are nowhere
                 copied = []
@@ -150,7 +154,7 @@ class ReplicaPuller:
         return []
 
     def _pull_newest(self, peer: Peer) -> None:
-        newest = _get_json(peer, "/newest")
+        newest = self._get_json(peer, "/newest")
         step, files = newest["step"], newest["files"]
         held = held_step(os.path.join(self._root, peer_dir_name(peer.node_id)))
         if step is None or (held is not None and step <= held):
@@ -177,7 +181,7 @@ class ReplicaPuller:
         return Pulled(peer.node_id, step, sum(files.values()), round(time.monotonic() - started, 3))
 
     def _pull_file(self, peer: Peer, path: str, dest: str, size: int) -> None:
-        with urllib.request.urlopen(peer.url(path), timeout=HTTP_TIMEOUT) as resp, open(dest, "wb") as out:
+        with self._open(peer, path) as resp, open(dest, "wb") as out:
             shutil.copyfileobj(resp, out, 1 << 20)
             got = out.tell()
         if got != size:
@@ -193,13 +197,10 @@ class ReplicaPuller:
             if os.path.basename(peer_dir) not in followed and (held is None or held < own):
                 shutil.rmtree(peer_dir, ignore_errors=True)
 
+    def _open(self, peer: Peer, path: str) -> HTTPResponse:
+        request = urllib.request.Request(peer.url(path), headers={TOKEN_HEADER: self._token})
+        return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)
 
-def _manifest_files(peer: Peer, step: int) -> set[str]:
-    """The shard files checkpoint `step`'s manifest lists (its "files", each with a "path")."""
-    manifest = _get_json(peer, f"/step_{step:012d}/{MANIFEST}")
-    return {entry["path"] for entry in manifest["files"]}
-
-
-def _get_json(peer: Peer, path: str) -> dict:
-    with urllib.request.urlopen(peer.url(path), timeout=HTTP_TIMEOUT) as resp:
-        return json.load(resp)
+    def _get_json(self, peer: Peer, path: str) -> dict:
+        with self._open(peer, path) as resp:
+            return json.load(resp)

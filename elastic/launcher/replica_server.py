@@ -1,7 +1,10 @@
 """Serves this node's newest committed memory checkpoint to its peers' agents, read-only.
 
 A thread of the agent runs a small HTTP server on the node's address (advertised in its
-rendezvous registration, Member.replica_port). Three requests, nothing else:
+rendezvous registration, Member.replica_port). Every request must carry the run's shared
+secret (TOKEN_HEADER: the value the agents agree on through the rendezvous, created once per
+run: EtcdRendezvous.replica_token), compared in constant time; any other gets 403. Three
+requests, nothing else:
 
     GET /newest                 -> {"step": N or null, "files": {name: size}} of the newest
                                    committed step of this node's own memory directory (what
@@ -14,13 +17,14 @@ rendezvous registration, Member.replica_port). Three requests, nothing else:
 
 Nothing outside the step directories is served. The bytes are checked by the checksums of
 the manifest when a worker restores from the copy, so the transfer needs none of its own.
-There is no authentication: whoever reaches the node's address can read its memory
-checkpoints, as they can reach its workers' process-group ports; keep nodes on a private network.
+The traffic is not encrypted (the secret and the weights cross the network in clear): keep
+nodes on a private network, as for their workers' process-group ports.
 """
 
 from __future__ import annotations
 
 import glob
+import hmac
 import json
 import logging
 import os
@@ -34,6 +38,7 @@ from elastic.exchange.memory_layout import MANIFEST, REPLICAS_DIR, STEP_DIR
 
 log = logging.getLogger(__name__)
 
+TOKEN_HEADER = "X-Elastic-Replica-Token"
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -75,10 +80,13 @@ def held(directory: str) -> dict[int, dict[str, int]]:
 
 
 class ReplicaServer:
-    """The HTTP server over `directory`, in a daemon thread, on (addr, an ephemeral port)."""
+    """The HTTP server over `directory`, in a daemon thread, on (addr, an ephemeral port), for
+    requests carrying `token`."""
 
-    def __init__(self, addr: str, directory: str) -> None:
-        handler = type("Handler", (_Handler,), {"directory": directory})
+    def __init__(self, addr: str, directory: str, token: str) -> None:
+        if not token:
+            raise ValueError("the replica server needs the run's shared secret (an empty token would admit anyone)")
+        handler = type("Handler", (_Handler,), {"directory": directory, "token": token.encode()})
         server_class = type("Server", (ThreadingHTTPServer,), {
             "address_family": socket.AF_INET6 if ":" in addr else socket.AF_INET, "daemon_threads": True})
         self._server = server_class((addr, 0), handler)
@@ -94,10 +102,14 @@ class ReplicaServer:
 
 class _Handler(BaseHTTPRequestHandler):
     directory = ""  # set per server
+    token = b""
 
     def do_GET(self) -> None:
         parts = self.path.split("/")
-        if self.path == "/newest":
+        given = (self.headers.get(TOKEN_HEADER) or "").encode()
+        if not hmac.compare_digest(given, self.token):
+            self.send_error(HTTPStatus.FORBIDDEN, f"a request without the run's replica token ({TOKEN_HEADER})")
+        elif self.path == "/newest":
             step, files = newest_step(self.directory)
             self._send(json.dumps({"step": step, "files": files}).encode(), "application/json")
         elif self.path == "/held":

@@ -14,6 +14,8 @@ Keys, all under /<prefix>/<run_id>/:
   rounds/<r>/left/<node>     the node left on purpose (scale-down, not a failure)
   rounds/<r>/end             JSON RoundEnd {"failure", "reason"}: why round r was ended
   rounds/<r>/failed/<node>   JSON FailureClaim: when the node's workers failed in round r (to blame the first)
+  secret/<name>              a random value created once per run by the first agent to ask
+                             (replica_token: what the agents' replica servers ask for)
 
 and, outside the mirrored prefix, /<prefix>/status/<run_id>/<node>: JSON NodeStatus, the
 node's live status (elastic/rendezvous/status_key.py; not watched by the agents).
@@ -26,6 +28,7 @@ Sealing round r deletes round r-2, so the mirror stays small however long the jo
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 
@@ -76,6 +79,15 @@ class EtcdBackend(EtcdWriter):
         self._txn([self._tx.create(self._key("round")) == 0], [self._tx.put(self._key("round"), "0")])
         alive = self._key(f"alive/{self.node_id}")
         return self._txn([self._tx.create(alive) == 0], [self._tx.put(alive, "1", lease=self._lease)])
+
+    def shared_secret(self, name: str) -> str:
+        """The run's secret `name`: random, created by the first agent to ask (create-if-absent)."""
+        key = self._key(f"secret/{name}")
+        value, _meta = self._retry(f"reading the run's {name}", lambda: self._client.get(key))
+        if value is None:  # read first: a lost create race would count as a failed transaction
+            self._txn([self._tx.create(key) == 0], [self._tx.put(key, secrets.token_hex(32))])
+            value, _meta = self._retry(f"reading the run's {name}", lambda: self._client.get(key))
+        return value.decode()
 
     def start_new_generation_if_over(self) -> bool:
         """A closed job with no live agent is over: clear `closed` so a relaunch can run.

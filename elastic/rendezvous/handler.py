@@ -65,6 +65,10 @@ class EtcdRendezvous(RunningRound):
         """The address this node registers (peers reach it there)."""
         return self._addr
 
+    def replica_token(self) -> str:
+        """The run's shared secret for the agents' memory-checkpoint replication (after start())."""
+        return self._backend.shared_secret("replica_token")
+
     @property
     def lease_lost(self) -> bool:
         return self._lease.lost

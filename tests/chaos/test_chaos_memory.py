@@ -16,7 +16,8 @@ memory checkpoint, the other is lost whole (agent and worker SIGKILLed, its memo
 deleted). Then either the survivor goes on alone (shrink, --nnodes 1:2) or a spare takes the
 lost node's place (--nnodes 2; its agent fetches the step from the survivor's memory); either way
 the round resumes from memory (the survivor's own shards and its copy of the lost node's) at
-the step of the fault, ending within 1e-7 of the reference, bitwise with the spare.
+the step of the fault, ending within 1e-7 of the reference, bitwise with the spare; and the
+survivor's agent alone saves that step at breakpoint (its own shard and the copy's).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sys
 import pytest
 
 from chaos_lib import read_events, wait_until
+from checkpoint import CheckpointManager
 from elastic.launcher.memory_dir import path as memory_dir_path
 from helpers import SCRIPTS, Job, child_env
 
@@ -146,6 +148,11 @@ def test_a_node_lost_whole_resumes_from_the_copy_in_the_survivor_s_memory(tmp_pa
 
     pulled = [e for e in job.events(survivor) if e["event"] == "memory_replica_pulled"]
     assert any(e["peer"] == lost and e["step"] == 3 and e["bytes"] > 0 for e in pulled), pulled
+    # Saved at breakpoint by the survivor alone: its own shard and the lost node's from its copy.
+    promoted = [e for e in job.events(survivor) if e["event"] == "memory_checkpoint_promoted"]
+    assert [e["step"] for e in promoted] == [3], job.events(survivor)
+    durable = CheckpointManager(str(tmp_path / "ckpt"))
+    assert durable.steps() == [3] and durable.verify(3) == 3
     assert not os.path.exists(survivor_dir), "the agent removes its memory directory, copies included"
 
 
