@@ -59,6 +59,21 @@ class NotRecovered(Exception):
 OURS, COLD, TORCHRUN = "elastic-run", "elastic-run --no-warm-pool", "torchrun"
 
 
+def launch_command(name: str, world: int, restarts: int, out: str, job: list[str],
+                   ours: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run `job` (a script and its arguments) under
+    launcher `name` on one node, events log under OUT/logs (ours); `ours`: more flags for ours."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if name == TORCHRUN:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # see the module doc
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                "--max-restarts", str(restarts), "--monitor-interval", "0.05", *job], env
+    return [sys.executable, "-m", "elastic", "--standalone", "--nproc-per-node", str(world),
+            "--max-restarts", str(restarts), "--monitor-interval", "0.05", "--log-dir",
+            os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0.01",
+            "--no-warm-pool" if name == COLD else "--warm-pool", *ours, *job], env
+
+
 def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeout: float,
                  settle: float) -> list[dict]:
     """One job, `faults` faults; a fault not recovered from within `timeout` ends the series
@@ -67,16 +82,7 @@ def run_launcher(name: str, faults: int, world: int, base: str, seed: int, timeo
     os.makedirs(out)
     job = [WORKER, "--out", out, "--tag", "b", "--ckpt", os.path.join(out, "ckpt"), "--max-steps", "100000",
            "--save-every", "5", "--step-delay", "0.02", "--global-batch", "8", "--micro-batch", "4"]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    if name == TORCHRUN:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-               "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", *job]
-        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # see the module doc
-    else:
-        cmd = [sys.executable, "-m", "elastic", "--standalone", "--nproc-per-node", str(world),
-               "--max-restarts", str(3 * faults), "--monitor-interval", "0.05", "--log-dir",
-               os.path.join(out, "logs"), "--rdzv-conf", "cooldown_base=0.01",
-               "--warm-pool" if name == OURS else "--no-warm-pool", *job]
+    cmd, env = launch_command(name, world, 3 * faults, out, job)
     events_path = os.path.join(out, "logs", "events.jsonl")
 
     def spares_ready(since: float) -> bool:
