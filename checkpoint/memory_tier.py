@@ -43,7 +43,7 @@ from checkpoint.io import storage
 from checkpoint.prune import drop_old_attempts
 from checkpoint.restore import Source
 from elastic.exchange import env as names
-from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE
+from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE, pinned_step
 
 SHM_ROOT = "/dev/shm"
 COPIES = 2  # the newest committed checkpoint and the one being written
@@ -99,7 +99,8 @@ class MemoryRetention:
     """After a commit a node keeps only that checkpoint, and its own checkpoints of the steps
     its copies of other nodes' are of: the copies lag the commits, and a restore after such a
     node's loss needs this node's shards of the same step. Uncommitted steps after it are
-    kept: another rank of the node may already be writing the next one."""
+    kept: another rank of the node may already be writing the next one. So is the step the
+    agent pinned (PIN_FILE): its promotion to durable storage runs alongside the next round."""
 
     def __init__(self, loc: storage.Location, copied_steps: Callable[[], set[int]]) -> None:
         self._loc = loc
@@ -108,9 +109,9 @@ class MemoryRetention:
     def after_commit(self, committed: int, current_files: set[str]) -> None:
         drop_old_attempts(self._loc, committed, current_files)
         all_committed = set(storage.committed_steps(self._loc))
-        copied = self._copied_steps() & all_committed
+        kept = (self._copied_steps() & all_committed) | {pinned_step(self._loc.root)}
         for step in storage.step_dirs(self._loc):
-            if (step < committed and step not in copied) or (step > committed and step in all_committed):
+            if (step < committed and step not in kept) or (step > committed and step in all_committed):
                 storage.delete_step(self._loc, step)
 
 

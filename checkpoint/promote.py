@@ -1,7 +1,8 @@
 """Save at breakpoint: the newest memory checkpoint of a node, copied to durable storage.
 
 The agent runs ``python -m checkpoint.promote MEMORY_DIR DURABLE_URL`` after a worker failed,
-before the next round's workers start (the launcher never imports checkpoint or torch). It
+while the next round starts (the launcher never imports checkpoint or torch; the agent pins
+the step it asks for, so that the next round's memory retention keeps it meanwhile). It
 prints one JSON line: the step promoted (or null) and why. With ``--on-go`` it promotes once
 per line that arrives on stdin and exits at EOF, so the agent starts it once, ahead of any
 failure, and a promotion does not wait for an interpreter to import torch
@@ -47,16 +48,20 @@ class Promotion:
     copied_bytes: int = 0
 
 
-def promote(memory_dir: str, durable_url: str) -> Promotion:
+def promote(memory_dir: str, durable_url: str, step: int | None = None) -> Promotion:
     """Copy the newest verified memory checkpoint in `memory_dir` (its own shards and its copies
-    of other nodes') to `durable_url` if newer; commit it there once it is whole."""
+    of other nodes'), or `step` (the one the agent pinned), to `durable_url` if newer than every
+    durable one; commit it there once it is whole."""
     started = time.perf_counter()
     memory = CommittedCheckpoints(storage.open_location(memory_dir))
     held = [memory, *copies_in(memory_dir)]
     steps = sorted(set().union(*(h.steps() for h in held)))
     if not steps:
         return Promotion(None, "no memory checkpoint")
-    step = steps[-1]
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        return Promotion(None, f"memory step {step} is no longer held (newest: {steps[-1]})")
     durable = CommittedCheckpoints(storage.open_location(durable_url))
     newest_durable = max(durable.steps(), default=None)
     if newest_durable is not None and newest_durable >= step:
@@ -84,6 +89,11 @@ def promote(memory_dir: str, durable_url: str) -> Promotion:
                                f"is not whole yet ({'; '.join(missing)}): another node's agent commits it", seconds,
                          sum(copied))
     text = storage.read_bytes(memory.loc, here.path(step, MANIFEST_NAME)).decode()
+    # The next round runs alongside: once it committed a newer durable step, its retention
+    # may be deleting this uncommitted one, which must then never be committed.
+    newest_durable = max(durable.steps(), default=None)
+    if newest_durable is not None and newest_durable > step:
+        return Promotion(None, f"durable step {newest_durable} was committed meanwhile", seconds, sum(copied))
     try:
         storage.commit(durable.loc, step, text, replace=False)
     except StorageError:
@@ -119,21 +129,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("memory_dir", help="the node's memory-tier directory (ELASTIC_MEMORY_DIR)")
     parser.add_argument("durable_url", help="the durable checkpoint directory (--checkpoint-dir)")
     parser.add_argument("--on-go", action="store_true",
-                        help="promote once per line that arrives on stdin; exit at EOF")
+                        help="promote once per line that arrives on stdin ('go', or 'go STEP': that step); exit "
+                             "at EOF")
     args = parser.parse_args(argv)
     if not args.on_go:
         return _report(args.memory_dir, args.durable_url)
-    while sys.stdin.readline():  # the agent's standby process: one promotion per failure
-        _report(args.memory_dir, args.durable_url)
+    while line := sys.stdin.readline():  # the agent's standby process: one promotion per failure
+        words = line.split()
+        _report(args.memory_dir, args.durable_url, int(words[1]) if len(words) > 1 else None)
     return 0
 
 
-def _report(memory_dir: str, durable_url: str) -> int:
+def _report(memory_dir: str, durable_url: str, step: int | None = None) -> int:
     """One promotion, its outcome printed as a JSON line; 1 if it failed."""
     try:
-        outcome = asdict(promote(memory_dir, durable_url))
+        outcome = asdict(promote(memory_dir, durable_url, step))
     except CheckpointError as exc:
         outcome = {"step": None, "error": str(exc)}
+    except FileNotFoundError as exc:  # the next round's retention took a file (not one pinned)
+        outcome = {"step": None, "reason": f"a file vanished under the copy: {exc}"}
     print(json.dumps(outcome), flush=True)
     return 0 if "error" not in outcome else 1
 

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE
+from elastic.exchange.memory_layout import PIN_FILE, REPLICAS_DIR, REPLICATION_FILE
 from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller, replicas_wanted, ring_predecessors
 from elastic.launcher.replica_server import TOKEN_HEADER, ReplicaServer, newest_step
 from helpers import wait_until
@@ -114,10 +114,19 @@ def test_the_puller_keeps_the_newest_copy_of_each_followed_peer_and_drops_a_stal
         assert os.listdir(copy) == ["step_000000000005"], "one copy per peer"
         assert newest_step(copy) == (5, {n: len(d) for n, d in second.items()})
 
+        # A step the agent pinned (its promotion may be copying it) outlives a newer copy.
+        with open(os.path.join(own, PIN_FILE), "w") as f:
+            f.write("5")
+        shutil.rmtree(os.path.join(peer, "step_000000000005"))
+        commit(peer, 7)
+        assert pulled.get(timeout=30).step == 7
+        assert sorted(os.listdir(copy)) == ["step_000000000005", "step_000000000007"]
+        os.remove(os.path.join(own, PIN_FILE))
+
         # The peer left the ring: its copy is dropped once this node commits a newer step (kept
         # until then: tests/chaos/test_chaos_memory.py restores from it after the peer is lost).
         puller.follow([])
-        commit(own, 6)
+        commit(own, 8)
         wait_until("the stale copy to be dropped", lambda: not os.path.exists(copy), 30)
     finally:
         puller.close()

@@ -29,7 +29,7 @@ from checkpoint.memory_tier import SHM_ROOT, MemoryTier, free_bytes, room_proble
 from checkpoint.promote import main as promote_main
 from checkpoint.promote import promote
 from elastic.exchange.env import MEMORY_DIR
-from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE
+from elastic.exchange.memory_layout import PIN_FILE, REPLICAS_DIR, REPLICATION_FILE
 
 HERE = os.path.abspath(__file__)
 
@@ -79,6 +79,16 @@ def test_a_node_keeps_its_own_checkpoint_of_the_step_its_copy_of_a_peer_s_is_of(
     save_steps(tmp_path / "ckpt", range(1, 6)).close()
     assert step_dirs(memory_dir) == ["step_000000000002", "step_000000000005"], \
         "a restore after the peer's loss needs this node's shards of step 2"
+
+
+def test_a_node_keeps_the_step_its_agent_pinned_for_promotion(tmp_path, memory_dir):
+    with open(os.path.join(memory_dir, PIN_FILE), "w") as f:  # as the agent writes it before asking
+        f.write("2")
+    save_steps(tmp_path / "ckpt", range(1, 6)).close()
+    assert step_dirs(memory_dir) == ["step_000000000002", "step_000000000005"], "the promotion copies step 2"
+    assert promote(memory_dir, str(tmp_path / "ckpt"), step=2).step == 2
+    gone = promote(memory_dir, str(tmp_path / "ckpt"), step=1)
+    assert gone.step is None and gone.reason == "memory step 1 is no longer held (newest: 5)"
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "missing shard"])
@@ -200,8 +210,8 @@ def test_one_standby_promotion_process_answers_each_failure(tmp_path, memory_dir
     save_steps(durable, (1, 2)).close()  # into memory only
     standby = PromotionStandby(memory_dir, str(durable))  # its imports run meanwhile
     try:
-        first, pid = standby.promote(timeout=120), standby._proc.pid
-        again = standby.promote(timeout=120)
+        first, pid = standby.promote(2, timeout=120), standby._proc.pid
+        again = standby.promote(2, timeout=120)
         assert first["step"] == 2 and first["copied_bytes"] > 4000, first
         assert again["step"] is None and "durable step 2 is not older than memory step 2" in again["reason"]
         assert standby._proc.pid == pid, "the same process, kept for the agent's life"
@@ -295,6 +305,29 @@ def test_the_agent_skips_the_save_at_breakpoint_without_a_process_when_durable_i
     (event,) = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
     assert (event["event"], event["seconds"]) == ("memory_checkpoint_not_promoted", 0.0)
     assert event["reason"] == "durable step 2 is not older than memory step 2"
+
+
+def test_the_agent_queues_a_second_failure_s_promotion_and_waits_for_them_at_exit(tmp_path, monkeypatch):
+    from elastic.launcher.config import LaunchConfig
+    from elastic.launcher.events import EventLog
+    from elastic.launcher.memory_dir import MemoryDir
+
+    durable, run_id = tmp_path / "ckpt", f"queue-{os.getpid()}"
+    config = LaunchConfig(entrypoint=HERE, args=(), run_id=run_id, checkpoint_dir=str(durable))
+    node = MemoryDir(config, "node", EventLog(str(tmp_path / "events.jsonl"), run_id=run_id, node_id="node"))
+    try:
+        monkeypatch.setenv(MEMORY_DIR, node.path)
+        save_steps(durable, (1, 2)).close()  # into memory only
+        node.save_at_breakpoint(0)  # asked, not waited for: the next round would start now
+        assert open(os.path.join(node.path, PIN_FILE)).read() == "2"
+        node.save_at_breakpoint(1)  # a second failure while it runs: queued behind it
+    finally:
+        node.remove()  # at exit: both answered first
+    events = [json.loads(line) for line in open(tmp_path / "events.jsonl")]
+    assert [(e["event"], e["round"]) for e in events] == [
+        ("memory_checkpoint_promoted", 0), ("memory_checkpoint_not_promoted", 1)], events
+    assert events[1]["reason"] == "durable step 2 is not older than memory step 2"
+    assert CheckpointManager(durable).verify(2) == 2
 
 
 def test_the_memory_directories_of_agents_killed_with_sigkill_are_removed_by_the_next_agent():

@@ -8,12 +8,16 @@ directory per peer node, each laid out like a memory directory, which restore re
 
 from __future__ import annotations
 
+import os
 import re
 
 REPLICAS_DIR = "replicas"  # <memory dir>/replicas/<peer node>/step_<N>/...
 # {"replicas": k}, written by the memory tier's node leader as the workers place the tier:
 # the agent also takes it as the sign that they use it (and starts its promotion process)
 REPLICATION_FILE = "replication.json"
+# The step the agent's promotion process is copying to durable storage (its number, as text):
+# memory retention and the replica puller keep it meanwhile (the next round runs alongside)
+PIN_FILE = ".promote-pin"
 MANIFEST = "manifest.json"  # written last: a step directory with it is committed
 STEP_DIR = re.compile(r"^step_(\d{12})$")
 
@@ -21,3 +25,12 @@ STEP_DIR = re.compile(r"^step_(\d{12})$")
 def peer_dir_name(node_id: str) -> str:
     """A peer node's replica directory name (node ids may hold any character)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", node_id)
+
+
+def pinned_step(directory: str) -> int | None:
+    """The step pinned in the node's memory `directory` (PIN_FILE), if any."""
+    try:
+        with open(os.path.join(directory, PIN_FILE)) as f:
+            return int(f.read())
+    except (OSError, ValueError):  # none (the agent renames it into place whole)
+        return None

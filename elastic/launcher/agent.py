@@ -164,7 +164,7 @@ class Agent:
                 return watched
             self._record.progress(group.progress, round_)
             self._status.tick(group)
-            self._memory.prepare()
+            self._memory.prepare(group.progress, started)
             if self._pool is not None:
                 tend_pool(self._pool, group.progress, started, self._events)
             pending = self._rdzv.debounce_left()
@@ -199,7 +199,7 @@ class Agent:
             self._rdzv.renew()
             return None
         result = self._recovery.after_failure(group, round_, watched)
-        self._memory.save_at_breakpoint(round_)  # workers are gone; the next round has not started
+        self._memory.save_at_breakpoint(round_)  # workers are gone; it runs alongside the next round
         return result
 
     def _stop_on_signal(self, group: WorkerGroup, assignment: Assignment) -> RunResult:

@@ -4,12 +4,14 @@ The agent creates it for the run (workers find it in ELASTIC_MEMORY_DIR), so the
 checkpoints outlive the workers, and removes it when it exits. After a worker failure it
 saves at breakpoint: ``python -m checkpoint.promote`` (a subprocess: the launcher imports
 neither checkpoint nor torch) copies the newest memory checkpoint to --checkpoint-dir when it
-is newer than the newest durable one, before the next round's workers start (so their saves
-and retention cannot replace it under the copy). That process is started as soon as the
-workers place their memory tier in the directory (REPLICATION_FILE appears) and kept on
-standby for the agent's life (promotion_standby.py), so a failure does not wait for its
-imports, and an agent whose workers do not use the tier starts none; when a local
---checkpoint-dir already holds the newest memory step, the agent does not ask it at all.
+is newer than the newest durable one, while the next round starts and runs: the agent pins
+the step (PIN_FILE, so that the next round's memory retention and the replica puller keep
+it), asks, goes on to the rendezvous, and takes the answer in its watch loop; at exit it
+waits for it. That process is started once the workers use the memory tier (REPLICATION_FILE
+appears) and completed their first step, and kept on standby for the agent's life
+(promotion_standby.py), so a failure does not wait for its imports, and an agent whose
+workers do not use the tier starts none; when a local --checkpoint-dir already holds the
+newest memory step, the agent does not ask it at all.
 
 Replication (with more than one node): the agent serves its own memory checkpoints to its
 peers (replica_server.py; the port is in its rendezvous registration) and copies its ring
@@ -31,7 +33,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from elastic.exchange.memory_layout import MANIFEST, REPLICATION_FILE, STEP_DIR
+from elastic.exchange.memory_layout import MANIFEST, PIN_FILE, REPLICATION_FILE, STEP_DIR
+from elastic.launcher.hang_watch import ProgressWatch
+from elastic.launcher.pool_refill import under_way
 from elastic.launcher.promotion_standby import PromotionStandby
 from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller, ring_predecessors
 from elastic.launcher.replica_server import ReplicaServer, held
@@ -88,6 +92,8 @@ class MemoryDir:
         self._server: ReplicaServer | None = None
         self._puller: ReplicaPuller | None = None
         self._standby: PromotionStandby | None = None
+        self._asked: tuple[int, float] | None = None  # the round and time of the promotion in flight
+        self._queued: int | None = None  # the round of a newer failure, asked for once it answers
         if self.path is not None:
             remove_orphans()
             os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -118,16 +124,26 @@ class MemoryDir:
                                   bytes=fetched.bytes, seconds=fetched.seconds)
         self._puller.follow(peers)
 
-    def prepare(self) -> None:
-        """While workers run (called every watch): once they use the memory tier, keep the
-        promotion process on standby (one that died is replaced)."""
+    def prepare(self, progress: ProgressWatch, round_started: float) -> None:
+        """While workers run (called every watch): take the answer of a promotion in flight; once
+        the round is under way (as for the warm pool: its imports would slow the workers'),
+        keep the promotion process on standby if they use the memory tier (one that died is
+        replaced)."""
+        if self._asked is not None:
+            self._take_answer(wait=False)
         if self._standby is not None:
             self._standby.ensure()
-        elif self._config.checkpoint_dir and os.path.exists(os.path.join(self.path or "", REPLICATION_FILE)):
+        elif (self._config.checkpoint_dir and os.path.exists(os.path.join(self.path or "", REPLICATION_FILE))
+              and under_way(progress, round_started)):
             self._standby = PromotionStandby(self.path, self._config.checkpoint_dir)
 
     def save_at_breakpoint(self, round_: int) -> None:
-        """After a failure: promote the newest memory checkpoint to durable storage, if any."""
+        """After a failure: ask for the promotion of the newest memory checkpoint to durable
+        storage, if any, without waiting (prepare() and remove() take the answer). While one
+        is in flight a newer failure's is queued: asked for once it answers."""
+        if self._asked is not None:
+            self._queued = round_
+            return
         newest = max(held(self.path), default=None) if self.path is not None and self._config.checkpoint_dir else None
         if newest is None:
             return  # nothing committed in memory: nothing to ask
@@ -136,11 +152,22 @@ class MemoryDir:
             self._events.emit("memory_checkpoint_not_promoted", round=round_, seconds=0.0,
                               reason=f"durable step {durable} is not older than memory step {newest}")
             return
-        started = time.monotonic()
         if self._standby is None:  # e.g. a spare whose agent fetched the step: started only now
             self._standby = PromotionStandby(self.path, self._config.checkpoint_dir)
-        outcome = self._standby.promote()
-        seconds = round(time.monotonic() - started, 3)
+        with open(os.path.join(self.path, PIN_FILE + ".tmp"), "w") as f:  # renamed: never read half-written
+            f.write(str(newest))
+        os.replace(os.path.join(self.path, PIN_FILE + ".tmp"), os.path.join(self.path, PIN_FILE))
+        self._asked = (round_, time.monotonic())
+        self._standby.ask(newest)
+
+    def _take_answer(self, wait: bool) -> None:
+        """Log the outcome of the promotion in flight, if it answered (`wait`: until it does)."""
+        outcome = self._standby.answer(wait)
+        if outcome is None:
+            return
+        (round_, started), self._asked = self._asked, None
+        os.remove(os.path.join(self.path, PIN_FILE))
+        seconds = round(time.monotonic() - started, 3)  # from the ask: the next round ran meanwhile
         if outcome.get("step") is not None:
             self._events.emit("memory_checkpoint_promoted", round=round_, step=outcome["step"],
                               url=self._config.checkpoint_dir, seconds=seconds,
@@ -152,9 +179,15 @@ class MemoryDir:
             self._events.emit("memory_checkpoint_not_promoted", round=round_, reason=why, seconds=seconds)
             if outcome.get("error"):
                 log.warning("elastic-run: the memory checkpoint could not be saved at breakpoint: %s", why)
+        if self._queued is not None:
+            queued, self._queued = self._queued, None
+            self.save_at_breakpoint(queued)
 
     def remove(self) -> None:
-        """At exit: replication stopped, the standby process told to exit (EOF), the directory removed."""
+        """At exit: the promotions asked for waited for (a job that gives up loses nothing),
+        replication stopped, the standby process told to exit (EOF), the directory removed."""
+        while self._asked is not None:
+            self._take_answer(wait=True)
         if self._puller is not None:
             self._puller.close()
             self._server.close()

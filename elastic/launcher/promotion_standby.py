@@ -2,9 +2,9 @@
 
 ``python -m checkpoint.promote --on-go MEMORY_DIR DURABLE_URL`` imports torch (the checkpoint
 package does), which takes seconds, ~10-20 s on a loaded host: too long to start after a
-failure, while the job waits. So the agent starts it once, early (it imports while the
-rendezvous runs and the workers start), and asks it for a promotion per failure: a line on
-its stdin, one JSON line back. EOF on its stdin ends it. One that died or stopped answering
+failure. So the agent starts it once, early (once the round's workers completed their first
+step: not while they import torch), and asks it for a promotion per failure: a line on its
+stdin, one JSON line back, read by the agent's watch loop while the next round runs. EOF on its stdin ends it. One that died or stopped answering
 is replaced by the next ask (the launcher imports neither checkpoint nor torch itself).
 """
 
@@ -27,38 +27,67 @@ class PromotionStandby:
     def __init__(self, directory: str, durable_url: str) -> None:
         self._cmd = [sys.executable, "-m", "checkpoint.promote", "--on-go", directory, durable_url]
         self._proc: subprocess.Popen | None = None
+        self._deadline: float | None = None  # of the promotion asked for (None: none)
+        self._timeout = PROMOTE_TIMEOUT
+        self._broken: str | None = None  # why the ask could not be written
         self.ensure()
 
     def ensure(self) -> None:
-        """Start the process unless one is running (its imports then overlap other work)."""
-        if self._proc is None or self._proc.poll() is not None:
+        """Start the process unless one is running (its imports then overlap other work); one
+        that died while asked is replaced by answer()."""
+        if (self._proc is None or self._proc.poll() is not None) and not self.asked:
             # stderr is the agent's: a traceback of a crash shows in its log
             self._proc = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def promote(self, timeout: float = PROMOTE_TIMEOUT) -> dict:
-        """One promotion: the process's JSON outcome ({"step": None, "error": ...} if it gave none)."""
+    @property
+    def asked(self) -> bool:
+        """Whether a promotion was asked for and its answer not yet taken."""
+        return self._deadline is not None
+
+    def ask(self, step: int, timeout: float = PROMOTE_TIMEOUT) -> None:
+        """Ask for the promotion of `step` without waiting; take the answer with answer()."""
         self.ensure()
-        proc = self._proc
-        deadline = time.monotonic() + timeout
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
         try:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            while not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                if time.monotonic() >= deadline:
-                    self._kill()
-                    return {"step": None, "error": f"no answer from the promotion process in {timeout:g}s"}
+            self._proc.stdin.write(f"go {step}\n")
+            self._proc.stdin.flush()
+        except OSError as exc:  # a broken pipe: it died before the ask; answer() says so
+            self._broken = f"{type(exc).__name__}: {exc}"
+
+    def answer(self, wait: bool) -> dict | None:
+        """The outcome of the promotion asked for: its JSON ({"step": None, "error": ...} if it
+        gave none); None while it runs and not `wait`."""
+        proc = self._proc
+        if self._broken is None:
+            left = max(0.0, self._deadline - time.monotonic()) if wait else 0.0
+            if not select.select([proc.stdout], [], [], left)[0]:
+                if time.monotonic() < self._deadline:
+                    return None
+                self._kill()
+                return self._taken({"step": None, "error": f"no answer from the promotion process in "
+                                                           f"{self._timeout:g}s"})
             line = proc.stdout.readline()
-        except OSError as exc:  # a broken pipe: it died before the ask
-            line, why = "", f"{type(exc).__name__}: {exc}"
         else:
-            why = "it exited"
+            line = ""
         if not line:
             self._kill()
-            return {"step": None, "error": f"the promotion process gave no answer ({why}; code {proc.returncode})"}
+            why = self._broken or "it exited"
+            return self._taken({"step": None, "error": f"the promotion process gave no answer ({why}; "
+                                                       f"code {proc.returncode})"})
         try:
-            return json.loads(line)
+            return self._taken(json.loads(line))
         except ValueError:
-            return {"step": None, "error": f"the promotion process answered {line.strip()[:200]!r}"}
+            return self._taken({"step": None, "error": f"the promotion process answered {line.strip()[:200]!r}"})
+
+    def promote(self, step: int, timeout: float = PROMOTE_TIMEOUT) -> dict:
+        """One promotion of `step`, waited for."""
+        self.ask(step, timeout)
+        return self.answer(wait=True)
+
+    def _taken(self, outcome: dict) -> dict:
+        self._deadline = self._broken = None
+        return outcome
 
     def close(self) -> None:
         """Tell the process to exit (EOF); killed if it does not within 10 s."""

@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
 
-from elastic.exchange.memory_layout import MANIFEST, REPLICAS_DIR, REPLICATION_FILE, STEP_DIR, peer_dir_name
+from elastic.exchange.memory_layout import (MANIFEST, REPLICAS_DIR, REPLICATION_FILE, STEP_DIR, peer_dir_name,
+                                            pinned_step)
 from elastic.launcher.replica_server import TOKEN_HEADER, held_dirs, newest_step
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,10 @@ class ReplicaPuller:
             os.rename(os.path.join(tmp, name), os.path.join(peer_dir, name))  # the copy appears whole
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        pinned = pinned_step(self._dir)  # kept too: its promotion may be copying it
+        keep = {name} if pinned is None else {name, f"step_{pinned:012d}"}
         for old in os.listdir(peer_dir):
-            if old != name and STEP_DIR.match(old):
+            if old not in keep and STEP_DIR.match(old):
                 shutil.rmtree(os.path.join(peer_dir, old), ignore_errors=True)
         return Pulled(peer.node_id, step, sum(files.values()), round(time.monotonic() - started, 3))
 
@@ -194,6 +197,9 @@ class ReplicaPuller:
             return
         for peer_dir in glob.glob(os.path.join(glob.escape(self._root), "[!.]*")):
             held = held_step(peer_dir)
+            pinned = pinned_step(self._dir)
+            if pinned is not None and os.path.isdir(os.path.join(peer_dir, f"step_{pinned:012d}")):
+                continue  # its promotion may be copying it
             if os.path.basename(peer_dir) not in followed and (held is None or held < own):
                 shutil.rmtree(peer_dir, ignore_errors=True)
 

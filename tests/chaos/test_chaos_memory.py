@@ -4,7 +4,8 @@ step, no durable save).
 The first test: `elastic-run --standalone`, 2 ranks, two SIGKILLs of rank 1.
 
 1. Killed after committing step 3 in memory: the agent saves at breakpoint (step 3 promoted
-   to --checkpoint-dir) and the next round resumes from the memory checkpoint of step 3.
+   to --checkpoint-dir, while the next round starts: it resumes from the memory checkpoint
+   of step 3, which the agent pinned, so the round's memory saves keep it under the copy).
 2. Killed after committing step 7, with a byte of the memory shard flipped first: the agent
    does not promote it (it verifies every byte first), and the next round falls back to the
    durable step 3 with a warning naming the shard file.
@@ -76,6 +77,10 @@ def test_resume_from_memory_then_fall_back_from_a_corrupt_memory_shard(tmp_path)
     events = read_events(logs / "events.jsonl")
     promoted = [e for e in events if e["event"] == "memory_checkpoint_promoted"]
     assert [e["step"] for e in promoted] == [3], events
+    # Alongside the next round: the agent did not wait for the promotion to start its workers.
+    started = [i for i, e in enumerate(events) if e["event"] == "workers_started" and e["round"] == 1]
+    assert started and started[0] < events.index(promoted[0]), events
+    assert CheckpointManager(str(ckpt)).verify(3) == 3
     refused = [e for e in events if e["event"] == "memory_checkpoint_not_promoted"]
     assert len(refused) == 1 and "checksum" in refused[0]["reason"] and "step_000000000007" in refused[0]["reason"]
 
