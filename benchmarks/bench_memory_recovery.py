@@ -10,9 +10,9 @@ CPU; a small MLP plus one tensor that makes the checkpointed state --mib MiB), o
             every 50 after), every rank torch.load()s
 1. recovery: --faults times, a seeded random rank is SIGKILLed (once its attempt has done 3
    steps and --settle seconds have passed). Time to recover = the fault -> the first step
-   completed by every rank of the next attempt, split into start (fault -> script running; for
-   memory it includes the agent's promotion of the newest memory checkpoint to durable
-   storage, shown apart), import + process group, load (the checkpoint, read back) and the first
+   completed by every rank of the next attempt, split into start (fault -> script running; the
+   agent's promotion of the newest memory checkpoint to durable storage runs beside the next
+   round, and its own time is shown apart), import + process group, load (the checkpoint, read back) and the first
    step. Every set-up saves after every step here (memory: into memory), so all resume from about the step they were
    killed at; "behind" is the steps completed before the fault minus the step resumed from.
    "durable read" is the bytes of files under the durable checkpoint directory read after the
