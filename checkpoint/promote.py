@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 from checkpoint.committed import CommittedCheckpoints
 from checkpoint.errors import CheckpointError, StorageError
-from checkpoint.format.manifest import MANIFEST_NAME
+from checkpoint.format.manifest import MANIFEST_NAME, Manifest
 from checkpoint.io import shardfile, storage
 from checkpoint.memory_tier import copies_in
 from checkpoint.restore import held_here
@@ -67,6 +67,16 @@ def promote(memory_dir: str, durable_url: str, step: int | None = None) -> Promo
     if newest_durable is not None and newest_durable >= step:
         return Promotion(None, f"durable step {newest_durable} is not older than memory step {step}")
     manifest, here, not_held = held_here([h for h in held if step in h.steps()], step)
+    marker = storage.mark_promoting(durable.loc, step)  # the next round's pruning leaves the step alone
+    try:
+        return _copy_and_commit(memory, durable, here, manifest, not_held, step, started)
+    finally:
+        storage.remove_files(durable.loc, [marker])
+
+
+def _copy_and_commit(memory: CommittedCheckpoints, durable: CommittedCheckpoints, here: storage.Location,
+                     manifest: Manifest, not_held: list[str], step: int, started: float) -> Promotion:
+    """Copy the shards durable storage lacks (each verified first), then commit once whole."""
     per_file = manifest.chunks_by_file()
     own = storage.file_sizes(memory.loc, step)
     held_files = [f for f in manifest.files if f.path not in not_held]
@@ -89,8 +99,8 @@ def promote(memory_dir: str, durable_url: str, step: int | None = None) -> Promo
                                f"is not whole yet ({'; '.join(missing)}): another node's agent commits it", seconds,
                          sum(copied))
     text = storage.read_bytes(memory.loc, here.path(step, MANIFEST_NAME)).decode()
-    # The next round runs alongside: once it committed a newer durable step, its retention
-    # may be deleting this uncommitted one, which must then never be committed.
+    # The next round runs alongside (its pruning leaves this step alone: the marker); once it
+    # committed a newer durable step, this older one has nothing left to save.
     newest_durable = max(durable.steps(), default=None)
     if newest_durable is not None and newest_durable > step:
         return Promotion(None, f"durable step {newest_durable} was committed meanwhile", seconds, sum(copied))

@@ -56,7 +56,8 @@ class Pruner:
         """Delete uncommitted leftovers and what the policy lets go; the steps, ascending (see
         CheckpointManager.prune())."""
         committed_steps = set(self._committed.steps())
-        doomed = [s for s in storage.step_dirs(self._loc) if s not in committed_steps and s not in protect]
+        doomed = [s for s in storage.step_dirs(self._loc)
+                  if s not in committed_steps and s not in protect and not storage.being_promoted(self._loc, s)]
         doomed += [s for s in self._dropped(all_runs, verify_resume_point) if s not in protect]
         for step in sorted(doomed) if not dry_run else ():
             kind = "retention" if step in committed_steps else "uncommitted leftover"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -109,6 +110,28 @@ def test_manager_retains_from_storage(tmp_path):
         assert ckpt.steps() == [2, 5, 6]
         assert ckpt.best() == [2, 5]
     assert not (tmp_path / "step_000000000099").exists()
+
+
+def test_pruning_leaves_a_step_being_promoted_alone_until_its_marker_is_stale(tmp_path):
+    """A save at breakpoint copies into an uncommitted step while the next round commits and
+    prunes (checkpoint/promote.py): its fresh marker keeps the step; a crashed promotion's stale
+    marker does not, and a plain leftover goes at once."""
+    from checkpoint.io import storage
+
+    loc = storage.open_location(str(tmp_path))
+    marker = storage.mark_promoting(loc, 5)
+    (tmp_path / "step_000000000005" / "rank00000-copy.safetensors").write_bytes(b"being copied")
+    os.makedirs(tmp_path / "step_000000000006")
+    (tmp_path / "step_000000000006" / "rank00000-dead.safetensors").write_bytes(b"partial")
+    with CheckpointManager(tmp_path, keep_last=1) as ckpt:
+        ckpt.save(7, {"x": torch.zeros(1)})
+        ckpt.wait()  # the commit's retention ran
+        assert (tmp_path / "step_000000000005" / "rank00000-copy.safetensors").exists()
+        assert not (tmp_path / "step_000000000006").exists()
+        with open(marker, "w") as f:  # as a promotion that crashed PROMOTING_FRESH seconds ago left it
+            f.write(repr(time.time() - storage.PROMOTING_FRESH - 1))
+        assert ckpt.prune() == [5]
+    assert not (tmp_path / "step_000000000005").exists()
 
 
 def test_older_step_saved_last_is_not_deleted(tmp_path):

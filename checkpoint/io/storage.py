@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -236,6 +237,37 @@ def delete_step(loc: Location, step: int) -> None:
             loc.fs.rm(loc.step_dir(step), recursive=True)
     except OSError as exc:
         raise _storage_error("delete", loc.step_dir(step), exc) from exc
+
+
+# In an uncommitted step directory: a save at breakpoint (checkpoint/promote.py) is copying
+# into it while the job's next round runs, so pruning must leave it alone. Each promotion
+# (several nodes' agents may copy into one step) writes its own marker before its first
+# shard and removes it once it answered. A marker older than PROMOTING_FRESH seconds is a
+# crashed promotion's, and its step is a leftover again.
+PROMOTING = ".promoting-"
+PROMOTING_FRESH = 600.0
+
+
+def mark_promoting(loc: Location, step: int) -> str:
+    """Write a promotion marker into `step`'s directory; its path, for unmark."""
+    path = loc.path(step, f"{PROMOTING}{uuid.uuid4().hex}")
+    write_durably(loc, path, [repr(time.time()).encode()])
+    return path
+
+
+def being_promoted(loc: Location, step: int) -> bool:
+    """Whether a fresh promotion marker protects uncommitted `step` from pruning."""
+    for name in promotion_markers(loc, step):
+        try:
+            if time.time() - float(read_bytes(loc, loc.path(step, name))) < PROMOTING_FRESH:
+                return True
+        except (FileNotFoundError, ValueError, StorageError):
+            continue  # removed meanwhile, or not ours to read: not a fresh marker
+    return False
+
+
+def promotion_markers(loc: Location, step: int) -> list[str]:
+    return [name for name in file_sizes(loc, step) if name.startswith(PROMOTING)]
 
 
 def remove_files(loc: Location, paths: Iterable[str]) -> None:
