@@ -133,8 +133,8 @@ class MemoryDir:
             self._take_answer(wait=False)
         if self._standby is not None:
             self._standby.ensure()
-        elif (self._config.checkpoint_dir and os.path.exists(os.path.join(self.path or "", REPLICATION_FILE))
-              and under_way(progress, round_started)):
+        elif (self._config.checkpoint_dir and under_way(progress, round_started)
+              and os.path.exists(os.path.join(self.path or "", REPLICATION_FILE))):
             self._standby = PromotionStandby(self.path, self._config.checkpoint_dir)
 
     def save_at_breakpoint(self, round_: int) -> None:

@@ -42,12 +42,13 @@ class RankRates:
         now = self._clock()
         per_step = []
         for rank, step in steps.items():
-            busy = busy_seconds(pids[rank]) if rank in pids else None
-            if step is None or busy is None:
+            samples = self._samples.get(rank)
+            if step is None or rank not in pids or (samples and samples[-1].step == step):
+                continue  # only a new step moves the window (a pause is not a pace): /proc is read then
+            busy = busy_seconds(pids[rank])
+            if busy is None:
                 continue
             samples = self._samples.setdefault(rank, deque())
-            if samples and samples[-1].step == step:
-                continue  # only a new step moves the window: a pause is not a pace
             if samples and step > samples[-1].step:
                 per_step += [(now - samples[-1].at) / (step - samples[-1].step)] * min(step - samples[-1].step, 100)
             samples.append(Sample(now, step, busy))
