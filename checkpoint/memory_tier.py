@@ -14,7 +14,9 @@ replication, one of its own per step its copies of other nodes' are of (MemoryRe
 Replication: the node's leader writes `replicas` into the directory (REPLICATION_FILE); under
 elastic-run the agents then copy each node's newest checkpoint into `replicas` peers' memory
 (elastic/launcher/replica_pull.py, under REPLICAS_DIR), and restore reads those copies as part
-of the memory source, so a node lost whole is restored from a survivor's RAM.
+of the memory source, so a node lost whole is restored from a survivor's RAM; the agents also
+serve what their node holds to the round's other nodes (PEERS_FILE), so a node lacking files of
+a step (a spare, a node added, a survivor of a resize) reads the chunks it needs from them.
 
 Room: at the first save every node checks that its shared memory holds what the tier keeps
 there. If one does not, the memory tier is off for the manager's life (one RuntimeWarning with
@@ -40,6 +42,7 @@ from checkpoint.commit import Committer, NodeRole, SaveJob
 from checkpoint.committed import CommittedCheckpoints
 from checkpoint.errors import CheckpointError
 from checkpoint.io import storage
+from checkpoint.io.peer_memory import peer_locations
 from checkpoint.prune import drop_old_attempts
 from checkpoint.restore import Source
 from elastic.exchange import env as names
@@ -124,7 +127,7 @@ class MemoryTier:
         self.committed = CommittedCheckpoints(loc)
         self.committer = Committer(self.committed, MemoryRetention(loc, self._copied_steps), run_id, guard=None,
                                    node=NodeRole(self.placement.leader, self.placement.nodes), tier="memory")
-        self.source = Source(self.committed, "memory", node_local=True, copies=self._copies)
+        self.source = Source(self.committed, "memory", node_local=True, copies=self._copies, peers=self._peers)
         # Copies of other nodes' checkpoints held here (the agent's directory only).
         self._replicas = 0 if self.placement.owned else min(replicas, self.placement.nodes - 1)
         if self.placement.leader and not self.placement.owned:  # the agent's directory: tell it
@@ -145,6 +148,9 @@ class MemoryTier:
 
     def _copies(self) -> list[CommittedCheckpoints]:
         return copies_in(self.placement.directory)
+
+    def _peers(self) -> list[storage.Location]:
+        return [] if self.placement.owned else peer_locations(self.placement.directory)
 
     def _copied_steps(self) -> set[int]:
         return {step for copy in self._copies() for step in copy.steps()}

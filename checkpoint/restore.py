@@ -7,12 +7,13 @@ finds the checkpoint damaged, all fall back together to the next candidate.
 The candidates come from one or more sources, newest step first and, for one step, in the
 order given (the memory tier before durable storage). A node-local source (each node's
 memory holds only its own ranks' shards, plus the copies its agent pulled of its ring
-predecessors' newest checkpoints) offers a step only when every rank lists it (in its own
-directory or a copy), and is read only when this node holds every file its manifest names,
-each file from whichever of its directories has it: that is how a node lost whole is
-restored from a survivor's copy. A restore never reads another node's memory (a spare's agent
-fetches the step before its workers start: elastic/launcher/replica_pull.py), so a step not
-whole on the node falls back.
+predecessors' newest checkpoints) is read from this node's directories, each file from
+whichever holds it; that is how a node lost whole is restored from a survivor's copy. Under
+elastic-run the round's other nodes serve theirs (checkpoint/io/peer_memory.py), so a step
+committed on any node is offered, and a node lacking files of it (a spare, a node added, a
+survivor of a resize) reads the chunks its ranks need from the peers that hold them. Without
+peers (no agent, one node) a step is offered only when every rank lists it. A step whose
+files are held nowhere in the round falls back.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from checkpoint.errors import (
 from checkpoint.format import statedict
 from checkpoint.format.manifest import Manifest
 from checkpoint.io import loading, shardfile, storage
+from checkpoint.io.peer_memory import PeerMemoryFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ class Source:
     tier: str  # "memory" or "durable"
     node_local: bool = False
     # Node-local only: this node's copies of other nodes' checkpoints, listed anew at each load
-    # (the agent adds them while the job runs).
+    # (the agent adds them while the job runs), and the round's other nodes' memory.
     copies: Callable[[], list[CommittedCheckpoints]] = list
+    peers: Callable[[], list[storage.Location]] = list
     found_corrupt: set[int] = field(default_factory=set)  # by this process's loads: never tried again
 
     def steps(self) -> list[int]:
@@ -70,20 +73,32 @@ class Source:
 
 @dataclass(frozen=True)
 class _Spread(storage.Location):
-    """A location whose files of one step lie in several local directories of this node."""
+    """A location whose files of one step lie in several places: this node's directories, and
+    other nodes' memory."""
 
-    dirs: Mapping[str, str] = field(default_factory=dict)  # file name -> the step directory holding it
+    holders: Mapping[str, storage.Location] = field(default_factory=dict)  # file name -> where it is read
+
+    def holder(self, name: str) -> storage.Location:
+        return self.holders.get(name, self)
 
     def path(self, step: int, name: str) -> str:
-        return f"{self.dirs[name]}/{name}" if name in self.dirs else super().path(step, name)
+        held = self.holders.get(name)
+        return held.path(step, name) if held is not None else super().path(step, name)
+
+    def peer_bytes(self) -> int:
+        """The bytes read so far from other nodes' memory."""
+        peers = {id(h.fs): h.fs for h in self.holders.values() if isinstance(h.fs, PeerMemoryFileSystem)}
+        return sum(fs.bytes_read for fs in peers.values())
 
 
 @dataclass(frozen=True)
 class Restored:
-    """What load() loaded: the step, and the tier it came from."""
+    """What load() loaded: the step, the tier it came from, and how many of this rank's bytes
+    were read from other nodes' memory."""
 
     step: int
     tier: str
+    peer_bytes: int = 0
 
 
 def load(
@@ -101,13 +116,14 @@ def load(
     failures = []
     for index, (cand, source) in enumerate(candidates):
         url = source.committed.loc.url
-        loaded, error = _read(source, ranks, state, targets, cand)
+        loaded, error, peer_bytes = _read(source, ranks, state, targets, cand)
         errors = ranks.all_gather(None if error is None else [type(error).__name__, str(error)])
         bad = [(r, e) for r, e in enumerate(errors) if e is not None]
         if not bad:
             statedict.apply(state, loaded)
-            log.info("checkpoint %s: rank %d loaded step %d (%s tier)", url, ranks.rank, cand, source.tier)
-            return Restored(cand, source.tier)
+            log.info("checkpoint %s: rank %d loaded step %d (%s tier, %d bytes from other nodes)",
+                     url, ranks.rank, cand, source.tier, peer_bytes)
+            return Restored(cand, source.tier, peer_bytes)
         rank, (kind, message) = bad[0]
         reason = f"rank {rank}: {message}"
         if error is None:
@@ -137,12 +153,15 @@ def load(
 
 def _candidates(sources: Sequence[Source], ranks: RankGroup, step: int | None) -> list[tuple[int, Source]]:
     """The (step, source) pairs to try: newest step first, then in the order of `sources`.
-    A shared location is listed by rank 0; a node-local one offers the steps every rank lists."""
+    A shared location is listed by rank 0; a node-local one offers the steps any rank lists
+    when every node's are served to the others, else those every rank lists."""
     found: list[tuple[int, int]] = []
     for order, source in enumerate(sources):
         if source.node_local:
-            listed = ranks.all_gather(source.steps())
-            steps = set(listed[0]).intersection(*listed[1:])
+            listed = ranks.all_gather((source.steps(), bool(source.peers())))
+            served = all(has_peers for _, has_peers in listed)
+            steps = set().union(*(s for s, _ in listed)) if served else set(listed[0][0]).intersection(
+                *(s for s, _ in listed[1:]))
         else:
             steps = ranks.broadcast(source.committed.steps() if ranks.rank == 0 else None)
         found += [(s, order) for s in steps]
@@ -162,8 +181,10 @@ def _read(
     state: Mapping[str, Any],
     targets: Mapping[str, torch.Tensor],
     step: int,
-) -> tuple[dict[str, Any] | None, Exception | None]:
-    """This rank's part of `step`, or the error that stopped reading it."""
+) -> tuple[dict[str, Any] | None, Exception | None, int]:
+    """This rank's part of `step`, or the error that stopped reading it; the bytes it read
+    from other nodes' memory."""
+    loc: storage.Location | None = None
     try:
         if source.node_local:
             whole, loc = _check_whole_here(source, step)
@@ -171,45 +192,67 @@ def _read(
             whole, loc = source.committed.manifest(step), source.committed.loc
         manifest, entries = loading.rank_view(whole, state, ranks.rank, ranks.world)
         loading.check_fit(manifest, entries, targets)
-        return loading.read_state(loc, manifest, entries, targets), None
+        loaded, error = loading.read_state(loc, manifest, entries, targets), None
     except (CheckpointError, OSError) as exc:  # every rank must reach the agreement that follows
-        return None, exc
+        loaded, error = None, exc
+    return loaded, error, loc.peer_bytes() if isinstance(loc, _Spread) else 0
 
 
 def _check_whole_here(source: Source, step: int) -> tuple[Manifest, storage.Location]:
-    """A node-local step is read only when this node holds every file its manifest names, in
-    its own directory or in its copies of other nodes' (the sizes as listed; the checksums are
-    checked as it is read). Returns the manifest and where each file is read from."""
+    """A node-local step is read from this node's directories (its own, its copies of other
+    nodes') and, for the files none of them holds, from the round's other nodes that hold them
+    (the sizes as listed; the checksums are checked as it is read). Returns the manifest and
+    where each file is read from."""
     own = source.committed
+    if step in source.found_corrupt:
+        raise CheckpointNotFoundError(f"{source.tier} checkpoint step {step} in {own.loc.url}: found corrupt "
+                                      "while loading")
     holders = [c for c in [own, *source.copies()] if step in c.steps()]
-    if not holders or step in source.found_corrupt:
-        why = "found corrupt while loading" if holders else "gone from this node"
-        raise CheckpointNotFoundError(f"{source.tier} checkpoint step {step} in {own.loc.url}: {why}")
-    if holders[0] is own and own.damage(own.manifest(step)) is None:
+    if holders and holders[0] is own and own.damage(own.manifest(step)) is None:
         return own.manifest(step), own.loc  # the usual case: one node, or no node lost
-    manifest, loc, missing = held_here(holders, step)
+    missing = None
+    if holders:
+        manifest, loc, missing = held_here(holders, step)
+    if missing != []:  # not whole here: add the peers holding the step
+        holders += [p for p in _peers(source) if step in p.steps()]
+        if not holders:
+            raise CheckpointNotFoundError(f"{source.tier} checkpoint step {step} is held neither in {own.loc.url} "
+                                          "nor in the round's other nodes' memory")
+        manifest, loc, missing = held_here(holders, step)
     if missing:
         raise CheckpointNotFoundError(
-            f"{source.tier} checkpoint step {step} in {own.loc.url} is not whole on this node: "
-            f"{', '.join(missing)} held neither here nor in a copy of another node's memory "
-            f"({', '.join(h.loc.url for h in holders)}); shards only in other nodes' memory are not fetched"
+            f"{source.tier} checkpoint step {step} in {own.loc.url} is not whole in the round: "
+            f"{', '.join(missing)} held neither on this node nor by any other node of the round "
+            f"({', '.join(h.loc.url for h in holders)})"
         )
     return manifest, loc
 
 
+def _peers(source: Source) -> list[CommittedCheckpoints]:
+    """The round's other nodes' memory that answers (one that cannot be asked holds nothing)."""
+    answering = []
+    for loc in source.peers():
+        try:
+            loc.fs.held()
+        except OSError as exc:
+            log.warning("checkpoint: cannot list %s: %s", loc.url, exc)
+            continue
+        answering.append(CommittedCheckpoints(loc))
+    return answering
+
+
 def held_here(holders: Sequence[CommittedCheckpoints], step: int) -> tuple[Manifest, storage.Location, list[str]]:
-    """Committed `step` as a node's local directories `holders` (its own first, then its copies
-    of other nodes', each holding the step) hold it: the manifest, a location reading each file
+    """Committed `step` as `holders` (a node's own directory, its copies of other nodes', other
+    nodes' memory; each holding the step) hold it: the manifest, a location reading each file
     it names from the first holder that has it at its listed size, and the files none has."""
     manifest = holders[0].manifest(step)
-    dirs: dict[str, str] = {}
+    found: dict[str, storage.Location] = {}
     for holder in holders:
         sizes = storage.file_sizes(holder.loc, step)
-        dirs.update({f.path: holder.loc.step_dir(step) for f in manifest.files
-                     if f.path not in dirs and sizes.get(f.path) == f.size})
-    missing = [f.path for f in manifest.files if f.path not in dirs]
+        found.update({f.path: holder.loc for f in manifest.files if f.path not in found and sizes.get(f.path) == f.size})
+    missing = [f.path for f in manifest.files if f.path not in found]
     own = holders[0].loc
-    return manifest, _Spread(own.fs, own.root, own.url, dirs), missing
+    return manifest, _Spread(own.fs, own.root, own.url, found), missing
 
 
 def preflight(committed: CommittedCheckpoints, ranks: RankGroup, state: Mapping[str, Any], step: int | None) -> None:

@@ -16,8 +16,11 @@ import urllib.request
 import pytest
 
 from elastic.exchange.memory_layout import PIN_FILE, REPLICAS_DIR, REPLICATION_FILE
+from checkpoint.io import storage
+from checkpoint.io.peer_memory import PeerMemoryFileSystem
+from elastic.exchange.memory_layout import TOKEN_HEADER
 from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller, replicas_wanted, ring_predecessors
-from elastic.launcher.replica_server import TOKEN_HEADER, ReplicaServer, newest_step
+from elastic.launcher.replica_server import ReplicaServer, newest_step
 from helpers import wait_until
 
 SHM = "/dev/shm"
@@ -133,27 +136,36 @@ def test_the_puller_keeps_the_newest_copy_of_each_followed_peer_and_drops_a_stal
         server.close()
 
 
-def test_a_node_with_empty_memory_fetches_the_newest_step_its_peers_hold_whole(node_dirs):
-    spare, survivor = node_dirs
+def test_a_peer_s_memory_reads_as_a_filesystem_of_byte_ranges_over_one_kept_alive_connection(node_dirs):
+    """What a restore on a node lacking a file uses (checkpoint/io/peer_memory.py): the steps
+    the peer holds, own or copied, and the chunks asked for; a vanished peer holds nothing."""
+    _, survivor = node_dirs
     both = ("rank0.safetensors", "rank1.safetensors")
     own = commit(survivor, 3, listed=both)
     lost = commit(os.path.join(survivor, REPLICAS_DIR, "lost"), 3, shard="rank1.safetensors", listed=both)
-    commit(survivor, 4, listed=both)  # the lost node's shard of step 4 is nowhere
+    commit(survivor, 4, manifest=False)  # being written: not offered
     server = ReplicaServer("127.0.0.1", survivor, TOKEN)
-    puller = ReplicaPuller(spare, lambda pulled: None, TOKEN)
+    url = f"http://127.0.0.1:{server.port}"
     try:
-        assert sorted(json.loads(get(server.port, "/held"))["steps"]) == ["3", "4"]
-        (fetched,) = puller.fetch_held([Peer("survivor", "127.0.0.1", server.port)])
-        assert (fetched.peer, fetched.step) == ("survivor", 3)
-        copy = os.path.join(spare, REPLICAS_DIR, "survivor", "step_000000000003")
-        for name, data in [*own.items(), ("rank1.safetensors", lost["rank1.safetensors"])]:
-            with open(os.path.join(copy, name), "rb") as f:
-                assert f.read() == data, name
-        assert puller.fetch_held([Peer("survivor", "127.0.0.1", server.port)]) == [], \
-            "a node that holds memory checkpoints restores from them"
+        loc = storage.Location(PeerMemoryFileSystem(url, TOKEN), url, url)
+        assert storage.committed_steps(loc) == [3]
+        assert storage.file_sizes(loc, 3) == {n: len(d) for n, d in {**own, **lost}.items()}
+        shard = loc.path(3, "rank1.safetensors")  # held in the survivor's copy of the lost node's memory
+        assert loc.fs.cat_file(shard, start=10, end=20) == lost["rank1.safetensors"][10:20]
+        assert loc.fs.cat_file(shard, start=5, end=5) == b""
+        assert loc.fs.cat_file(loc.path(3, "manifest.json")) == own["manifest.json"]
+        assert loc.fs.bytes_read == 10, "chunks are counted, the manifest is not"
+        assert len(loc.fs._conns) == 1, "one connection for every request of this thread"
+        with pytest.raises(OSError, match="416"):
+            loc.fs.cat_file(shard, start=10, end=10 ** 6)
+        with pytest.raises(FileNotFoundError):
+            loc.fs.cat_file(loc.path(3, "rank7.safetensors"), start=0, end=1)
+        with pytest.raises(OSError, match="403"):
+            PeerMemoryFileSystem(url, "wrong").held()
     finally:
-        puller.close()
         server.close()
+    with pytest.raises(FileNotFoundError, match="cannot be reached"):
+        loc.fs.cat_file(shard, start=0, end=1)
 
 
 def test_replicas_come_from_the_memory_tier_s_file_and_the_ring_order():

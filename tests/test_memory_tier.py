@@ -242,7 +242,7 @@ def test_a_node_lost_whole_is_restored_from_the_copy_of_its_memory_on_a_survivor
             assert json.load(f) == {"replicas": 2}, "the agent learns `replicas` from the node's leader"
         step, tier, warned = load_warned(tmp_path / "ckpt")
         assert (step, tier) == (2, "durable"), "node 0 alone holds half of step 3"
-        assert "not whole on this node" in warned and "held neither here" in warned, warned
+        assert "not whole in the round" in warned and "held neither on this node" in warned, warned
 
         copy = os.path.join(memory_dir, REPLICAS_DIR, "node1", "step_000000000003")
         shutil.copytree(os.path.join(lost, "step_000000000003"), copy)  # as the agent pulls it
@@ -269,6 +269,46 @@ def test_a_node_lost_whole_is_restored_from_the_copy_of_its_memory_on_a_survivor
         assert (step, tier) == (3, "durable") and f"{shard}: chunk" in warned and "falling back to step 3" in warned
     finally:
         shutil.rmtree(lost, ignore_errors=True)
+
+
+def test_a_node_lacking_a_shard_reads_its_chunks_from_the_peer_that_holds_it(tmp_path, memory_dir, python_env):
+    from elastic.exchange.memory_layout import PEERS_FILE
+    from elastic.launcher.replica_server import ReplicaServer
+
+    peer = memory_dir + "-peer"  # node 1's memory, served by its agent; this process is node 0 of the next round
+    try:
+        proc = subprocess.run([sys.executable, HERE, str(tmp_path / "ckpt"), memory_dir, peer],
+                              capture_output=True, text=True, env=python_env, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        server = ReplicaServer("127.0.0.1", peer, "secret")
+        url = f"http://127.0.0.1:{server.port}"
+        with open(os.path.join(memory_dir, PEERS_FILE), "w") as f:  # as the agent writes it for the round
+            json.dump({"token": "secret", "peers": {"node1": url}}, f)
+        (shard,) = glob.glob(os.path.join(peer, "step_000000000003", "*.safetensors"))
+        state = two_tensors(0)
+        ckpt = CheckpointManager(tmp_path / "ckpt", memory_tier=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
+        assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab") and state["n"] == 3
+        # Only the chunk this rank needs crossed: node 1's shard minus its safetensors header.
+        header = 8 + int.from_bytes(open(shard, "rb").read(8), "little")
+        assert ckpt.restored.peer_bytes == os.path.getsize(shard) - header > 0
+
+        with open(shard, "r+b") as f:  # a flipped byte on the peer: checked as any other read
+            f.seek(-1, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 1]))
+        step, tier, warned = load_warned(tmp_path / "ckpt")
+        name = os.path.basename(shard)
+        assert (step, tier) == (2, "durable") and f"{url}/step_000000000003/{name}: chunk" in warned, warned
+
+        server.close()  # the peer is gone: its shard is held nowhere in the round
+        step, tier, warned = load_warned(tmp_path / "ckpt")
+        assert (step, tier) == (2, "durable") and f"{name} held neither on this node nor by any other" in warned
+    finally:
+        shutil.rmtree(peer, ignore_errors=True)
 
 
 def load_warned(url) -> tuple[int, str, str]:

@@ -143,14 +143,15 @@ class ShardReader:
         with self._lock:
             if name in self._checked:
                 return self._checked[name]
-            path = self._loc.path(self._step, name)
+            where = self._loc.holder(name)
+            path = where.path(self._step, name)
             fd = None
             try:
-                if self._loc.is_local:
+                if where.is_local:
                     fd = os.open(path, os.O_RDONLY)
                     size = os.fstat(fd).st_size
                 else:
-                    size = storage.file_size(self._loc, path)
+                    size = storage.file_size(where, path)
             except FileNotFoundError as exc:
                 raise CheckpointCorruptError(
                     f"shard file {path} is missing; the manifest lists it with {self._sizes[name]} bytes. "
@@ -169,7 +170,8 @@ class ShardReader:
     def read(self, chunk: ChunkEntry, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The verified chunk, read into `out` (contiguous CPU, the chunk's shape) if given."""
         fd = self._open(chunk.file)
-        path = self._loc.path(self._step, chunk.file)
+        where = self._loc.holder(chunk.file)
+        path = where.path(self._step, chunk.file)
         if out is None:
             out = torch.empty(chunk.shape, dtype=dtype)
         raw = memoryview(out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else bytearray())
@@ -178,7 +180,7 @@ class ShardReader:
             if fd is not None:
                 got = _pread_into(fd, raw, chunk.begin)
             else:
-                data = self._loc.fs.cat_file(path, start=chunk.begin, end=chunk.end)
+                data = where.fs.cat_file(path, start=chunk.begin, end=chunk.end)
                 got = len(data)
                 raw[:got] = data
         except FileNotFoundError as exc:

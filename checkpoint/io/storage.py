@@ -62,6 +62,11 @@ class Location:
     def path(self, step: int, name: str) -> str:
         return f"{self.step_dir(step)}/{name}"
 
+    def holder(self, name: str) -> Location:
+        """Where file `name` of a step is read (a restore may read the files of one step from
+        several places: checkpoint.restore)."""
+        return self
+
 
 def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Location:
     try:

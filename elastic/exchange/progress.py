@@ -37,6 +37,7 @@ class Progress(Record):
     reconfigurable: bool = False  # its TrainLoop can re-form the process group in-process
     parked: int | None = None  # committed this step and waits for its next round (elastic/exchange/control.py)
     restored_tier: str | None = None  # where TrainLoop's resume read its checkpoint: durable or memory
+    restored_peer_bytes: int = 0  # of which bytes came from other nodes' memory
     skipped_steps: int = 0  # steps the loop's grad scaler skipped (inf/NaN gradients) in the run so far
 
     # Commits kept in the record: the agent reads it every --monitor-interval, and several

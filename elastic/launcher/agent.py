@@ -122,8 +122,7 @@ class Agent:
             assignment = self._join()
             self._record.round_sealed(assignment)
             ring = self._rdzv.sealed_members(assignment.round)
-            after_failure = assignment.round > 0 and self._rdzv.ended_by_failure(assignment.round - 1)
-            self._memory.follow(ring, self._rdzv.replica_endpoints(assignment.round, ring), after_failure=after_failure)
+            self._memory.follow(ring, self._rdzv.replica_endpoints(assignment.round, ring))
             group = WorkerGroup(self._config, assignment, self._run_dir, self._endpoint, self._rdzv.node_id)
             self._group = group
             self._start_workers(group, assignment.round)

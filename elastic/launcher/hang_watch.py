@@ -100,6 +100,10 @@ class ProgressWatch:
         found = [p for p in self._latest.values() if p.step is not None]
         return min(found, key=lambda p: (p.step, p.changed_at)) if found else None
 
+    def restored_peer_bytes(self) -> int:
+        """The bytes the local ranks' resume read from other nodes' memory (as of read())."""
+        return sum(p.restored_peer_bytes for p in self._latest.values())
+
     def first_step_done(self) -> bool:
         """Whether every rank that reports progress completed a step since it started."""
         return bool(self._latest) and all(

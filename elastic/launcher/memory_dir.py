@@ -16,7 +16,9 @@ newest memory step, the agent does not ask it at all.
 Replication (with more than one node): the agent serves its own memory checkpoints to its
 peers (replica_server.py; the port is in its rendezvous registration) and copies its ring
 predecessors' newest ones into REPLICAS_DIR (replica_pull.py), where a restore finds them;
-after a failure a node with empty memory fetches the newest step its peers hold whole.
+before each round's workers start it tells them (PEERS_FILE) where the round's other nodes
+serve theirs, so a restore on a node lacking some files (a spare, a node added, a survivor of
+a resize) reads those chunks from the peers that hold them.
 
 An agent killed with SIGKILL cannot remove its directory; it leaves its pid in it
 (OWNER_FILE), and the next agent to start on the host removes the directories whose agent is gone.
@@ -25,6 +27,7 @@ An agent killed with SIGKILL cannot remove its directory; it leaves its pid in i
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -33,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from elastic.exchange.memory_layout import MANIFEST, PIN_FILE, REPLICATION_FILE, STEP_DIR
+from elastic.exchange.memory_layout import MANIFEST, PEERS_FILE, PIN_FILE, REPLICATION_FILE, STEP_DIR
 from elastic.launcher.hang_watch import ProgressWatch
 from elastic.launcher.pool_refill import under_way
 from elastic.launcher.promotion_standby import PromotionStandby
@@ -91,6 +94,7 @@ class MemoryDir:
         self.path = path(config.run_id, node_id)
         self._server: ReplicaServer | None = None
         self._puller: ReplicaPuller | None = None
+        self._secret = ""  # the run's, for the peers' servers (once serve() asked for it)
         self._standby: PromotionStandby | None = None
         self._asked: tuple[int, float] | None = None  # the round and time of the promotion in flight
         self._queued: int | None = None  # the round of a newer failure, asked for once it answers
@@ -106,23 +110,22 @@ class MemoryDir:
         Returns the port (0: no replication: no shared memory, or one node)."""
         if self.path is None or self._config.max_nodes < 2:
             return 0
-        secret = token()
-        self._server = ReplicaServer(addr, self.path, secret)
-        self._puller = ReplicaPuller(self.path, self._pulled, secret)
+        self._secret = token()
+        self._server = ReplicaServer(addr, self.path, self._secret)
+        self._puller = ReplicaPuller(self.path, self._pulled, self._secret)
         return self._server.port
 
-    def follow(self, ring: tuple[str, ...], endpoints: dict[str, tuple[str, int]], *, after_failure: bool) -> None:
-        """A round was sealed: copy from this node's predecessors in `ring` (its members in rank
-        order), found at `endpoints` (node -> the address and port its agent serves on). After
-        a failure, a node with nothing in memory first fetches what its peers hold (blocking)."""
+    def follow(self, ring: tuple[str, ...], endpoints: dict[str, tuple[str, int]]) -> None:
+        """A round was sealed, its workers not started: tell them where the round's other nodes
+        serve their memory (PEERS_FILE), and copy from this node's predecessors in `ring` (its
+        members in rank order), found at `endpoints` (node -> the address and port its agent
+        serves on)."""
         if self._puller is None:
             return
-        peers = [Peer(n, *endpoints[n]) for n in ring_predecessors(ring, self._node_id) if n in endpoints]
-        if after_failure:  # before following: a copy pulled meanwhile would take the fetch's place
-            for fetched in self._puller.fetch_held(peers):
-                self._events.emit("memory_checkpoint_fetched", peer=fetched.peer, step=fetched.step,
-                                  bytes=fetched.bytes, seconds=fetched.seconds)
-        self._puller.follow(peers)
+        peers = {n: Peer(n, *endpoints[n]) for n in ring if n in endpoints and n != self._node_id}
+        _write_private(os.path.join(self.path, PEERS_FILE),
+                       {"token": self._secret, "peers": {n: p.url("") for n, p in peers.items()}})
+        self._puller.follow([peers[n] for n in ring_predecessors(ring, self._node_id) if n in peers])
 
     def prepare(self, progress: ProgressWatch, round_started: float) -> None:
         """While workers run (called every watch): take the answer of a promotion in flight; once
@@ -201,3 +204,13 @@ class MemoryDir:
     def _pulled(self, pulled: Pulled) -> None:
         self._events.emit("memory_replica_pulled", peer=pulled.peer, step=pulled.step, bytes=pulled.bytes,
                           seconds=pulled.seconds)
+
+
+def _write_private(path: str, record: dict) -> None:
+    """`record` as JSON at `path`, readable by this user only (it holds the run's secret), renamed
+    into place whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)

@@ -10,10 +10,9 @@ a partial pull is never seen as committed, and at most one copy per peer is kept
 never waits for it. A copy of a peer no longer followed (it left the ring) is kept until this
 node commits a newer step of its own, since it is what a restore after that peer's loss needs.
 
-A node that joins a round after a failure with nothing in memory (a spare replacing a lost
-node) fetches, before its workers start, the newest step its peers hold (their own and their
-copies, ReplicaServer's /held) into the same copy directories, so that the round restores
-from memory at the same world size. Its workers check that it is whole, and every checksum.
+A node that lacks files of the step a round restores (a spare replacing a lost node, a node
+added by growth, a survivor of a resize) copies nothing here: its workers read the chunks
+they need from the peers' servers as they restore (checkpoint/io/peer_memory.py).
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
 
-from elastic.exchange.memory_layout import (MANIFEST, REPLICAS_DIR, REPLICATION_FILE, STEP_DIR, peer_dir_name,
-                                            pinned_step)
-from elastic.launcher.replica_server import TOKEN_HEADER, held_dirs, newest_step
+from elastic.exchange.memory_layout import (MANIFEST, REPLICAS_DIR, REPLICATION_FILE, STEP_DIR, TOKEN_HEADER,
+                                            peer_dir_name, pinned_step)
+from elastic.launcher.replica_server import newest_step
 
 log = logging.getLogger(__name__)
 
@@ -121,39 +120,6 @@ class ReplicaPuller:
                     log.debug("replica pull from %s failed: %s", peer.node_id, exc)
             self._drop_stale({peer_dir_name(p.node_id) for p in followed})
 
-    def fetch_held(self, peers: Sequence[Peer]) -> list[Pulled]:
-        """Empty-handed after a failure: copy the newest step whose every file (its manifest's
-        list) some of `peers` hold, each file from the first one offering it; blocking (the
-        round's workers restore from it). What was copied, per peer ([]: nothing)."""
-        if len(held_dirs(self._dir)) > 1 or newest_step(self._dir)[0] is not None:
-            return []  # this node holds memory checkpoints: it restores from them
-        offers: dict[Peer, dict[int, dict[str, int]]] = {}
-        for peer in peers:
-            try:
-                offers[peer] = {int(s): files for s, files in self._get_json(peer, "/held")["steps"].items()}
-            except (OSError, ValueError, KeyError, HTTPException) as exc:
-                log.warning("elastic-run: cannot ask node %s for its memory checkpoints: %s", peer.node_id, exc)
-        for step in sorted({s for offer in offers.values() for s in offer}, reverse=True):
-            source: dict[str, Peer] = {}  # file -> the first peer offering it
-            for peer, offer in offers.items():
-                for name in offer.get(step, {}):
-                    source.setdefault(name, peer)
-            try:
-                manifest = self._get_json(source[MANIFEST], f"/step_{step:012d}/{MANIFEST}")
-                needed = {entry["path"] for entry in manifest["files"]}  # the shard files it lists
-                if not needed <= set(source):
-                    continue  # held in part: the lost nodes' shards are nowhere
-                copied = []
-                for peer in dict.fromkeys(source[n] for n in needed):  # each copy with its manifest
-                    offered = offers[peer][step]
-                    mine = {n for n in needed if source[n] == peer} | {MANIFEST}
-                    copied.append(self._copy(peer, step, {n: offered[n] for n in mine}))
-                return copied
-            except (OSError, ValueError, KeyError, HTTPException) as exc:
-                log.warning("elastic-run: fetching memory checkpoint step %d failed: %s", step, exc)
-                return []
-        return []
-
     def _pull_newest(self, peer: Peer) -> None:
         newest = self._get_json(peer, "/newest")
         step, files = newest["step"], newest["files"]
@@ -167,7 +133,7 @@ class ReplicaPuller:
         started = time.monotonic()
         peer_dir = os.path.join(self._root, peer_dir_name(peer.node_id))
         name = f"step_{step:012d}"
-        tmp = os.path.join(self._root, f".pull-{uuid.uuid4().hex}")  # the fetch and the thread may overlap
+        tmp = os.path.join(self._root, f".pull-{uuid.uuid4().hex}")
         os.makedirs(os.path.join(tmp, name), mode=0o700)
         try:
             for file in sorted(files, key=lambda f: f == MANIFEST):  # the manifest last

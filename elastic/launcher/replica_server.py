@@ -1,22 +1,24 @@
-"""Serves this node's newest committed memory checkpoint to its peers' agents, read-only.
+"""Serves this node's memory checkpoints to its peers' agents and to the round's workers, read-only.
 
-A thread of the agent runs a small HTTP server on the node's address (advertised in its
-rendezvous registration, Member.replica_port). Every request must carry the run's shared
-secret (TOKEN_HEADER: the value the agents agree on through the rendezvous, created once per
-run: EtcdRendezvous.replica_token), compared in constant time; any other gets 403. Three
-requests, nothing else:
+A thread of the agent runs a small HTTP/1.1 server (connections kept alive) on the node's
+address (advertised in its rendezvous registration, Member.replica_port). Every request must
+carry the run's shared secret (TOKEN_HEADER: the value the agents agree on through the
+rendezvous, created once per run: EtcdRendezvous.replica_token), compared in constant time;
+any other gets 403. Three requests, nothing else:
 
     GET /newest                 -> {"step": N or null, "files": {name: size}} of the newest
                                    committed step of this node's own memory directory (what
                                    its ring successors copy)
     GET /held                   -> {"steps": {N: {name: size}}}: every committed step this
                                    node holds in its own directory or its copies of other
-                                   nodes' (REPLICAS_DIR), with their files (what a spare fetches)
+                                   nodes' (REPLICAS_DIR), with their files (what a restore on
+                                   a node lacking some of them reads from)
     GET /step_<12 digits>/<name> -> that file's bytes (a plain name inside a step directory),
-                                   from the own directory, else from a copy
+                                   from the own directory, else from a copy; with
+                                   `Range: bytes=A-B`, those bytes only (206): one chunk
 
 Nothing outside the step directories is served. The bytes are checked by the checksums of
-the manifest when a worker restores from the copy, so the transfer needs none of its own.
+the manifest when a worker restores from them, so the transfer needs none of its own.
 The traffic is not encrypted (the secret and the weights cross the network in clear): keep
 nodes on a private network, as for their workers' process-group ports.
 """
@@ -28,17 +30,17 @@ import hmac
 import json
 import logging
 import os
-import shutil
+import re
 import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from elastic.exchange.memory_layout import MANIFEST, REPLICAS_DIR, STEP_DIR
+from elastic.exchange.memory_layout import HELD_PATH, MANIFEST, REPLICAS_DIR, STEP_DIR, TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
-TOKEN_HEADER = "X-Elastic-Replica-Token"
+_RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")  # the one form a restore asks for: a chunk
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -101,6 +103,7 @@ class ReplicaServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a restore asks one connection for many chunks
     directory = ""  # set per server
     token = b""
 
@@ -112,13 +115,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/newest":
             step, files = newest_step(self.directory)
             self._send(json.dumps({"step": step, "files": files}).encode(), "application/json")
-        elif self.path == "/held":
+        elif self.path == HELD_PATH:
             self._send(json.dumps({"steps": held(self.directory)}).encode(), "application/json")
         elif len(parts) == 3 and STEP_DIR.match(parts[1]) and _plain(parts[2]):
             paths = [os.path.join(d, parts[1], parts[2]) for d in held_dirs(self.directory)]
             self._send_file(next((p for p in paths if os.path.isfile(p)), paths[0]))
         else:
-            self.send_error(HTTPStatus.NOT_FOUND, "only /newest, /held and /step_<N>/<file> are served")
+            self.send_error(HTTPStatus.NOT_FOUND, f"only /newest, {HELD_PATH} and /step_<N>/<file> are served")
 
     def _send(self, body: bytes, kind: str) -> None:
         self.send_response(HTTPStatus.OK)
@@ -134,14 +137,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.NOT_FOUND, "no such file (the step may have been replaced)")
             return
         with f:
-            self.send_response(HTTPStatus.OK)
+            size = os.fstat(f.fileno()).st_size
+            begin, count = 0, size
+            wanted = self.headers.get("Range")
+            if wanted is not None:
+                match = _RANGE.match(wanted)
+                if match is None or int(match.group(1)) > int(match.group(2)) or int(match.group(2)) >= size:
+                    self.send_error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"{wanted!r} of {size} bytes")
+                    return
+                begin, count = int(match.group(1)), int(match.group(2)) - int(match.group(1)) + 1
+                self.send_response(HTTPStatus.PARTIAL_CONTENT)
+                self.send_header("Content-Range", f"bytes {begin}-{begin + count - 1}/{size}")
+            else:
+                self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+            self.send_header("Content-Length", str(count))
             self.end_headers()
             try:
-                shutil.copyfileobj(f, self.wfile, 1 << 20)
+                self.wfile.flush()
+                self.connection.sendfile(f, begin, count)  # the kernel copies: no buffer here
             except (BrokenPipeError, ConnectionResetError):
                 log.debug("replica server: the peer closed the connection while %s was sent", path)
+                self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:  # http.server's signature
         log.debug("replica server: " + format, *args)

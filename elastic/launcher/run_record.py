@@ -50,7 +50,8 @@ class RunRecord:
         if self._restore_logged or slowest is None or slowest.restored_tier is None:
             return
         self._restore_logged = True
-        self.events.emit("checkpoint_restored", round=round_, step=slowest.resumed, tier=slowest.restored_tier)
+        self.events.emit("checkpoint_restored", round=round_, step=slowest.resumed, tier=slowest.restored_tier,
+                         peer_bytes=progress.restored_peer_bytes())
 
     def finish(self, *, ok: bool, reason: str, code: int) -> RunResult:
         self.result.ok, self.result.reason, self.result.exit_code = ok, reason, code

@@ -180,8 +180,8 @@ class ProgressFile:
     def park(self, step: int) -> None:
         self._update(parked=step)
 
-    def restored(self, tier: str) -> None:
-        self._update(restored_tier=tier)
+    def restored(self, tier: str, peer_bytes: int) -> None:
+        self._update(restored_tier=tier, restored_peer_bytes=peer_bytes)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -213,10 +213,11 @@ def report_progress(step: int, skipped: int = 0) -> None:
         _progress.write(step, skipped)
 
 
-def report_restored(tier: str) -> None:
-    """Tell the agent which checkpoint tier (durable or memory) this worker resumed from."""
+def report_restored(tier: str, peer_bytes: int = 0) -> None:
+    """Tell the agent which checkpoint tier (durable or memory) this worker resumed from, and
+    how many of the bytes it read came from other nodes' memory."""
     if _progress is not None:
-        _progress.restored(tier)
+        _progress.restored(tier, peer_bytes)
 
 
 def report_reconfigurable() -> None:

@@ -305,7 +305,7 @@ def _durable_step(checkpoint: Checkpointer | None, loaded: int) -> int | None:
     restored = getattr(checkpoint, "restored", None)
     if restored is None:
         return loaded
-    report_restored(restored.tier)
+    report_restored(restored.tier, restored.peer_bytes)
     return loaded if restored.tier == "durable" else None
 
 

@@ -15,10 +15,15 @@ removed the node's memory directory.
 The second: two agents (1 rank each) on one etcd; once one holds a copy of the other's newest
 memory checkpoint, the other is lost whole (agent and worker SIGKILLed, its memory directory
 deleted). Then either the survivor goes on alone (shrink, --nnodes 1:2) or a spare takes the
-lost node's place (--nnodes 2; its agent fetches the step from the survivor's memory); either way
-the round resumes from memory (the survivor's own shards and its copy of the lost node's) at
-the step of the fault, ending within 1e-7 of the reference, bitwise with the spare; and the
-survivor's agent alone saves that step at breakpoint (its own shard and the copy's).
+lost node's place (--nnodes 2; its workers read the step from the survivor's memory, over its
+agent's server); either way the round resumes from memory (the survivor's own shards and its
+copy of the lost node's) at the step of the fault, ending within 1e-7 of the reference, bitwise
+with the spare; and the survivor's agent alone saves that step at breakpoint (its own shard and
+the copy's). With three agents (shrink3, --nnodes 2:3) the two survivors each lack a shard the
+other holds (its own, or its copy of the lost node's) and read it from the other as they restore.
+
+The third: planned growth (--nnodes 2:3): the round of three restores from memory, the new
+node reading every chunk from the others', durable storage untouched.
 """
 
 from __future__ import annotations
@@ -97,20 +102,21 @@ def test_resume_from_memory_then_fall_back_from_a_corrupt_memory_shard(tmp_path)
     assert not os.path.exists(paused["memory_dir"]), "the agent removes the memory directory at job end"
 
 
-@pytest.mark.parametrize("then", ["shrink", "spare"])
+@pytest.mark.parametrize("then", ["shrink", "spare", "shrink3"])
 def test_a_node_lost_whole_resumes_from_the_copy_in_the_survivor_s_memory(tmp_path, etcd_server, run_id, then):
     sys.path.insert(0, SCRIPTS)
     from memory_worker import reference
 
     out = tmp_path / "out"
     out.mkdir()
-    nnodes = "1:2" if then == "shrink" else "2"
+    nnodes = {"shrink": "1:2", "spare": "2", "shrink3": "2:3"}[then]
+    started = ["a", "b", "c"] if then == "shrink3" else ["a", "b"]
     job = Job(etcd_server.endpoint, run_id, tmp_path, nnodes, conf="last_call_timeout=1,cooldown_base=0.2",
               script=os.path.join(SCRIPTS, "memory_worker.py"), script_args=[str(out), "3"],
               flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))
     try:
-        job.start("a")
-        job.start("b")
+        for node in started:
+            job.start(node)
 
         def dead():
             gone = {n: p.returncode for n, p in job.agents.items() if p.poll() is not None}
@@ -118,10 +124,12 @@ def test_a_node_lost_whole_resumes_from_the_copy_in_the_survivor_s_memory(tmp_pa
 
         paused = wait_until("rank 1 paused at step 3", lambda: _read(out / "paused-3.json"), 120, alive=dead)
         lost = paused["node"]
-        survivor = ({"a", "b"} - {lost}).pop()
-        survivor_dir = memory_dir_path(run_id, survivor)
-        copy = os.path.join(survivor_dir, "replicas", lost, "step_000000000003", "manifest.json")
-        wait_until(f"{survivor} to hold {lost}'s step 3", lambda: os.path.exists(copy), 60, alive=dead)
+        survivors = sorted(set(started) - {lost})
+        copies = {n: os.path.join(memory_dir_path(run_id, n), "replicas", lost, "step_000000000003", "manifest.json")
+                  for n in survivors}
+        survivor = wait_until(f"a survivor to hold {lost}'s step 3",  # its ring successor
+                              lambda: next((n for n in survivors if os.path.exists(copies[n])), None), 60, alive=dead)
+        copy = copies[survivor]
         assert glob.glob(os.path.join(os.path.dirname(copy), "*.safetensors")), "the lost node held a shard"
 
         os.kill(job.agents[lost].pid, signal.SIGKILL)  # the node lost whole: agent, worker, memory
@@ -133,7 +141,7 @@ def test_a_node_lost_whole_resumes_from_the_copy_in_the_survivor_s_memory(tmp_pa
         shutil.rmtree(paused["memory_dir"])
         if then == "spare":
             job.start("c")  # in the lost node's place: the same world size
-        nodes = [survivor] if then == "shrink" else [survivor, "c"]
+        nodes = {"shrink": [survivor], "spare": [survivor, "c"], "shrink3": survivors}[then]
         for node in nodes:
             assert job.agents[node].wait(120) == 0, job.log(node)[-4000:]
     finally:
@@ -147,18 +155,60 @@ def test_a_node_lost_whole_resumes_from_the_copy_in_the_survivor_s_memory(tmp_pa
     final, ref = json.loads((out / "final.json").read_text()), reference()
     if then == "spare":  # the same world size: the same sums, bitwise
         assert final == ref
-        fetched = [e for e in job.events("c") if e["event"] == "memory_checkpoint_fetched"]
-        assert [(e["peer"], e["step"]) for e in fetched] == [(survivor, 3)], fetched
     assert max(abs(x - y) for x, y in zip(final, ref)) <= 1e-7, (final, ref)
+    # Every node of the new round restored from memory; those lacking a shard read it from a
+    # peer: the spare, and with three nodes a survivor lacking the lost node's shard (the copy
+    # is on its ring successor) or the other survivor's (which shards hold data depends on
+    # the byte split of the state over 3 ranks).
+    assert sorted(r["node"] for r in resumed) == sorted(nodes)
+    from_peers = {r["node"] for r in resumed if r["peer_bytes"] > 0}
+    if then == "shrink3":
+        assert from_peers, resumed
+    else:
+        assert from_peers == ({"c"} if then == "spare" else set()), resumed
 
     pulled = [e for e in job.events(survivor) if e["event"] == "memory_replica_pulled"]
     assert any(e["peer"] == lost and e["step"] == 3 and e["bytes"] > 0 for e in pulled), pulled
-    # Saved at breakpoint by the survivor alone: its own shard and the lost node's from its copy.
-    promoted = [e for e in job.events(survivor) if e["event"] == "memory_checkpoint_promoted"]
-    assert [e["step"] for e in promoted] == [3], job.events(survivor)
+    # Saved at breakpoint by the survivors: their own shards and the lost node's from a copy.
+    promoted = [e for n in survivors for e in job.events(n) if e["event"] == "memory_checkpoint_promoted"]
+    assert [e["step"] for e in promoted] == [3], [job.events(n) for n in survivors]
     durable = CheckpointManager(str(tmp_path / "ckpt"))
     assert durable.steps() == [3] and durable.verify(3) == 3
-    assert not os.path.exists(survivor_dir), "the agent removes its memory directory, copies included"
+    assert not any(os.path.exists(memory_dir_path(run_id, n)) for n in survivors), \
+        "the agents remove their memory directories, copies included"
+
+
+def test_a_node_added_by_growth_restores_from_its_peers_memory(tmp_path, etcd_server, run_id):
+    """Planned growth (--nnodes 2:3, a third agent joins): the round of three restores the
+    newest memory step; the new node, empty, reads every chunk from the others' memory, and
+    durable storage is never written or read (no failure: nothing is saved at breakpoint)."""
+    sys.path.insert(0, SCRIPTS)
+    from memory_worker import reference
+
+    out = tmp_path / "out"
+    out.mkdir()
+    job = Job(etcd_server.endpoint, run_id, tmp_path, "2:3", conf="last_call_timeout=1,cooldown_base=0.2",
+              script=os.path.join(SCRIPTS, "memory_worker.py"), script_args=[str(out), "3"],
+              flags=("--checkpoint-dir", str(tmp_path / "ckpt"), "--monitor-interval", "0.05"))
+    try:
+        job.start("a")
+        job.start("b")
+        wait_until("rank 1 paused at step 3", lambda: _read(out / "paused-3.json"), 120)
+        job.start("c")  # the round grows; the paused workers are stopped with it
+        for node in "abc":
+            assert job.agents[node].wait(120) == 0, job.log(node)[-4000:]
+    finally:
+        job.kill_all()
+
+    restores = [json.loads(line) for line in (out / "restores.jsonl").read_text().splitlines()]
+    resumed = [r for r in restores if r["step"] is not None]
+    assert sorted((r["node"], r["world"], r["step"], r["tier"]) for r in resumed) == \
+        [(n, 3, 3, "memory") for n in "abc"], restores
+    assert not any(r["warnings"] for r in resumed), resumed
+    assert {r["node"] for r in resumed if r["peer_bytes"] > 0} == {"c"}, resumed
+    final, ref = json.loads((out / "final.json").read_text()), reference()
+    assert max(abs(x - y) for x, y in zip(final, ref)) <= 1e-7, (final, ref)
+    assert CheckpointManager(str(tmp_path / "ckpt")).steps() == []
 
 
 def _read(path):

@@ -5,12 +5,13 @@ gradients of parts r, r+W, ..., an all-reduce sums them, every rank applies the 
 momentum. The state is two float64 tensors of one size (weights, momentum), so each of 2 ranks
 writes one shard (the writing is split by bytes), and `reference()` (the same updates in one
 process) is bitwise what an uninterrupted job of 2 ranks ends with, and within rounding what a
-job that shrank ends with.
+job that changed its world size ends with.
 
 Usage: memory_worker.py OUT_DIR PAUSE_STEP[,PAUSE_STEP...]
 On restart r, rank 1 stops after committing step PAUSE_STEP[r] into memory: it writes
 OUT_DIR/paused-<step>.json (pid, memory directory, node id) and sleeps until the test kills
-it. Every rank appends what load() restored (step, tier, warnings, world size) to
+it. Every rank appends what load() restored (step, tier, bytes read from other nodes' memory,
+warnings, world size, its node) to
 OUT_DIR/restores.jsonl, and rank 0 writes the final weights to OUT_DIR/final.json.
 """
 
@@ -45,8 +46,8 @@ def update(w: torch.Tensor, m: torch.Tensor, summed: torch.Tensor) -> None:
 
 
 def local_gradient(w: torch.Tensor, step: int, rank: int, world: int) -> torch.Tensor:
-    """The sum of this rank's parts' gradients."""
-    return sum(gradient(w, step, part) for part in range(rank, PARTS, world))
+    """The sum of this rank's parts' gradients (zeros for a rank with none: world > PARTS)."""
+    return sum((gradient(w, step, part) for part in range(rank, PARTS, world)), torch.zeros_like(w))
 
 
 def reference() -> list[float]:
@@ -73,6 +74,8 @@ def main(out: str, pauses: list[int]) -> None:
     with open(os.path.join(out, "restores.jsonl"), "a") as f:
         f.write(json.dumps({"rank": rank, "restart": restart, "step": loaded,
                             "tier": ckpt.restored.tier if ckpt.restored else None, "world": world,
+                            "node": os.environ["ELASTIC_NODE_ID"],
+                            "peer_bytes": ckpt.restored.peer_bytes if ckpt.restored else 0,
                             "warnings": [str(c.message) for c in caught]}) + "\n")
     for step in range(loaded or 0, STEPS):
         summed = local_gradient(w, step, rank, world)
