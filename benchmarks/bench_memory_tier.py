@@ -10,8 +10,10 @@ One process (world size 1), a state of four float32 tensors of --mib MiB in all.
   pays. The background commit is waited for outside the timing. Target: ratio <= 1.2.
 - restore: `load()` of the newest checkpoint from the memory tier, against `load()` of the
   same checkpoint from a directory on local disk with its shard files evicted from the page
-  cache first (posix_fadvise DONTNEED), as a restarted node would find them. Both verify
-  every byte they read against its checksum.
+  cache first (posix_fadvise DONTNEED), as a restarted node would find them; and `load()` on a
+  node whose memory lacks the step (a spare, a node added by growth), reading every chunk from
+  a peer's memory over its agent's HTTP server (here on loopback: the cost of the protocol,
+  not of a network). All verify every byte they read against its checksum.
 Medians over --rounds interleaved rounds, with the figures of every round.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import statistics
@@ -32,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import CheckpointManager  # noqa: E402
 from checkpoint.memory_tier import SHM_ROOT  # noqa: E402
 from elastic.exchange.env import MEMORY_DIR  # noqa: E402
+from elastic.exchange.memory_layout import PEERS_FILE  # noqa: E402
+from elastic.launcher.replica_server import ReplicaServer  # noqa: E402
 
 
 def make_state(mib: int) -> dict[str, torch.Tensor]:
@@ -73,7 +78,9 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="bench-memory-tier-")  # on local disk
     memory = tempfile.mkdtemp(prefix="bench-memory-tier-", dir=SHM_ROOT)
+    empty = tempfile.mkdtemp(prefix="bench-memory-tier-", dir=SHM_ROOT)  # a node added: nothing in memory
     os.environ[MEMORY_DIR] = memory  # as elastic-run's agent hands it to its workers
+    server = None
     try:
         ckpt = CheckpointManager(os.path.join(work, "ckpt"), memory_tier=True)
         ckpt.save(0, state, durable=False)  # allocates the staging buffer once, as training would
@@ -87,8 +94,16 @@ def main() -> None:
         ckpt.save(args.rounds + 1, state)  # into memory and to disk: the same step in both tiers
         ckpt.close()
 
+        server = ReplicaServer("127.0.0.1", memory, "token")  # the node holding it, as its agent serves it
+        with open(os.path.join(empty, PEERS_FILE), "w") as f:
+            json.dump({"token": "token", "peers": {"holder": f"http://127.0.0.1:{server.port}"}}, f)
+        # Only the manifest: in a job the ranks of the nodes holding the step offer it; this
+        # one process is the whole world, so its own listing has to show the step.
+        step_dir = f"step_{args.rounds + 1:012d}"
+        os.makedirs(os.path.join(empty, step_dir))
+        shutil.copy(os.path.join(memory, step_dir, "manifest.json"), os.path.join(empty, step_dir))
         target = {k: torch.empty_like(t) for k, t in state.items()}
-        from_memory, from_disk = [], []
+        from_memory, from_disk, from_peer = [], [], []
         for _ in range(args.rounds):
             restarted = CheckpointManager(os.path.join(work, "ckpt"), memory_tier=True)
             from_memory.append(timed(lambda: restarted.load(target)))
@@ -98,16 +113,24 @@ def main() -> None:
             disk = CheckpointManager(os.path.join(work, "ckpt"))
             from_disk.append(timed(lambda: disk.load(target)))
             disk.close()
+            os.environ[MEMORY_DIR] = empty
+            added = CheckpointManager(os.path.join(work, "ckpt"), memory_tier=True)
+            from_peer.append(timed(lambda: added.load(target)))
+            assert added.restored.tier == "memory" and added.restored.peer_bytes >= args.mib << 20, added.restored
+            added.close()
+            os.environ[MEMORY_DIR] = memory
         assert all(torch.equal(target[k], state[k]) for k in state)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(memory, ignore_errors=True)
+        if server is not None:
+            server.close()
+        for path in (work, memory, empty):
+            shutil.rmtree(path, ignore_errors=True)
 
     def ms(values: list[float]) -> str:
         return " ".join(f"{v * 1e3:.0f}" for v in values)
 
     stall, floor = statistics.median(stalls), statistics.median(floors)
-    mem, disk = statistics.median(from_memory), statistics.median(from_disk)
+    mem, disk, peer = statistics.median(from_memory), statistics.median(from_disk), statistics.median(from_peer)
     gib = args.mib / 1024
     print(f"state: {args.mib} MiB, {args.rounds} rounds (ms per round in brackets)")
     print(f"save(durable=False) stall   {stall * 1e3:8.1f} ms   [{ms(stalls)}]")
@@ -115,7 +138,9 @@ def main() -> None:
     print(f"  stall / memcpy            {stall / floor:8.2f} x   (target <= 1.2)")
     print(f"restore from memory         {mem * 1e3:8.1f} ms   {gib / mem:6.2f} GiB/s   [{ms(from_memory)}]")
     print(f"restore from local disk     {disk * 1e3:8.1f} ms   {gib / disk:6.2f} GiB/s   [{ms(from_disk)}]")
+    print(f"restore from a peer's memory {peer * 1e3:7.1f} ms   {gib / peer:6.2f} GiB/s   [{ms(from_peer)}]")
     print(f"  disk / memory             {disk / mem:8.2f} x")
+    print(f"  disk / peer's memory      {disk / peer:8.2f} x")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,15 @@ import os
 import threading
 import urllib.parse
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fsspec import AbstractFileSystem
 
 from checkpoint.io import storage
 from elastic.exchange.memory_layout import HELD_PATH, PEERS_FILE, STEP_DIR, TOKEN_HEADER
 
+T = TypeVar("T")
 HTTP_TIMEOUT = 10.0  # per connection and per read: a vanished peer must not hold a restore long
 
 
@@ -50,7 +52,7 @@ class PeerMemoryFileSystem(AbstractFileSystem):
     def held(self) -> dict[int, dict[str, int]]:
         """Step -> {file name: size} of every committed step the peer holds (asked once)."""
         if self._held is None:
-            body = self._get(HELD_PATH)
+            body = self._get(HELD_PATH, lambda resp: resp.read())
             self._held = {int(step): {str(n): int(size) for n, size in files.items()}
                           for step, files in json.loads(body)["steps"].items()}
         return self._held
@@ -79,41 +81,50 @@ class PeerMemoryFileSystem(AbstractFileSystem):
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         """The file's bytes [start, end) (all of it when both are None)."""
-        if start is not None and start == end:
-            return b""  # an empty chunk: HTTP has no empty range
-        headers = {} if start is None and end is None else {"Range": f"bytes={start or 0}-{end - 1}"}
-        data = self._get("/" + self._relative(path), headers)
-        if headers:
-            with self._lock:
-                self.bytes_read += len(data)
-        return data
+        if start is None and end is None:
+            return self._get("/" + self._relative(path), lambda resp: resp.read())
+        out = bytearray(end - (start or 0))
+        got = self.read_range_into(path, start or 0, memoryview(out))
+        return bytes(out[:got])
+
+    def read_range_into(self, path: str, start: int, out: memoryview) -> int:
+        """Read the file's bytes from `start` straight into `out` (a chunk's destination, so no
+        intermediate buffer); returns how many came."""
+        if not len(out):
+            return 0  # an empty chunk: HTTP has no empty range
+        got = self._get("/" + self._relative(path), lambda resp: _read_into(resp, out),
+                        {"Range": f"bytes={start}-{start + len(out) - 1}"})
+        with self._lock:
+            self.bytes_read += got
+        return got
 
     def _relative(self, path: str) -> str:
         if not path.startswith(self.url):
             raise FileNotFoundError(f"{path}: not on {self.url}")
         return path[len(self.url):].strip("/")
 
-    def _get(self, path: str, headers: dict[str, str] | None = None) -> bytes:
-        """One GET on this thread's connection (opened again once if the peer closed it). A peer
-        that cannot be reached holds nothing any more (FileNotFoundError): its node is gone."""
+    def _get(self, path: str, body: Callable[[http.client.HTTPResponse], T], headers: dict[str, str] | None = None) -> T:
+        """One GET on this thread's connection (opened again once if the peer closed it), its
+        response read by `body`. A peer that cannot be reached holds nothing any more
+        (FileNotFoundError): its node is gone."""
         for attempt in (0, 1):
             conn = self._connection()
             try:
                 conn.request("GET", path, headers={TOKEN_HEADER: self._token, **(headers or {})})
                 resp = conn.getresponse()
-                data = resp.read()
+                result = body(resp) if resp.status in (200, 206) else resp.read()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 self._local.conn = None
-                reconnect = isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
-                if reconnect and not attempt:  # a kept-alive connection the server closed meanwhile
+                closed = isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if closed and not attempt:  # a kept-alive connection the server closed meanwhile
                     continue
                 raise FileNotFoundError(f"{self.url}{path}: the node cannot be reached ({exc})") from exc
             if resp.status == 404:
                 raise FileNotFoundError(f"{self.url}{path}: {resp.reason}")
             if resp.status not in (200, 206):
                 raise OSError(f"{self.url}{path}: HTTP {resp.status} {resp.reason}")
-            return data
+            return result
         raise AssertionError("unreachable")
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -125,6 +136,18 @@ class PeerMemoryFileSystem(AbstractFileSystem):
             with self._lock:
                 self._conns.append(conn)
         return conn
+
+
+def _read_into(resp: http.client.HTTPResponse, out: memoryview) -> int:
+    """The response's body into `out` (as long as `out`, or shorter at its end)."""
+    got = 0
+    while got < len(out):
+        n = resp.readinto(out[got:])
+        if not n:
+            break
+        got += n
+    resp.read()  # whatever is left (nothing, when the peer answered the range asked), for the next request
+    return got
 
 
 def _close_all(conns: list[http.client.HTTPConnection]) -> None:

@@ -179,6 +179,8 @@ class ShardReader:
         try:
             if fd is not None:
                 got = _pread_into(fd, raw, chunk.begin)
+            elif hasattr(where.fs, "read_range_into"):  # another node's memory: straight into place
+                got = where.fs.read_range_into(path, chunk.begin, raw)
             else:
                 data = where.fs.cat_file(path, start=chunk.begin, end=chunk.end)
                 got = len(data)
