@@ -8,6 +8,9 @@ One process (world size 1), a state of four float32 tensors of --mib MiB in all.
   into shared memory run in the background), against the same bytes copied with
   `Tensor.copy_` into a buffer allocated once beforehand: the floor any in-memory snapshot
   pays. The background commit is waited for outside the timing. Target: ratio <= 1.2.
+- replica: from the commit of a memory checkpoint until a peer's agent holds its copy (its
+  puller asks every POLL_EVERY seconds, then copies over HTTP, here on loopback), and the
+  copy's own time.
 - restore: `load()` of the newest checkpoint from the memory tier, against `load()` of the
   same checkpoint from a directory on local disk with its shard files evicted from the page
   cache first (posix_fadvise DONTNEED), as a restarted node would find them; and `load()` on a
@@ -23,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import queue
 import shutil
 import statistics
 import sys
@@ -35,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import CheckpointManager  # noqa: E402
 from checkpoint.memory_tier import SHM_ROOT  # noqa: E402
 from elastic.exchange.env import MEMORY_DIR  # noqa: E402
-from elastic.exchange.memory_layout import PEERS_FILE  # noqa: E402
+from elastic.exchange.memory_layout import PEERS_FILE, REPLICATION_FILE  # noqa: E402
+from elastic.launcher.replica_pull import Peer, Pulled, ReplicaPuller  # noqa: E402
 from elastic.launcher.replica_server import ReplicaServer  # noqa: E402
 
 
@@ -59,6 +64,31 @@ def evict(root: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def replica_lag(ckpt: CheckpointManager, state: dict, port: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Per round: seconds from a memory commit until a peer's agent holds the copy, and the
+    pull's own seconds (the rest is waiting for its next poll)."""
+    peer = tempfile.mkdtemp(prefix="bench-memory-tier-", dir=SHM_ROOT)
+    with open(os.path.join(peer, REPLICATION_FILE), "w") as f:
+        json.dump({"replicas": 1}, f)  # as the peer's workers tell its agent
+    held: queue.Queue[Pulled] = queue.Queue()
+    puller = ReplicaPuller(peer, held.put, "token")
+    puller.follow([Peer("holder", "127.0.0.1", port)])
+    lags, pulls = [], []
+    try:
+        for step in range(rounds + 1, 2 * rounds + 1):
+            ckpt.save(step, state, durable=False)
+            ckpt.wait()
+            committed = time.perf_counter()
+            while (pulled := held.get(timeout=60)).step != step:
+                pass
+            lags.append(time.perf_counter() - committed)
+            pulls.append(pulled.seconds)
+    finally:
+        puller.close()
+        shutil.rmtree(peer, ignore_errors=True)
+    return lags, pulls
 
 
 def main() -> None:
@@ -91,15 +121,16 @@ def main() -> None:
             floors.append(timed(memcpy))
             stalls.append(timed(lambda: ckpt.save(step, state, durable=False)))
             ckpt.wait()
-        ckpt.save(args.rounds + 1, state)  # into memory and to disk: the same step in both tiers
+        server = ReplicaServer("127.0.0.1", memory, "token")  # the node holding it, as its agent serves it
+        lags, pulls = replica_lag(ckpt, state, server.port, args.rounds)
+        ckpt.save(2 * args.rounds + 1, state)  # into memory and to disk: the same step in both tiers
         ckpt.close()
 
-        server = ReplicaServer("127.0.0.1", memory, "token")  # the node holding it, as its agent serves it
         with open(os.path.join(empty, PEERS_FILE), "w") as f:
             json.dump({"token": "token", "peers": {"holder": f"http://127.0.0.1:{server.port}"}}, f)
         # Only the manifest: in a job the ranks of the nodes holding the step offer it; this
         # one process is the whole world, so its own listing has to show the step.
-        step_dir = f"step_{args.rounds + 1:012d}"
+        step_dir = f"step_{2 * args.rounds + 1:012d}"
         os.makedirs(os.path.join(empty, step_dir))
         shutil.copy(os.path.join(memory, step_dir, "manifest.json"), os.path.join(empty, step_dir))
         target = {k: torch.empty_like(t) for k, t in state.items()}
@@ -136,6 +167,9 @@ def main() -> None:
     print(f"save(durable=False) stall   {stall * 1e3:8.1f} ms   [{ms(stalls)}]")
     print(f"preallocated memcpy         {floor * 1e3:8.1f} ms   [{ms(floors)}]")
     print(f"  stall / memcpy            {stall / floor:8.2f} x   (target <= 1.2)")
+    lag, pull = statistics.median(lags), statistics.median(pulls)
+    print(f"commit -> copy held by a peer {lag * 1e3:6.1f} ms   [{ms(lags)}]")
+    print(f"  of which the pull itself  {pull * 1e3:8.1f} ms   {gib / pull:6.2f} GiB/s   [{ms(pulls)}]")
     print(f"restore from memory         {mem * 1e3:8.1f} ms   {gib / mem:6.2f} GiB/s   [{ms(from_memory)}]")
     print(f"restore from local disk     {disk * 1e3:8.1f} ms   {gib / disk:6.2f} GiB/s   [{ms(from_disk)}]")
     print(f"restore from a peer's memory {peer * 1e3:7.1f} ms   {gib / peer:6.2f} GiB/s   [{ms(from_peer)}]")

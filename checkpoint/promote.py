@@ -6,7 +6,8 @@ the step it asks for, so that the next round's memory retention keeps it meanwhi
 prints one JSON line: the step promoted (or null) and why. With ``--on-go`` it promotes once
 per line that arrives on stdin and exits at EOF, so the agent starts it once, ahead of any
 failure, and a promotion does not wait for an interpreter to import torch
-(elastic/launcher/promotion_standby.py).
+(elastic/launcher/promotion_standby.py); it then runs at a lower CPU priority (nice 10), so
+that where cores are short the next round's restore does not wait for it.
 
 The newest committed memory checkpoint is promoted only if it is newer than every committed
 durable one, and only after every byte this node holds of it verifies against its checksum.
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.on_go:
         return _report(args.memory_dir, args.durable_url)
+    # The standby's promotion runs beside the next round, whose ranks are restoring: where
+    # cores are short, theirs come first (the agent still waits for it at exit).
+    os.nice(10)
     while line := sys.stdin.readline():  # the agent's standby process: one promotion per failure
         words = line.split()
         _report(args.memory_dir, args.durable_url, int(words[1]) if len(words) > 1 else None)

@@ -36,8 +36,9 @@ from elastic.launcher.replica_server import newest_step
 
 log = logging.getLogger(__name__)
 
-POLL_EVERY = 1.0  # seconds between asks for each followed peer's newest step
-HTTP_TIMEOUT = 10.0  # per connection and per read: a vanished peer must not hold the thread long
+POLL_EVERY = 0.2  # seconds between asks for each followed peer's newest step (one small request)
+HTTP_TIMEOUT = 10.0
+_BUFFER = 8 << 20  # bytes copied per read of a pulled file  # per connection and per read: a vanished peer must not hold the thread long
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,10 @@ class ReplicaPuller:
         return Pulled(peer.node_id, step, sum(files.values()), round(time.monotonic() - started, 3))
 
     def _pull_file(self, peer: Peer, path: str, dest: str, size: int) -> None:
+        buffer = memoryview(bytearray(_BUFFER))
         with self._open(peer, path) as resp, open(dest, "wb") as out:
-            shutil.copyfileobj(resp, out, 1 << 20)
+            while n := resp.readinto(buffer):  # no new bytes object per block
+                out.write(buffer[:n])
             got = out.tell()
         if got != size:
             raise ValueError(f"{peer.url(path)}: got {got} bytes, {size} were listed")
