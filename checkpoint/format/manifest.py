@@ -23,7 +23,7 @@ import math
 import re
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -160,7 +160,11 @@ class Manifest:
         return per_file
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        # Not asdict(self): it would deep-copy `state` (JSON values already) element by element,
+        # milliseconds for the thousands of ints of every rank's RNG streams.
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record.update(files=[asdict(f) for f in self.files], tensors={k: asdict(t) for k, t in self.tensors.items()})
+        return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
     def from_json(text: str | bytes, *, where: str) -> Manifest:

@@ -137,6 +137,11 @@ def apply(state: MutableMapping[str, Any], loaded: Mapping[str, Any]) -> None:
             state[name] = value
 
 
+# JSON scalars by exact type (subclasses still go through walk()): a list of only these, such
+# as an RNG state of thousands of ints, is kept as it is, without a call and a path per element.
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
 def is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
@@ -176,6 +181,8 @@ def flatten(
         if isinstance(value, tuple):
             return {TUPLE_TAG: [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
         if isinstance(value, list):
+            if all(type(v) in _PLAIN for v in value):  # e.g. an RNG state: thousands of ints, no tensor
+                return list(value)
             return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
         if isinstance(value, _SCALARS):
             return value
