@@ -90,3 +90,21 @@ def test_warm_spare_runs_the_script_with_the_assigned_environment(tmp_path, monk
     assert proc.returncode == 0, err
     # The spare itself ran the script, with torch imported before and the rank's variables set.
     assert out.decode().split() == [str(spare), "5", "3", "True"]
+
+
+def test_a_spare_whose_agent_resets_the_connection_reads_no_assignment_and_no_error():
+    """An agent closing its end with the spare's "ready" byte unread (or dying) resets the
+    connection: the spare's reader sees no assignment (it then exits 0), not an exception."""
+    import socket
+    import struct
+
+    from elastic.launcher.bootstrap import _read_all
+
+    agent, spare = socket.socketpair()
+    spare.sendall(b"1")  # ready, never read by the agent
+    agent.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    agent.close()  # with unread data and linger 0: a reset, as the kernel sends when an agent dies
+    message = bytearray(b"partial")
+    _read_all(spare, message)
+    spare.close()
+    assert message == bytearray()

@@ -102,8 +102,11 @@ def _write_error_file(exc: BaseException) -> None:
 
 
 def _read_all(channel: socket.socket, into: bytearray) -> None:
-    while chunk := channel.recv(1 << 16):
-        into.extend(chunk)
+    try:
+        while chunk := channel.recv(1 << 16):
+            into.extend(chunk)
+    except ConnectionResetError:  # the agent died (SIGKILL): no assignment is coming, and no traceback
+        into.clear()
 
 
 def wait_for_assignment(fd: int) -> list[str]:

@@ -155,7 +155,7 @@ class MemoryDir:
             self._events.emit("memory_checkpoint_not_promoted", round=round_, seconds=0.0,
                               reason=f"durable step {durable} is not older than memory step {newest}")
             return
-        if self._standby is None:  # e.g. a spare whose agent fetched the step: started only now
+        if self._standby is None:  # e.g. a failure before the round got under way: started only now
             self._standby = PromotionStandby(self.path, self._config.checkpoint_dir)
         with open(os.path.join(self.path, PIN_FILE + ".tmp"), "w") as f:  # renamed: never read half-written
             f.write(str(newest))
