@@ -210,15 +210,12 @@ def _check_whole_here(source: Source, step: int) -> tuple[Manifest, storage.Loca
     holders = [c for c in [own, *source.copies()] if step in c.steps()]
     if holders and holders[0] is own and own.damage(own.manifest(step)) is None:
         return own.manifest(step), own.loc  # the usual case: one node, or no node lost
-    missing = None
-    if holders:
-        manifest, loc, missing = held_here(holders, step)
-    if missing != []:  # not whole here: add the peers holding the step
-        holders += [p for p in _peers(source) if step in p.steps()]
-        if not holders:
-            raise CheckpointNotFoundError(f"{source.tier} checkpoint step {step} is held neither in {own.loc.url} "
-                                          "nor in the round's other nodes' memory")
-        manifest, loc, missing = held_here(holders, step)
+    if not holders or held_here(holders, step)[2]:  # not whole on this node: add the peers holding it
+        holders += _peers_holding(source, step)
+    if not holders:
+        raise CheckpointNotFoundError(f"{source.tier} checkpoint step {step} is held neither in {own.loc.url} "
+                                      "nor in the round's other nodes' memory")
+    manifest, loc, missing = held_here(holders, step)
     if missing:
         raise CheckpointNotFoundError(
             f"{source.tier} checkpoint step {step} in {own.loc.url} is not whole in the round: "
@@ -228,17 +225,17 @@ def _check_whole_here(source: Source, step: int) -> tuple[Manifest, storage.Loca
     return manifest, loc
 
 
-def _peers(source: Source) -> list[CommittedCheckpoints]:
-    """The round's other nodes' memory that answers (one that cannot be asked holds nothing)."""
-    answering = []
+def _peers_holding(source: Source, step: int) -> list[CommittedCheckpoints]:
+    """The round's other nodes' memory holding `step` (one that cannot be asked holds nothing)."""
+    holding = []
     for loc in source.peers():
+        peer = CommittedCheckpoints(loc)
         try:
-            loc.fs.held()
-        except OSError as exc:
+            if step in peer.steps():
+                holding.append(peer)
+        except CheckpointError as exc:  # the listing failed (storage wraps the OSError)
             log.warning("checkpoint: cannot list %s: %s", loc.url, exc)
-            continue
-        answering.append(CommittedCheckpoints(loc))
-    return answering
+    return holding
 
 
 def held_here(holders: Sequence[CommittedCheckpoints], step: int) -> tuple[Manifest, storage.Location, list[str]]:
