@@ -98,11 +98,7 @@ def test_a_damaged_memory_checkpoint_falls_back_to_durable_naming_the_file(tmp_p
     if damage == "missing shard":
         os.remove(shard)
     else:
-        with open(shard, "r+b") as f:
-            f.seek(-8, os.SEEK_END)  # inside the data of "w"
-            byte = f.read(1)
-            f.seek(-8, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 0x01]))
+        flip_byte(shard, from_end=8)  # inside the data of "w"
     ckpt = CheckpointManager(tmp_path / "ckpt", memory_tier=True)
     state = {"w": torch.zeros(1000), "n": 0}
     with pytest.warns(RuntimeWarning) as caught:
@@ -193,11 +189,7 @@ def test_promote_saves_the_newest_verified_memory_checkpoint_at_breakpoint(tmp_p
 
     save_steps(durable, (4,)).close()
     (shard,) = glob.glob(os.path.join(memory_dir, "step_000000000004", "*.safetensors"))
-    with open(shard, "r+b") as f:
-        f.seek(-1, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x80]))
+    flip_byte(shard)
     with pytest.raises(CheckpointCorruptError, match=f"{shard}: chunk 'w'"):
         promote(memory_dir, str(durable))
     assert CheckpointManager(durable).steps() == [1, 3], "a corrupt memory checkpoint is never promoted"
@@ -247,12 +239,7 @@ def test_a_node_lost_whole_is_restored_from_the_copy_of_its_memory_on_a_survivor
         copy = os.path.join(memory_dir, REPLICAS_DIR, "node1", "step_000000000003")
         shutil.copytree(os.path.join(lost, "step_000000000003"), copy)  # as the agent pulls it
         shutil.rmtree(lost)  # node 1 lost whole
-        state = two_tensors(0)
-        ckpt = CheckpointManager(tmp_path / "ckpt", memory_tier=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
-        assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab") and state["n"] == 3
+        ckpt = loads_step_3_from_memory(tmp_path / "ckpt")
 
         # Saved at breakpoint by the survivor alone: its own shard and the lost node's from the copy.
         promoted = promote(memory_dir, str(tmp_path / "ckpt"))
@@ -260,11 +247,7 @@ def test_a_node_lost_whole_is_restored_from_the_copy_of_its_memory_on_a_survivor
         assert CheckpointManager(tmp_path / "ckpt").verify(3) == 3
 
         (shard,) = glob.glob(os.path.join(copy, "*.safetensors"))
-        with open(shard, "r+b") as f:  # a flipped byte in the copy: every byte is checked
-            f.seek(-1, os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 1]))
+        flip_byte(shard)  # in the copy: every byte is checked
         step, tier, warned = load_warned(tmp_path / "ckpt")
         assert (step, tier) == (3, "durable") and f"{shard}: chunk" in warned and "falling back to step 3" in warned
     finally:
@@ -285,21 +268,12 @@ def test_a_node_lacking_a_shard_reads_its_chunks_from_the_peer_that_holds_it(tmp
         with open(os.path.join(memory_dir, PEERS_FILE), "w") as f:  # as the agent writes it for the round
             json.dump({"token": "secret", "peers": {"node1": url}}, f)
         (shard,) = glob.glob(os.path.join(peer, "step_000000000003", "*.safetensors"))
-        state = two_tensors(0)
-        ckpt = CheckpointManager(tmp_path / "ckpt", memory_tier=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
-        assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab") and state["n"] == 3
+        ckpt = loads_step_3_from_memory(tmp_path / "ckpt")
         # Only the chunk this rank needs crossed: node 1's shard minus its safetensors header.
         header = 8 + int.from_bytes(open(shard, "rb").read(8), "little")
         assert ckpt.restored.peer_bytes == os.path.getsize(shard) - header > 0
 
-        with open(shard, "r+b") as f:  # a flipped byte on the peer: checked as any other read
-            f.seek(-1, os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 1]))
+        flip_byte(shard)  # on the peer: checked as any other read
         step, tier, warned = load_warned(tmp_path / "ckpt")
         name = os.path.basename(shard)
         assert (step, tier) == (2, "durable") and f"{url}/step_000000000003/{name}: chunk" in warned, warned
@@ -309,6 +283,26 @@ def test_a_node_lacking_a_shard_reads_its_chunks_from_the_peer_that_holds_it(tmp
         assert (step, tier) == (2, "durable") and f"{name} held neither on this node nor by any other" in warned
     finally:
         shutil.rmtree(peer, ignore_errors=True)
+
+
+def loads_step_3_from_memory(url) -> CheckpointManager:
+    """A new manager whose load() took two_tensors' step 3 from memory, with no warning."""
+    state = two_tensors(0)
+    ckpt = CheckpointManager(url, memory_tier=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.load(state) == 3 and ckpt.restored.tier == "memory"
+    assert all(torch.equal(state[k], two_tensors(3)[k]) for k in "ab") and state["n"] == 3
+    return ckpt
+
+
+def flip_byte(path: str, from_end: int = 1) -> None:
+    """Flip one bit of the byte `from_end` bytes before the end of `path` (tensor data)."""
+    with open(path, "r+b") as f:
+        f.seek(-from_end, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-from_end, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
 
 
 def load_warned(url) -> tuple[int, str, str]:
