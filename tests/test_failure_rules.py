@@ -32,14 +32,19 @@ def record_of(exc: BaseException) -> ErrorRecord:
 
 def test_connection_reset_at_the_same_step_is_retried_until_the_budget_is_spent(tmp_path):
     # Rank 1 raises ConnectionResetError (errno 104) at step 3 in every attempt: a flaky
-    # network, not a bug. Every restart is spent, and the reason names the budget.
-    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "3", PROGRESS,
-                       str(tmp_path), "reset", "3")
+    # network, not a bug. Every restart is spent, and the reason names the budget. Two
+    # restarts make three identical failures in a row, as many as the default
+    # --same-failure-limit (3), and the agent applies that rule before the budget: were the
+    # fault counted, the third failure would stop the job as deterministic instead. Workers
+    # start cold: a warm spare, started after the first step, would still be importing when
+    # the next attempt needs it.
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--no-warm-pool",
+                       PROGRESS, str(tmp_path), "reset", "3")
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err
     assert "not retrying a deterministic failure" not in err
-    assert "the restart budget stopped the job: restarts exhausted (3 allowed)" in err
-    assert "restarts: 3" in err
+    assert "the restart budget stopped the job: restarts exhausted (2 allowed)" in err
+    assert "restarts: 2" in err
 
 
 @pytest.mark.parametrize("exc", [

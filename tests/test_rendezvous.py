@@ -26,8 +26,10 @@ from helpers import Job, wait_gone, wait_until
 def job_factory(etcd_server, run_id, tmp_path):
     jobs: list[Job] = []
 
-    def make(nnodes: str, conf: str = "", max_restarts: int = 3, endpoint: str | None = None) -> Job:
-        job = Job(endpoint or etcd_server.endpoint, f"{run_id}-{len(jobs)}", tmp_path, nnodes, conf, max_restarts)
+    def make(nnodes: str, conf: str = "", max_restarts: int = 3, endpoint: str | None = None,
+             flags: tuple[str, ...] = ()) -> Job:
+        job = Job(endpoint or etcd_server.endpoint, f"{run_id}-{len(jobs)}", tmp_path, nnodes, conf, max_restarts,
+                  flags=flags)
         jobs.append(job)
         return job
 
@@ -36,8 +38,14 @@ def job_factory(etcd_server, run_id, tmp_path):
         job.kill_all()
 
 
+# For tests about the rendezvous, not about fast restarts: workers start cold. The warm
+# spares (--warm-pool) start importing 10 s into a round whose workers report no steps, and on
+# a small host their imports only slow down the workers that are still starting.
+COLD = ("--no-warm-pool",)
+
+
 def test_shrink_on_death_of_master_node_without_last_call_wait(job_factory):
-    job = job_factory("2:3")
+    job = job_factory("2:3", flags=COLD)
     for node in ("a", "b", "c"):
         job.start(node)
     first = job.wait_round(0, {"a", "b", "c"})
@@ -59,7 +67,7 @@ def test_shrink_on_death_of_master_node_without_last_call_wait(job_factory):
 
 
 def test_local_worker_crash_stops_every_worker_of_the_job_fast(job_factory):
-    job = job_factory("2:2", conf="last_call_timeout=1")
+    job = job_factory("2:2", conf="last_call_timeout=1", flags=COLD)
     for node in ("a", "b"):
         job.start(node)
     job.wait_round(0, {"a", "b"})
@@ -74,7 +82,7 @@ def test_local_worker_crash_stops_every_worker_of_the_job_fast(job_factory):
 
 
 def test_growth_on_arrival_is_free(job_factory):
-    job = job_factory("2:3", conf="last_call_timeout=1")
+    job = job_factory("2:3", conf="last_call_timeout=1", flags=COLD)
     job.start("a")
     job.start("b")
     job.wait_round(0, {"a", "b"})
@@ -88,7 +96,7 @@ def test_growth_on_arrival_is_free(job_factory):
 
 
 def test_spare_replaces_a_failed_node(job_factory):
-    job = job_factory("2:2", conf="last_call_timeout=1")
+    job = job_factory("2:2", conf="last_call_timeout=1", flags=COLD)
     job.start("a")
     job.start("b")
     job.wait_round(0, {"a", "b"})
@@ -116,7 +124,7 @@ def test_a_spare_never_needed_ends_with_the_job(job_factory):
 
 
 def test_graceful_leave_is_a_scale_down_not_a_failure(job_factory):
-    job = job_factory("2:3", conf="last_call_timeout=1")
+    job = job_factory("2:3", conf="last_call_timeout=1", flags=COLD)
     for node in ("a", "b", "c"):
         job.start(node)
     job.wait_round(0, {"a", "b", "c"})
@@ -144,16 +152,17 @@ def test_two_run_ids_on_one_etcd_are_isolated(job_factory):
 
 
 def test_failing_node_is_cooled_down_then_readmitted(job_factory, etcd_server):
-    job = job_factory("1:2", conf="last_call_timeout=1,cooldown_base=4", max_restarts=10)
+    # The cooldown (3 s) outlasts the last call (1 s): good seals round 2 alone before it ends.
+    job = job_factory("1:2", conf="last_call_timeout=1,cooldown_base=3", max_restarts=10, flags=COLD)
     job.start("good")
     job.start("bad")
     job.wait_round(0, {"good", "bad"})
     os.kill(job.worker_pid("bad", 0), signal.SIGKILL)  # first failure: no cooldown
     job.wait_round(1, {"good", "bad"})
     failed_at = time.monotonic()
-    os.kill(job.worker_pid("bad", 1), signal.SIGKILL)  # second failure: 4 s cooldown
+    os.kill(job.worker_pid("bad", 1), signal.SIGKILL)  # second failure: 3 s cooldown
     readmitted = job.wait_round(3, {"good", "bad"}, timeout=30)  # growth once the cooldown ended
-    assert time.monotonic() - failed_at >= 3.5
+    assert time.monotonic() - failed_at >= 2.5
     assert {v["WORLD_SIZE"] for v in readmitted.values()} == {"2"}
     # Meanwhile good went on alone (its round-2 worker may not have got far before growth).
     sealed = [e for e in job.events("good") if e["event"] == "round_sealed"]
@@ -220,7 +229,7 @@ def test_etcd_restart_mid_run_does_not_disturb_training(job_factory, private_etc
 
 
 def test_agent_cut_off_longer_than_ttl_rejoins_without_double_training(job_factory):
-    job = job_factory("1:2", conf="last_call_timeout=1")
+    job = job_factory("1:2", conf="last_call_timeout=1", flags=COLD)
     job.start("a")
     job.start("b")
     job.wait_round(0, {"a", "b"})
