@@ -105,8 +105,10 @@ def _read_all(channel: socket.socket, into: bytearray) -> None:
     try:
         while chunk := channel.recv(1 << 16):
             into.extend(chunk)
-    except ConnectionResetError:  # the agent died (SIGKILL): no assignment is coming, and no traceback
-        into.clear()
+    except ConnectionResetError:
+        # The agent closed its end with our ready byte unread (after sending the assignment,
+        # which is kept), or died: the end of the message either way, and no traceback.
+        pass
 
 
 def wait_for_assignment(fd: int) -> list[str]:
