@@ -29,8 +29,8 @@ pytestmark = pytest.mark.timeout(600)
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 PREFIX = "elastic-chaos-"
-HANG_TIMEOUT = 4.0  # node b's --hang-timeout: how soon the frozen rank is judged hung
-UNKILLABLE = 5.0  # node b's --unkillable-timeout
+HANG_TIMEOUT = 2.0  # node b's --hang-timeout: how soon the frozen rank is judged hung (steps take 0.08 s)
+UNKILLABLE = 2.0  # node b's --unkillable-timeout
 
 
 def _release(group: Path) -> None:
@@ -77,7 +77,7 @@ def freeze():
 def test_frozen_rank_makes_its_node_give_up(loop_job, etcd_server, reference, freeze, found_by):
     """2 nodes x 1 rank (nnodes 1:2); node b's worker is frozen mid-run (D state).
 
-    found_by="hang": b's agent judges it hung (b: --hang-timeout 4; a: 300, so the failure
+    found_by="hang": b's agent judges it hung (b: --hang-timeout 2; a: 300, so the failure
     is b's to find), dumps stacks (a signal: it cannot block on a frozen rank) and SIGKILLs
     it. found_by="peer_failure": a's worker is SIGKILLed next; b learns of the failure by
     the round bump and SIGKILLs its worker. Either way b's agent gives up after --unkillable-timeout
