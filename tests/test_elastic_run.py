@@ -72,7 +72,9 @@ def test_sigkill_of_one_rank_restarts_the_group_and_succeeds(tmp_path):
 
 
 def test_always_failing_script_exhausts_restarts_with_a_summary(tmp_path):
-    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "2", PLAIN,
+    # --no-warm-pool here and below where a test is not about the spares (the last tests are):
+    # a spare imports more than these scripts need, and refills compete with the rounds.
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--no-warm-pool", PLAIN,
                        str(tmp_path), "fail")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
@@ -129,7 +131,7 @@ PROGRESS = os.path.join(SCRIPTS, "progress_worker.py")
 
 def test_hung_rank_holding_the_gil_is_detected_dumped_and_restarted(tmp_path):
     log_dir = tmp_path / "logs"
-    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--no-warm-pool",
                        "--hang-timeout", "2", "--log-dir", str(log_dir), PROGRESS, str(tmp_path), "spin", "5")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -156,7 +158,7 @@ def test_hung_rank_holding_the_gil_is_detected_dumped_and_restarted(tmp_path):
 def test_calibrated_hang_timeout_follows_the_step_times(tmp_path):
     # Steps take ~0.05 s: "auto:10:1" judges a quiet rank hung after max(1 s, 10 x its slowest
     # step) instead of the fixed 300 s default.
-    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--no-warm-pool",
                        "--hang-timeout", "auto:10:1", PROGRESS, str(tmp_path), "spin", "6")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -165,7 +167,7 @@ def test_calibrated_hang_timeout_follows_the_step_times(tmp_path):
 
 
 def test_same_error_at_same_step_stops_at_the_third(tmp_path):
-    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "5", PROGRESS,
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--max-restarts", "5", "--no-warm-pool", PROGRESS,
                        str(tmp_path), "raise", "3")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
@@ -177,7 +179,7 @@ def test_same_error_at_same_step_stops_at_the_third(tmp_path):
 
 def test_redirects_and_rank_filter_keep_streams_in_files(tmp_path):
     log_dir = tmp_path / "logs"
-    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--log-dir", str(log_dir),
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--no-warm-pool", "--log-dir", str(log_dir),
                        "--local-ranks-filter", "0", PROGRESS, str(tmp_path), "raise", "3")
     out, err = proc.communicate(timeout=120)
     assert "[rank0]" in err and "[rank1]" not in out + err
@@ -188,7 +190,7 @@ def test_redirects_and_rank_filter_keep_streams_in_files(tmp_path):
     failure = next(e for e in events if e["event"] == "failure")
     assert failure["rank"] == 1 and "RuntimeError: boom at step 3" in failure["reason"]
 
-    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--redirects", "3",
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--no-warm-pool", "--redirects", "3",
                        "--log-dir", str(log_dir), PROGRESS, str(tmp_path), "raise", "3")
     out, err = proc.communicate(timeout=120)
     assert "[rank" not in out + err  # both streams of both ranks only in the files

@@ -98,7 +98,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference, ov
     victim.wait(timeout=200)
     assert victim.returncode == -signal.SIGKILL, f"kill_at={kill_at}: rank 1 exited {victim.returncode}"
     group.kill()  # the survivor is stuck in (or failed out of) a collective, as under a supervisor
-    group.wait()
+    # group.wait() (the killed ranks' output) comes last: its pipes close only once the killed
+    # ranks' loader workers have seen their parent gone, which the resumed run need not wait for.
     outs = Group(args(tmp_path, "resumed", ckpt, *overlap), 2, child_env()).wait_ok()
     # Saves run at the boundary after every SAVE_EVERY-th step, and the worker waits for the
     # commit before the kill, so the resume step is the last multiple of SAVE_EVERY <= kill_at.
@@ -113,6 +114,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise(tmp_path, reference, ov
     if "--num-workers" in overlap:  # the killed ranks' loader workers see their parent gone
         assert not any(alive(pid) for pid in loader_pids(tmp_path / "loader_pids.resumed"))
         assert wait_gone(loader_pids(tmp_path / "loader_pids.killed"), timeout=15) == set()
+    group.wait()
 
 
 def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, reference):
@@ -132,11 +134,14 @@ def test_resize_2_then_1_then_3_with_fsdp2_matches_within_1e7(tmp_path, referenc
     for p in phase1.procs:
         p.stdin.write("go\n")
         p.stdin.flush()
+    for rank, p in enumerate(phase1.procs):  # both ranks saved step 5 and exited
+        assert p.wait(timeout=200) == 143, f"rank {rank} exited {p.returncode}"
+    # Phase 2: one plain process (no launcher environment), up to step 9. Phase 1's loader
+    # workers end meanwhile (their pipes to phase1.wait() close only then): checked after.
+    out2 = Group(args(tmp_path, "p2", ckpt, "--max-steps", 9), 1, child_env(), torchrun_env=False).wait_ok()
     for rank, (rc, _, err) in enumerate(phase1.wait()):
         assert rc == 143, f"rank {rank} exited {rc}: {err[-3000:]}"
     assert wait_gone(loader_pids(tmp_path / "loader_pids.p1")) == set()
-    # Phase 2: one plain process (no launcher environment), up to step 9.
-    out2 = Group(args(tmp_path, "p2", ckpt, "--max-steps", 9), 1, child_env(), torchrun_env=False).wait_ok()
     assert "rank 0 resumed 5" in out2[0]
     # Phase 3: world size 3 with FSDP2 (fully_shard): the replicated state is resharded.
     out3 = Group(args(tmp_path, "p3", ckpt, "--fsdp"), 3, child_env()).wait_ok()
