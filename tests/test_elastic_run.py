@@ -260,3 +260,17 @@ def test_checkpoint_commits_and_their_stall_are_in_the_events_log(tmp_path):
     assert all(c["stall"] >= 0 and c["round"] == 0 for c in commits)
     assert "checkpoints: 2 committed" in err
     assert not [e for e in events_of(log_dir) if e["event"].startswith("spares")]  # --no-warm-pool
+
+
+def test_a_train_loop_without_elastic_init_reports_its_steps_and_commits(tmp_path):
+    """TrainLoop itself reports to the agent: a script that starts its own process group (no
+    elastic.init()) still has its commits in the events log and the summary, and its steps
+    judged (hang watch, crash-loop back-off)."""
+    log_dir = tmp_path / "logs"
+    proc = elastic_run("--standalone", "--nproc-per-node", "2", "--no-warm-pool", "--log-dir", str(log_dir),
+                       os.path.join(SCRIPTS, "loop_without_init.py"), str(tmp_path / "ckpt"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    commits = [e for e in events_of(log_dir) if e["event"] == "checkpoint_committed"]
+    assert [c["step"] for c in commits] == [5, 10], events_of(log_dir)
+    assert "checkpoints: 2 committed" in err

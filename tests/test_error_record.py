@@ -128,3 +128,28 @@ def test_reason_for_a_full_checkpoint_directory_says_what_to_do():
     assert deterministic_reason("rank 1 raised Y", 3, None, None, 3) == (
         "rank 1 raised Y again at step 3; the same-failure rule stopped the job (3 identical failures "
         "in a row; --same-failure-limit): not retrying a deterministic failure")
+
+
+def test_a_round_of_a_script_without_progress_reports_backs_off_only_if_it_failed_early(tmp_path):
+    """Without progress reports (a plain script), how long the round ran decides whether its
+    failure is a crash loop; with them, whether a step completed."""
+    import time
+    import types
+
+    from elastic.exchange.progress import Progress
+    from elastic.launcher.hang_watch import HangLimits, ProgressWatch
+    from elastic.launcher.recovery import NO_PROGRESS_CRASH_LOOP, _progressed
+
+    path = str(tmp_path / "rank0.progress")
+    watch = ProgressWatch({0: path}, HangLimits())
+    watch.read()
+    assert not watch.reporting()
+    ran = types.SimpleNamespace  # the two things _progressed asks of a worker group
+    assert not _progressed(ran(progress=watch, started=time.monotonic() - 1.0))
+    assert _progressed(ran(progress=watch, started=time.monotonic() - NO_PROGRESS_CRASH_LOOP - 1.0))
+
+    with open(path, "wb") as f:  # a rank that resumed at step 3 and has not completed a step since
+        f.write(Progress(step=3, changed_at=time.time(), resumed=3).encode())
+    watch.read()
+    assert watch.reporting()
+    assert not _progressed(ran(progress=watch, started=time.monotonic() - NO_PROGRESS_CRASH_LOOP - 1.0))

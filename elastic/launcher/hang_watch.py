@@ -104,6 +104,10 @@ class ProgressWatch:
         """The bytes the local ranks' resume read from other nodes' memory (as of read())."""
         return sum(p.restored_peer_bytes for p in self._latest.values())
 
+    def reporting(self) -> bool:
+        """Whether any rank reports progress (as of read()): a TrainLoop or elastic.init() does."""
+        return bool(self._latest)
+
     def first_step_done(self) -> bool:
         """Whether every rank that reports progress completed a step since it started."""
         return bool(self._latest) and all(

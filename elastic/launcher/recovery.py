@@ -22,6 +22,11 @@ from elastic.rendezvous.handler import EtcdRendezvous
 log = logging.getLogger(__name__)
 
 
+# Seconds a round of a script that reports no progress must run before failing for its restart
+# not to count as a crash loop (imports, process group and the first step take less).
+NO_PROGRESS_CRASH_LOOP = 10.0
+
+
 class Recovery:
     def __init__(self, config: LaunchConfig, rendezvous: EtcdRendezvous, events: EventLog,
                  record: RunRecord, raise_if_signalled: Callable[[], None]) -> None:
@@ -93,7 +98,7 @@ class Recovery:
         self._events.emit("restart", round=round_, restarts=restarts, reason=watched.detail)
         log.warning("elastic-run: %s; restarting (restart %d of %d)", watched.detail, restarts,
                     self._config.max_restarts)
-        self._back_off(self._history.back_off(group.progress.first_step_done()))
+        self._back_off(self._history.back_off(_progressed(group)))
         return None
 
     def _back_off(self, delay: float) -> None:
@@ -101,3 +106,13 @@ class Recovery:
         while (left := deadline - time.monotonic()) > 0:
             self._raise_if_signalled()
             self._rdzv.wait_for_change(left)
+
+
+def _progressed(group: WorkerGroup) -> bool:
+    """Whether the round got anywhere before it failed (else a restart is a crash loop, and backs
+    off): a step completed, as the ranks report; for a script that reports no progress (no
+    TrainLoop, no elastic.init()), a round that ran NO_PROGRESS_CRASH_LOOP seconds, longer than
+    a start-up crash takes."""
+    if group.progress.reporting():
+        return group.progress.first_step_done()
+    return time.monotonic() - group.started >= NO_PROGRESS_CRASH_LOOP

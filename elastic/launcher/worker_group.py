@@ -161,6 +161,7 @@ class WorkerGroup:
         # Wall-clock time of the last poll() that found every worker running: a worker killed
         # by a signal died after it (used to tell who failed first, see EtcdRendezvous.blame).
         self.all_alive_at = time.time()
+        self.started = time.monotonic()  # the group's creation: how long its round ran
         ranks = range(assignment.rank_offset, assignment.rank_offset + config.nproc_per_node)
         self.progress = ProgressWatch({r: progress_path(run_dir, r) for r in ranks}, config.hang)
 

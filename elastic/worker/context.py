@@ -117,7 +117,7 @@ def init(*, backend: str | None = None, timeout: timedelta | None = None) -> Con
             f"environment says RANK={ctx.rank} WORLD_SIZE={ctx.world_size}: initialise the "
             "group from the same environment, or let elastic.init() do it"
         )
-    open_progress_file(os.environ.get(names.PROGRESS_FILE))
+    open_progress_file()
     log.info(
         "elastic.init: rank %d/%d local_rank %d round %d restart %d run %s",
         ctx.rank, ctx.world_size, ctx.local_rank, ctx.round, ctx.restart_count, ctx.run_id,
@@ -200,8 +200,11 @@ class ProgressFile:
 _progress: ProgressFile | None = None
 
 
-def open_progress_file(path: str | None) -> None:
+def open_progress_file() -> None:
+    """Report progress to the agent from now on, if it asked for it (elastic.init() and
+    TrainLoop call this, so a loop reports its steps whether or not the script called init)."""
     global _progress
+    path = os.environ.get(names.PROGRESS_FILE)
     if path and _progress is None:
         _progress = ProgressFile(path)
 

@@ -86,7 +86,7 @@ from torch.utils.data import default_collate
 from elastic.errors import ConfigError
 from elastic.worker.accumulation import AccumulationPlan, is_ddp, is_fsdp2, unwrap_compiled
 from elastic.worker.batches import LoaderOptions, MicroBatches, check_map_style
-from elastic.worker.context import report_commit, report_progress, report_restored
+from elastic.worker.context import open_progress_file, report_commit, report_progress, report_restored
 from elastic.worker.fencing import commit_guard_from_env
 from elastic.worker.loop_state import RESERVED, Checkpointer, LoopState, SampleOrder, checkpoint_state
 from elastic.worker.optimizer_step import OptimizerStep
@@ -154,6 +154,7 @@ class TrainLoop:
         self._loop_state = LoopState(SampleOrder(self.plan.global_batch_size, self.sampler.dataset_size, seed))
         self._state = checkpoint_state(module, optimizer, self._loop_state, scheduler, grad_scaler, extra_state)
 
+        open_progress_file()  # steps, commits and the restored tier reach the agent, with or without elastic.init()
         if checkpoint is not None:  # commits and their stall reach the agent's events log
             checkpoint.set_commit_listener(report_commit)
         self._reconfiguration = Reconfiguration.for_worker(module, checkpoint)
