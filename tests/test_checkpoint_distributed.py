@@ -178,7 +178,8 @@ def _worker(mode: str, url: str, ref: str) -> None:
                 expected_step = 2 if kind == "fsdp" else 3
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    assert ckpt.load(state) == expected_step
+                    loaded = ckpt.load(state)
+                assert loaded == expected_step, (kind, world, loaded, ckpt.steps(), [str(w.message) for w in caught])
                 assert state["meta"] == {"epoch": expected_step if expected_step == 3 else 1}
                 fell_back = [w for w in caught if "falling back" in str(w.message)]
                 assert len(fell_back) == (kind == "fsdp"), [str(w.message) for w in caught]
