@@ -46,7 +46,7 @@ from checkpoint.io.peer_memory import peer_locations
 from checkpoint.prune import drop_old_attempts
 from checkpoint.restore import Source
 from elastic.exchange import env as names
-from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE, pinned_step
+from elastic.exchange.memory_layout import REPLICAS_DIR, REPLICATION_FILE, pinned_step, replace_file
 
 SHM_ROOT = "/dev/shm"
 COPIES = 2  # the newest committed checkpoint and the one being written
@@ -207,7 +207,4 @@ def copies_in(directory: str) -> list[CommittedCheckpoints]:
 
 def _write_replicas(directory: str, replicas: int) -> None:
     """How many peers' memory the agents copy this node's checkpoints into (atomically replaced)."""
-    tmp = os.path.join(directory, f".{REPLICATION_FILE}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({"replicas": replicas}, f)
-    os.replace(tmp, os.path.join(directory, REPLICATION_FILE))
+    replace_file(os.path.join(directory, REPLICATION_FILE), json.dumps({"replicas": replicas}))

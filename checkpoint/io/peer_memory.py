@@ -25,10 +25,9 @@ from typing import Any, TypeVar
 from fsspec import AbstractFileSystem
 
 from checkpoint.io import storage
-from elastic.exchange.memory_layout import HELD_PATH, PEERS_FILE, STEP_DIR, TOKEN_HEADER
+from elastic.exchange.memory_layout import HELD_PATH, HTTP_TIMEOUT, PEERS_FILE, STEP_DIR, TOKEN_HEADER
 
 T = TypeVar("T")
-HTTP_TIMEOUT = 10.0  # per connection and per read: a vanished peer must not hold a restore long
 
 
 class PeerMemoryFileSystem(AbstractFileSystem):

@@ -225,7 +225,8 @@ def verify_file(
 
     `on_chunk(nbytes)` is called after each chunk is verified (progress reporting).
     """
-    path = loc.path(step, entry.path)
+    where = loc.holder(entry.path)  # a restore's location may read the files of one step from several places
+    path = where.path(step, entry.path)
     covered = entry.header_size + sum(c.end - c.begin for c, _ in chunks)
     if covered != entry.size:
         raise CheckpointCorruptError(
@@ -238,7 +239,7 @@ def verify_file(
             if on_chunk is not None:
                 on_chunk(chunk.end - chunk.begin)
     try:
-        with loc.fs.open(path, "rb") as f:
+        with where.fs.open(path, "rb") as f:
             header = f.read(entry.header_size)
     except FileNotFoundError as exc:
         raise CheckpointCorruptError(f"shard file {path} disappeared while verifying") from exc

@@ -34,6 +34,17 @@ STEP_DIR = re.compile(r"^step_(\d{12})$")
 # GET /step_<N>/<name> (optionally with a Range header) -> that file's bytes.
 TOKEN_HEADER = "X-Elastic-Replica-Token"
 HELD_PATH = "/held"
+HTTP_TIMEOUT = 10.0  # seconds per connection and per read: a vanished peer must not hold a pull or a restore long
+
+
+def replace_file(path: str, text: str) -> None:
+    """`text` at `path`, readable by this user only (PEERS_FILE holds the run's secret), renamed
+    into place whole: a reader never sees half of it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def peer_dir_name(node_id: str) -> str:

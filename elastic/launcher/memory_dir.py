@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from elastic.exchange.memory_layout import MANIFEST, PEERS_FILE, PIN_FILE, REPLICATION_FILE, STEP_DIR
+from elastic.exchange.memory_layout import MANIFEST, PEERS_FILE, PIN_FILE, REPLICATION_FILE, STEP_DIR, replace_file
 from elastic.launcher.hang_watch import ProgressWatch
 from elastic.launcher.pool_refill import under_way
 from elastic.launcher.promotion_standby import PromotionStandby
@@ -123,8 +123,8 @@ class MemoryDir:
         if self._puller is None:
             return
         peers = {n: Peer(n, *endpoints[n]) for n in ring if n in endpoints and n != self._node_id}
-        _write_private(os.path.join(self.path, PEERS_FILE),
-                       {"token": self._secret, "peers": {n: p.url("") for n, p in peers.items()}})
+        replace_file(os.path.join(self.path, PEERS_FILE),
+                     json.dumps({"token": self._secret, "peers": {n: p.url("") for n, p in peers.items()}}))
         self._puller.follow([peers[n] for n in ring_predecessors(ring, self._node_id) if n in peers])
 
     def prepare(self, progress: ProgressWatch, round_started: float) -> None:
@@ -157,9 +157,7 @@ class MemoryDir:
             return
         if self._standby is None:  # e.g. a failure before the round got under way: started only now
             self._standby = PromotionStandby(self.path, self._config.checkpoint_dir)
-        with open(os.path.join(self.path, PIN_FILE + ".tmp"), "w") as f:  # renamed: never read half-written
-            f.write(str(newest))
-        os.replace(os.path.join(self.path, PIN_FILE + ".tmp"), os.path.join(self.path, PIN_FILE))
+        replace_file(os.path.join(self.path, PIN_FILE), str(newest))
         self._asked = (round_, time.monotonic())
         self._standby.ask(newest)
 
@@ -204,13 +202,3 @@ class MemoryDir:
     def _pulled(self, pulled: Pulled) -> None:
         self._events.emit("memory_replica_pulled", peer=pulled.peer, step=pulled.step, bytes=pulled.bytes,
                           seconds=pulled.seconds)
-
-
-def _write_private(path: str, record: dict) -> None:
-    """`record` as JSON at `path`, readable by this user only (it holds the run's secret), renamed
-    into place whole."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)

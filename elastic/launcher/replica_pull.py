@@ -30,15 +30,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
 
-from elastic.exchange.memory_layout import (MANIFEST, REPLICAS_DIR, REPLICATION_FILE, STEP_DIR, TOKEN_HEADER,
-                                            peer_dir_name, pinned_step)
+from elastic.exchange.memory_layout import (HTTP_TIMEOUT, MANIFEST, REPLICAS_DIR, REPLICATION_FILE, STEP_DIR,
+                                            TOKEN_HEADER, peer_dir_name, pinned_step)
 from elastic.launcher.replica_server import newest_step
 
 log = logging.getLogger(__name__)
 
 POLL_EVERY = 0.2  # seconds between asks for each followed peer's newest step (one small request)
-HTTP_TIMEOUT = 10.0
-_BUFFER = 8 << 20  # bytes copied per read of a pulled file  # per connection and per read: a vanished peer must not hold the thread long
+_BUFFER = 8 << 20  # bytes copied per read of a pulled file
 
 
 @dataclass(frozen=True)
@@ -98,6 +97,7 @@ class ReplicaPuller:
         self._root = os.path.join(directory, REPLICAS_DIR)
         self._on_pulled = on_pulled
         self._every = every
+        self._buffer = memoryview(bytearray(_BUFFER))  # the thread's alone: allocated once
         self._peers: tuple[Peer, ...] = ()  # nearest predecessor first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replica-pull", daemon=True)
@@ -151,10 +151,9 @@ class ReplicaPuller:
         return Pulled(peer.node_id, step, sum(files.values()), round(time.monotonic() - started, 3))
 
     def _pull_file(self, peer: Peer, path: str, dest: str, size: int) -> None:
-        buffer = memoryview(bytearray(_BUFFER))
         with self._open(peer, path) as resp, open(dest, "wb") as out:
-            while n := resp.readinto(buffer):  # no new bytes object per block
-                out.write(buffer[:n])
+            while n := resp.readinto(self._buffer):  # no new bytes object per block
+                out.write(self._buffer[:n])
             got = out.tell()
         if got != size:
             raise ValueError(f"{peer.url(path)}: got {got} bytes, {size} were listed")
