@@ -7,8 +7,8 @@ The first test: `elastic-run --standalone`, 2 ranks, two SIGKILLs of rank 1.
    to --checkpoint-dir, while the next round starts: it resumes from the memory checkpoint
    of step 3, which the agent pinned, so the round's memory saves keep it under the copy).
 2. Killed after committing step 7, with a byte of the memory shard flipped first: the agent
-   does not promote it (it verifies every byte first), and the next round falls back to the
-   durable step 3 with a warning naming the shard file.
+   does not promote it (it verifies every byte first), and the next round falls back to step 3
+   (durable, or still in memory while pinned for its promotion) with a warning naming the shard file.
 The job then ends with weights bitwise equal to an uninterrupted run, and the agent has
 removed the node's memory directory.
 
@@ -94,7 +94,9 @@ def test_resume_from_memory_then_fall_back_from_a_corrupt_memory_shard(tmp_path)
     for rank in (0, 1):
         assert restores[0, rank]["step"] is None
         assert (restores[1, rank]["step"], restores[1, rank]["tier"]) == (3, "memory")
-        assert (restores[2, rank]["step"], restores[2, rank]["tier"]) == (3, "durable")
+        # Step 3 from durable storage, or from memory while the agent still pins it there for
+        # its promotion (kept until it takes the answer): both verified, both the same bytes.
+        assert restores[2, rank]["step"] == 3 and restores[2, rank]["tier"] in ("durable", "memory")
     warned = " ".join(restores[2, 0]["warnings"] + restores[2, 1]["warnings"])
     assert os.path.basename(shards[0]) in warned and "falling back to step 3" in warned, warned
 
